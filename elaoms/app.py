@@ -1,0 +1,98 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from elaoms import SERVICE_NAME, __version__
+from elaoms.config import Settings, get_settings
+from elaoms.memory import MemoryStore, create_store
+from elaoms.operations.anomaly import AuthFailureMonitor
+from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.logs import configure_logging
+from elaoms.webhooks.router import router as post_call_router
+from elaoms.webhooks.service import IngestService
+from elaoms.webhooks.storage import WebhookStorage
+
+logger = logging.getLogger("elaoms")
+
+
+def create_app(settings: Settings | None = None, *, store: MemoryStore | None = None) -> FastAPI:
+    """Build the service. `store` replaces the configured backend (tests inject faults)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
+    storage = WebhookStorage(settings, cipher)
+    storage.prepare()
+    store = store or create_store(settings, cipher)
+    ingest = IngestService(settings, store, storage)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _warn_about_configuration(settings)
+        try:
+            await store.check()
+        except Exception as error:  # keep serving: post-call queues until the store is back
+            logger.error("memory store %s is not usable yet: %s", store.name, error)
+        sweeper = asyncio.create_task(ingest.run_sweeper(), name="pending-sweeper")
+        logger.info("ELAOMS %s ready (memory backend: %s)", __version__, store.name)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await ingest.drain()
+            await store.close()
+
+    app = FastAPI(
+        title=SERVICE_NAME,
+        version=__version__,
+        description="Memory of every caller for ElevenLabs voice agents.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.cipher = cipher
+    app.state.storage = storage
+    app.state.store = store
+    app.state.ingest = ingest
+    app.state.auth_monitor = AuthFailureMonitor(
+        enabled=settings.anomaly_detection_enabled,
+        threshold=settings.anomaly_failure_threshold,
+        window_seconds=settings.anomaly_window_seconds,
+    )
+
+    @app.get("/", tags=["service"])
+    async def root() -> dict[str, str]:
+        return {"service": SERVICE_NAME, "version": __version__, "status": "running"}
+
+    @app.get("/health", tags=["service"])
+    async def health() -> dict[str, str]:
+        return {"status": "healthy"}
+
+    app.include_router(post_call_router)
+    return app
+
+
+def _warn_about_configuration(settings: Settings) -> None:
+    if not settings.elevenlabs_post_call_hmac_key:
+        logger.warning(
+            "ELEVENLABS_POST_CALL_HMAC_KEY is not set: every post-call webhook will get 401"
+        )
+    if not settings.elevenlabs_client_data_workspace_secret:
+        if settings.allow_unauthenticated_webhooks:
+            logger.warning(
+                "ALLOW_UNAUTHENTICATED_WEBHOOKS=true: client-data and search-data accept requests "
+                "WITHOUT authentication. Never run like this with real callers."
+            )
+        else:
+            logger.warning(
+                "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET is not set: client-data and search-data "
+                "will answer 401 to every request"
+            )

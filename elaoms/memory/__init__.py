@@ -1,0 +1,32 @@
+"""Memory stores: one interface (`MemoryStore`), one file per backend."""
+
+from __future__ import annotations
+
+from elaoms.config import MemoryBackend, Settings
+from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall, StoreUnavailableError
+from elaoms.operations.crypto import PayloadCipher
+
+__all__ = [
+    "CallReceipt",
+    "Memory",
+    "MemoryStore",
+    "StoreUnavailableError",
+    "StoredCall",
+    "create_store",
+]
+
+
+def create_store(settings: Settings, cipher: PayloadCipher | None = None) -> MemoryStore:
+    """The store `MEMORY_BACKEND` names, configured from `settings`."""
+    if settings.memory_backend is MemoryBackend.OPENMEMORY:
+        from elaoms.memory.openmemory import OpenMemoryStore
+
+        return OpenMemoryStore.from_settings(settings)
+    from elaoms.memory.sqlite import SQLiteStore
+
+    return SQLiteStore(
+        settings.sqlite_path,
+        file_mode=settings.file_permissions_mode,
+        dir_mode=settings.directory_permissions_mode,
+        cipher=cipher,
+    )

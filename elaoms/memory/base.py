@@ -1,0 +1,126 @@
+"""The memory store interface every backend implements.
+
+A backend is one new file with a subclass of `MemoryStore`, plus a line in
+`elaoms.memory.create_store`; `tests/conformance` says what it must do.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StoreUnavailableError(RuntimeError):
+    """The backend cannot be reached or refused the operation; the caller may retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One searchable unit about a user: a transcript turn, a call summary, a collected fact."""
+
+    id: str
+    user_id: str
+    content: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCall:
+    """A post-call webhook body kept whole, as received."""
+
+    conversation_id: str
+    user_id: str
+    agent_id: str | None
+    event_type: str
+    event_timestamp: int | None
+    started_at: int | None
+    memory_id: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallReceipt:
+    memory_id: str
+    created: bool  # False when the same call was already stored (a duplicate delivery)
+
+
+class MemoryStore(abc.ABC):
+    """Async interface; implementations must be safe for concurrent use by one process and
+    for several processes sharing the same backing store (gunicorn workers)."""
+
+    name: str = "abstract"
+
+    # Calls -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_call(
+        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+    ) -> CallReceipt:
+        """Keep `payload` whole and add its searchable `memories`, all or nothing.
+
+        Idempotent on (event type, conversation id): a second add of the same call stores
+        nothing and returns the first receipt's memory id with `created=False`.
+        """
+
+    @abc.abstractmethod
+    async def get_call(
+        self, conversation_id: str, event_type: str = "post_call_transcription"
+    ) -> StoredCall | None:
+        """The stored call, or None."""
+
+    @abc.abstractmethod
+    async def list_calls(
+        self,
+        user_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+    ) -> list[StoredCall]:
+        """Calls newest first, filtered by caller, agent and start time (unix seconds)."""
+
+    # Memories ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_memory(
+        self, user_id: str, content: str, metadata: dict[str, Any] | None = None
+    ) -> Memory:
+        """Add one free-standing memory for `user_id`."""
+
+    @abc.abstractmethod
+    async def list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
+        """All of one user's memories in the order they were added (oldest first)."""
+
+    @abc.abstractmethod
+    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
+        """The user's memories that best answer `query`, best first. Never another user's."""
+
+    @abc.abstractmethod
+    async def delete_user(self, user_id: str) -> int:
+        """Delete every memory, call and profile of `user_id`; return how many items went."""
+
+    # Profiles ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent JSON stored with `put_agent_profile`, with `_fetched_at` added."""
+
+    @abc.abstractmethod
+    async def put_agent_profile(
+        self, agent_id: str, profile: dict[str, Any], fetched_at: float
+    ) -> None:
+        """Store an agent's configuration (user_id = agent_id, type agent_profile)."""
+
+    @abc.abstractmethod
+    async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
+        """The prepared profile (greeting, user_context, ...) of a caller, or None."""
+
+    @abc.abstractmethod
+    async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
+        """Replace the prepared profile of a caller."""
+
+    # Life cycle --------------------------------------------------------------------------
+    async def check(self) -> None:
+        """Raise `StoreUnavailableError` when the store cannot serve (start-up, /ready)."""
+
+    async def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,430 @@
+"""The embedded memory store: one SQLite file in WAL mode.
+
+Several gunicorn workers may write at once: every write is a short `BEGIN IMMEDIATE`
+transaction with a busy timeout, and a call's idempotency rests on its primary key, so a
+duplicate delivery racing in another process stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from elaoms.memory.base import (
+    CallReceipt,
+    Memory,
+    MemoryStore,
+    StoredCall,
+    StoreUnavailableError,
+)
+from elaoms.memory.units import TRANSCRIPTION, call_started_at
+from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.files import ensure_private_dir
+from elaoms.search.ranking import CallerIndex
+
+T = TypeVar("T")
+
+AGENT_PROFILE = "agent_profile"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    event_type TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    agent_id TEXT,
+    event_timestamp INTEGER,
+    started_at INTEGER,
+    memory_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (event_type, conversation_id)
+);
+CREATE INDEX IF NOT EXISTS calls_by_user ON calls (user_id, started_at);
+CREATE INDEX IF NOT EXISTS calls_by_start ON calls (started_at);
+CREATE TABLE IF NOT EXISTS memories (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    user_id TEXT NOT NULL,
+    kind TEXT,
+    content TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS memories_by_user ON memories (user_id, seq);
+CREATE TABLE IF NOT EXISTS caller_profiles (
+    user_id TEXT PRIMARY KEY,
+    profile BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStore(MemoryStore):
+    name = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        file_mode: int = 0o600,
+        dir_mode: int = 0o700,
+        cipher: PayloadCipher | None = None,
+        index_cache_size: int = 256,
+    ) -> None:
+        self.path = Path(path)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.cipher = cipher or PayloadCipher()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._indexes: OrderedDict[str, tuple[tuple[int, int], CallerIndex]] = OrderedDict()
+        self._indexes_lock = threading.Lock()
+        self._index_cache_size = index_cache_size
+        self._initialize()
+
+    # Connections -------------------------------------------------------------------------
+    def _initialize(self) -> None:
+        ensure_private_dir(self.path.parent, self.dir_mode)
+        if not self.path.exists():
+            # Create the file with our mode before SQLite does, so it is never world-readable.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, self.file_mode)
+            os.close(fd)
+        os.chmod(self.path, self.file_mode)
+        # executescript manages its own transaction; concurrent workers run it harmlessly.
+        self._connection().executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            old_umask = os.umask(0o777 & ~self.file_mode)
+            try:
+                connection = sqlite3.connect(
+                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+                )
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute("PRAGMA busy_timeout=30000")
+                connection.execute("PRAGMA foreign_keys=ON")
+            finally:
+                os.umask(old_umask)
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        else:
+            connection.execute("COMMIT")
+
+    async def _run(self, function: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(function)
+        except sqlite3.Error as error:
+            raise StoreUnavailableError(f"sqlite: {error}") from error
+
+    # Calls -------------------------------------------------------------------------------
+    async def add_call(
+        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+    ) -> CallReceipt:
+        return await self._run(lambda: self._add_call(user_id, payload, memories))
+
+    def _add_call(
+        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+    ) -> CallReceipt:
+        data = payload.get("data") or {}
+        event_type = str(payload.get("type") or TRANSCRIPTION)
+        conversation_id = str(data.get("conversation_id") or "")
+        event_timestamp = payload.get("event_timestamp")
+        memory_id = f"mem_{uuid.uuid4().hex}"
+        blob = self.cipher.encrypt(json.dumps(payload, separators=(",", ":")).encode())
+        now = time.time()
+        with self._write() as connection:
+            existing = connection.execute(
+                "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
+                (event_type, conversation_id),
+            ).fetchone()
+            if existing:
+                return CallReceipt(memory_id=existing[0], created=False)
+            connection.execute(
+                "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event_type,
+                    conversation_id,
+                    user_id,
+                    data.get("agent_id"),
+                    event_timestamp if isinstance(event_timestamp, int) else None,
+                    call_started_at(data, event_timestamp),
+                    memory_id,
+                    blob,
+                    now,
+                ),
+            )
+            connection.executemany(
+                "INSERT OR IGNORE INTO memories (id, user_id, kind, content, metadata, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [_memory_row(memory) for memory in memories],
+            )
+        return CallReceipt(memory_id=memory_id, created=True)
+
+    async def get_call(
+        self, conversation_id: str, event_type: str = TRANSCRIPTION
+    ) -> StoredCall | None:
+        def query() -> StoredCall | None:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT * FROM calls WHERE event_type = ? AND conversation_id = ?",
+                    (event_type, conversation_id),
+                )
+                .fetchone()
+            )
+            return self._call(row) if row else None
+
+        return await self._run(query)
+
+    async def list_calls(
+        self,
+        user_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+    ) -> list[StoredCall]:
+        clauses, parameters = [], []
+        for column, value, operator in (
+            ("user_id", user_id, "="),
+            ("agent_id", agent_id, "="),
+            ("started_at", since, ">="),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {operator} ?")
+                parameters.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM calls {where} ORDER BY started_at DESC, stored_at DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
+
+        def query() -> list[StoredCall]:
+            return [self._call(row) for row in self._connection().execute(sql, parameters)]
+
+        return await self._run(query)
+
+    def _call(self, row: tuple[Any, ...]) -> StoredCall:
+        event_type, conversation_id, user_id, agent_id, event_ts, started, memory_id, blob, _ = row
+        return StoredCall(
+            conversation_id=conversation_id,
+            user_id=user_id,
+            agent_id=agent_id,
+            event_type=event_type,
+            event_timestamp=event_ts,
+            started_at=started,
+            memory_id=memory_id,
+            payload=json.loads(self.cipher.decrypt(bytes(blob))),
+        )
+
+    # Memories ----------------------------------------------------------------------------
+    async def add_memory(
+        self, user_id: str, content: str, metadata: dict[str, Any] | None = None
+    ) -> Memory:
+        memory = Memory(
+            id=f"mem_{uuid.uuid4().hex}",
+            user_id=user_id,
+            content=content,
+            metadata=dict(metadata or {}),
+            created_at=time.time(),
+        )
+
+        def insert() -> None:
+            with self._write() as connection:
+                connection.execute(
+                    "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    _memory_row(memory),
+                )
+
+        await self._run(insert)
+        return memory
+
+    async def list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
+        return await self._run(lambda: self._list_memories(user_id, limit))
+
+    def _list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
+        sql = (
+            "SELECT id, user_id, content, metadata, created_at FROM memories"
+            " WHERE user_id = ? AND (kind IS NULL OR kind != ?) ORDER BY seq"
+        )
+        parameters: list[Any] = [user_id, AGENT_PROFILE]
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
+        return [
+            Memory(
+                id=row[0],
+                user_id=row[1],
+                content=row[2],
+                metadata=json.loads(row[3]),
+                created_at=row[4],
+            )
+            for row in self._connection().execute(sql, parameters)
+        ]
+
+    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
+        return await self._run(lambda: self._index(user_id).search(query, limit))
+
+    def _index(self, user_id: str) -> CallerIndex:
+        """The caller's ranking index, rebuilt only when their memories changed.
+
+        The version check is one indexed aggregate over the caller's own rows, so a worker
+        sees another worker's writes without any shared cache.
+        """
+        version = tuple(
+            self._connection()
+            .execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
+            )
+            .fetchone()
+        )
+        with self._indexes_lock:
+            cached = self._indexes.get(user_id)
+            if cached and cached[0] == version:
+                self._indexes.move_to_end(user_id)
+                return cached[1]
+        index = CallerIndex(self._list_memories(user_id))
+        with self._indexes_lock:
+            self._indexes[user_id] = (version, index)  # type: ignore[assignment]
+            self._indexes.move_to_end(user_id)
+            while len(self._indexes) > self._index_cache_size:
+                self._indexes.popitem(last=False)
+        return index
+
+    async def delete_user(self, user_id: str) -> int:
+        def delete() -> int:
+            with self._write() as connection:
+                deleted = 0
+                for table in ("memories", "calls", "caller_profiles"):
+                    deleted += connection.execute(
+                        f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
+                    ).rowcount
+            with self._indexes_lock:
+                self._indexes.pop(user_id, None)
+            return deleted
+
+        return await self._run(delete)
+
+    # Profiles ----------------------------------------------------------------------------
+    async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
+        def query() -> dict[str, Any] | None:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT content, metadata FROM memories WHERE id = ?",
+                    (_agent_memory_id(agent_id),),
+                )
+                .fetchone()
+            )
+            if not row:
+                return None
+            profile = json.loads(row[0])
+            profile["_fetched_at"] = json.loads(row[1]).get("fetched_at", 0.0)
+            return profile
+
+        return await self._run(query)
+
+    async def put_agent_profile(
+        self, agent_id: str, profile: dict[str, Any], fetched_at: float
+    ) -> None:
+        content = json.dumps({k: v for k, v in profile.items() if k != "_fetched_at"})
+        metadata = json.dumps(
+            {"type": AGENT_PROFILE, "agent_id": agent_id, "fetched_at": fetched_at}
+        )
+
+        def upsert() -> None:
+            with self._write() as connection:
+                connection.execute(
+                    "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    " content = excluded.content, metadata = excluded.metadata,"
+                    " created_at = excluded.created_at",
+                    (
+                        _agent_memory_id(agent_id),
+                        agent_id,
+                        AGENT_PROFILE,
+                        content,
+                        metadata,
+                        fetched_at,
+                    ),
+                )
+
+        await self._run(upsert)
+
+    async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
+        def query() -> dict[str, Any] | None:
+            row = (
+                self._connection()
+                .execute("SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,))
+                .fetchone()
+            )
+            return json.loads(self.cipher.decrypt(bytes(row[0]))) if row else None
+
+        return await self._run(query)
+
+    async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
+        blob = self.cipher.encrypt(json.dumps(profile).encode())
+
+        def upsert() -> None:
+            with self._write() as connection:
+                connection.execute(
+                    "INSERT INTO caller_profiles VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
+                    " SET profile = excluded.profile, updated_at = excluded.updated_at",
+                    (user_id, blob, time.time()),
+                )
+
+        await self._run(upsert)
+
+    # Life cycle --------------------------------------------------------------------------
+    async def check(self) -> None:
+        await self._run(
+            lambda: self._connection().execute("SELECT 1 FROM calls LIMIT 1").fetchall()
+        )
+
+    async def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+def _agent_memory_id(agent_id: str) -> str:
+    return f"agent_profile:{agent_id}"
+
+
+def _memory_row(memory: Memory) -> tuple[Any, ...]:
+    return (
+        memory.id,
+        memory.user_id,
+        memory.metadata.get("kind") or memory.metadata.get("type"),
+        memory.content,
+        json.dumps(memory.metadata, separators=(",", ":")),
+        memory.created_at,
+    )

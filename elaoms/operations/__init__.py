@@ -1,0 +1,1 @@
+"""What a production webhook receiver needs around the webhooks: logs, files, alerts."""

@@ -1,0 +1,1 @@
+"""ElevenLabs' post-call webhook: verify, keep on disk, turn into memory."""

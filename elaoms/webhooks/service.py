@@ -1,0 +1,306 @@
+"""Post-call ingestion: keep every delivery on disk, then put it in the memory store.
+
+A verified delivery is written to disk (and queued) before the webhook answers. Storing it
+in the memory store runs with a short deadline: within it the answer says `received`, past
+it `queued`, and the work goes on in the background with retries. A pending delivery
+stays queued on disk until the store has it, through crashes and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
+
+from elaoms.config import Settings
+from elaoms.memory.base import CallReceipt, Memory, MemoryStore
+from elaoms.memory.units import TRANSCRIPTION, call_memories
+from elaoms.phone import mask
+from elaoms.webhooks.identity import extract_failed_call_party, extract_user_id
+from elaoms.webhooks.schemas import (
+    AUDIO,
+    INITIATION_FAILURE,
+    AudioData,
+    Envelope,
+    InitiationFailureData,
+    TranscriptionData,
+)
+from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
+
+logger = logging.getLogger(__name__)
+
+# Called after a call is in the store (profile preparation, agent refresh). Runs outside
+# the webhook's deadline; a failure leaves the delivery pending so it runs again.
+CallStoredHook = Callable[[str, dict[str, Any], CallReceipt], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    """What the post-call webhook answers (always with HTTP 200)."""
+
+    status: str  # received | queued | quarantined
+    memory_id: str | None = None
+    detail: str | None = None
+
+    def as_response(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status}
+        if self.memory_id:
+            body["memory_id"] = self.memory_id
+        if self.detail:
+            body["detail"] = self.detail
+        return body
+
+
+class IngestService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: MemoryStore,
+        storage: WebhookStorage,
+        hooks: list[CallStoredHook] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.hooks = list(hooks or [])
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # Receiving ---------------------------------------------------------------------------
+    async def receive(self, body: bytes) -> Acknowledgement:
+        """Handle one verified delivery. Raises OSError only when our own disk fails."""
+        try:
+            envelope = Envelope.model_validate_json(body)
+        except ValidationError as error:
+            return self._quarantine(body, _describe(error))
+        if envelope.type == TRANSCRIPTION:
+            return await self._receive_transcription(body, envelope)
+        if envelope.type == AUDIO:
+            return await self._receive_audio(body, envelope)
+        if envelope.type == INITIATION_FAILURE:
+            return await self._receive_initiation_failure(body, envelope)
+        return self._receive_other(body, envelope)
+
+    def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
+        path = self.storage.quarantine(body, reason)
+        logger.warning("post-call delivery quarantined (%s): %s", path.name, reason)
+        return Acknowledgement(status="quarantined", detail=reason)
+
+    async def _receive_transcription(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+        try:
+            data = TranscriptionData.model_validate(envelope.data)
+        except ValidationError as error:
+            return self._quarantine(body, _describe(error, prefix="data"))
+        user_id = extract_user_id(envelope.data) or data.conversation_id
+        path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
+        self.storage.keep(path, body, pending=True)
+        logger.info(
+            "post-call transcription %s for caller %s kept", data.conversation_id, mask(user_id)
+        )
+        return await self._store_within_deadline(
+            data.conversation_id, envelope.type, path.parent.name, path.name
+        )
+
+    async def _receive_initiation_failure(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+        try:
+            data = InitiationFailureData.model_validate(envelope.data)
+        except ValidationError as error:
+            return self._quarantine(body, _describe(error, prefix="data"))
+        user_id = extract_failed_call_party(envelope.data) or data.conversation_id
+        path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
+        self.storage.keep(path, body, pending=True)
+        logger.info("call initiation failure %s for %s kept", data.conversation_id, mask(user_id))
+        return await self._store_within_deadline(
+            data.conversation_id, envelope.type, path.parent.name, path.name
+        )
+
+    async def _receive_audio(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+        try:
+            data = AudioData.model_validate(envelope.data)
+            audio = base64.b64decode(data.full_audio, validate=True)
+        except (ValidationError, binascii.Error, ValueError) as error:
+            reason = (
+                _describe(error, prefix="data")
+                if isinstance(error, ValidationError)
+                else (f"data.full_audio is not valid base64: {error}")
+            )
+            return self._quarantine(body, reason)
+        user_id = await self._owner_of(data.conversation_id)
+        path = self.storage.keep_audio(audio, data.conversation_id, user_id)
+        logger.info(
+            "post-call audio for %s kept (%d bytes, %s)",
+            data.conversation_id,
+            len(audio),
+            "claimed" if user_id else "awaiting its transcription",
+        )
+        return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
+
+    async def _owner_of(self, conversation_id: str) -> str | None:
+        """The caller of an already stored transcription, if the store answers quickly."""
+        try:
+            call = await asyncio.wait_for(self.store.get_call(conversation_id), timeout=0.5)
+        except Exception:  # a slow or broken store only delays the claim to the sweep
+            return None
+        return call.user_id if call else None
+
+    def _receive_other(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+        data = envelope.data if isinstance(envelope.data, dict) else {}
+        user_id = extract_user_id(data) if data else None
+        delivery_id = str(data.get("conversation_id") or envelope.event_timestamp or "unknown")
+        path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
+        self.storage.keep(path, body, pending=False)
+        logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
+        return Acknowledgement(
+            status="received", detail=f"event type {envelope.type!r} kept, not processed"
+        )
+
+    # Storing -----------------------------------------------------------------------------
+    async def _store_within_deadline(
+        self, conversation_id: str, event_type: str, directory: str, name: str
+    ) -> Acknowledgement:
+        entry = PendingDelivery(self.storage.pending_root / f"{directory}__{name}")
+        stored: asyncio.Future[CallReceipt | None] = asyncio.get_running_loop().create_future()
+        self._spawn(self._process_with_retries(entry, stored))
+        try:
+            receipt = await asyncio.wait_for(
+                asyncio.shield(stored), timeout=self.settings.post_call_store_timeout_ms / 1000
+            )
+        except (TimeoutError, Exception):
+            return Acknowledgement(status="queued")
+        if receipt is None:  # another worker holds this delivery: it was a duplicate
+            existing = await self._existing_receipt(conversation_id, event_type)
+            return (
+                Acknowledgement(status="received", memory_id=existing)
+                if existing
+                else (Acknowledgement(status="queued"))
+            )
+        return Acknowledgement(status="received", memory_id=receipt.memory_id)
+
+    async def _existing_receipt(self, conversation_id: str, event_type: str) -> str | None:
+        try:
+            call = await asyncio.wait_for(
+                self.store.get_call(conversation_id, event_type), timeout=0.5
+            )
+        except Exception:
+            return None
+        return call.memory_id if call else None
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process_with_retries(
+        self, entry: PendingDelivery, stored: asyncio.Future[CallReceipt | None] | None = None
+    ) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.settings.max_retries + 1),
+                wait=wait_exponential(multiplier=self.settings.retry_base_delay_seconds, max=60),
+                reraise=False,
+            ):
+                with attempt:
+                    await self.process(entry, stored)
+        except RetryError as error:
+            logger.warning(
+                "delivery %s still pending after %d attempts (%s); the sweep will retry it",
+                entry.name,
+                self.settings.max_retries + 1,
+                error.last_attempt.exception(),
+            )
+        finally:
+            if stored is not None and not stored.done():
+                stored.set_exception(RuntimeError("not stored yet"))
+                stored.exception()  # mark retrieved: the webhook may have stopped waiting
+
+    async def process(
+        self, entry: PendingDelivery, stored: asyncio.Future[CallReceipt | None] | None = None
+    ) -> CallReceipt | None:
+        """Store one pending delivery and run the hooks; None if another worker has it."""
+        with self.storage.claim(entry) as body:
+            if body is None:
+                if stored is not None and not stored.done():
+                    stored.set_result(None)
+                return None
+            payload = json.loads(body)
+            user_id, memories = self._memories_of(payload)
+            receipt = await self.store.add_call(user_id, payload, memories)
+            if stored is not None and not stored.done():
+                stored.set_result(receipt)
+            if payload.get("type") == TRANSCRIPTION:
+                conversation_id = str(payload["data"]["conversation_id"])
+                self.storage.claim_audio(conversation_id, user_id)
+            for hook in self.hooks:
+                await hook(user_id, payload, receipt)
+            self.storage.done(entry)
+            if receipt.created:
+                logger.info("call %s stored for %s", receipt.memory_id, mask(user_id))
+            return receipt
+
+    def _memories_of(self, payload: dict[str, Any]) -> tuple[str, list[Memory]]:
+        data = payload.get("data") or {}
+        if payload.get("type") == INITIATION_FAILURE:
+            user_id = extract_failed_call_party(data) or str(data.get("conversation_id"))
+            reason = data.get("failure_reason") or "unknown"
+            memory = Memory(
+                id=f"{data.get('conversation_id')}#failure",
+                user_id=user_id,
+                content=f"A call could not be connected ({reason}).",
+                metadata={
+                    "kind": "call_failure",
+                    "conversation_id": data.get("conversation_id"),
+                    "agent_id": data.get("agent_id"),
+                    "event_type": INITIATION_FAILURE,
+                    "event_timestamp": payload.get("event_timestamp"),
+                    "failure_reason": reason,
+                },
+                created_at=float(payload.get("event_timestamp") or 0),
+            )
+            return user_id, [memory]
+        user_id = extract_user_id(data) or str(data.get("conversation_id"))
+        return user_id, call_memories(user_id, payload)
+
+    async def sweep(self) -> int:
+        """Try every pending delivery once more; return how many were stored."""
+        done = 0
+        for entry in self.storage.pending():
+            try:
+                if await self.process(entry) is not None:
+                    done += 1
+            except Exception as error:  # stays pending for the next sweep
+                logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
+        return done
+
+    async def run_sweeper(self) -> None:
+        """Resume pending work at start-up, then retry it periodically, forever."""
+        while True:
+            try:
+                await self.sweep()
+                self.storage.drop_unclaimed_audio(self.settings.audio_cache_ttl)
+            except Exception:
+                logger.exception("pending sweep failed")
+            await asyncio.sleep(self.settings.pending_sweep_interval_seconds)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Let in-flight background work finish (shutdown, tests)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def _describe(error: Exception, prefix: str = "") -> str:
+    if isinstance(error, ValidationError):
+        problems = []
+        for item in error.errors()[:5]:
+            location = ".".join(str(part) for part in item["loc"])
+            if prefix:
+                location = f"{prefix}.{location}" if location else prefix
+            problems.append(f"{location or 'body'}: {item['msg']}")
+        return "invalid payload: " + "; ".join(problems)
+    return str(error)

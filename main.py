@@ -1,0 +1,12 @@
+"""Entry point the seed documents: `python main.py`, `uvicorn main:app`, gunicorn."""
+
+from elaoms.app import create_app
+from elaoms.config import get_settings
+
+app = create_app()
+
+if __name__ == "__main__":
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("main:app", host=settings.host, port=settings.port, log_config=None)

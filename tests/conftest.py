@@ -1,0 +1,229 @@
+"""Shared test harness: real servers on loopback, signed deliveries, the shared fixtures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from elaoms.app import create_app
+from elaoms.config import Settings
+from elaoms.memory.base import MemoryStore
+from elaoms.webhooks.signature import sign
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "elevenlabs"
+
+HMAC_KEY = "wsec_test_hmac_key_0123456789abcdef"
+WORKSPACE_SECRET = "test-workspace-secret-0123456789"
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def signed_headers(
+    body: bytes, secret: str = HMAC_KEY, timestamp: int | None = None
+) -> dict[str, str]:
+    return {
+        "ElevenLabs-Signature": sign(secret, body, timestamp),
+        "Content-Type": "application/json",
+    }
+
+
+def transcription(
+    conversation_id: str = "conv_test_1",
+    caller: str | None = "+14155550123",
+    turns: list[tuple[str, str]] | None = None,
+    **analysis: Any,
+) -> dict[str, Any]:
+    """The shared post_call_transcription fixture with a new id, caller and transcript."""
+    payload = copy.deepcopy(load_fixture("post_call_transcription"))
+    data = payload["data"]
+    data["conversation_id"] = conversation_id
+    variables = data["conversation_initiation_client_data"]["dynamic_variables"]
+    variables["system__conversation_id"] = conversation_id
+    if caller is None:
+        variables.pop("system__caller_id", None)
+        variables.pop("caller_id", None)
+        data["metadata"]["phone_call"].pop("external_number", None)
+    else:
+        variables["system__caller_id"] = caller
+        data["metadata"]["phone_call"]["external_number"] = caller
+    if turns is not None:
+        data["transcript"] = [
+            {"role": role, "message": message, "time_in_call_secs": 5 * index}
+            for index, (role, message) in enumerate(turns)
+        ]
+    data["analysis"].update(analysis)
+    return payload
+
+
+def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {
+        "ELEVENLABS_POST_CALL_HMAC_KEY": HMAC_KEY,
+        "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET": WORKSPACE_SECRET,
+        "SQLITE_PATH": str(data_dir / "memory.sqlite3"),
+        "WEBHOOK_STORAGE_PATH": str(data_dir / "webhooks"),
+        "WEBHOOK_QUARANTINE_PATH": str(data_dir / "webhooks" / "quarantine"),
+        "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: no real API
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return env
+
+
+class ServiceProcess:
+    """The service as users run it: a separate process on a loopback port."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **base_env(data_dir), **(env or {})}
+        self.env["PYTHONPATH"] = str(REPO_ROOT)
+        self.command = command or [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--app-dir",
+            str(REPO_ROOT),
+        ]
+        self.command = [part.replace("{port}", str(self.port)) for part in self.command]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 20.0) -> ServiceProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.data_dir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown hook runs."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+
+class InThreadServer:
+    """A real uvicorn server in this process, for apps built with injected parts."""
+
+    def __init__(self, settings: Settings, store: MemoryStore | None = None) -> None:
+        self.app = create_app(settings, store=store)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> InThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-thread server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        k.lower(): v for k, v in base_env(data_dir).items() if k != "LOG_LEVEL"
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
+    return lambda **overrides: make_settings(tmp_path / "data", **overrides)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One real server per test module, on the embedded store."""
+    server = ServiceProcess(tmp_path_factory.mktemp("service")).start()
+    yield server
+    server.stop()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
