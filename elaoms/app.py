@@ -12,13 +12,10 @@ from fastapi import FastAPI
 
 from elaoms import SERVICE_NAME, __version__
 from elaoms.config import Settings, get_settings
-from elaoms.memory import MemoryStore, create_store
-from elaoms.operations.anomaly import AuthFailureMonitor
-from elaoms.operations.crypto import PayloadCipher
+from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
+from elaoms.services import Services
 from elaoms.webhooks.router import router as post_call_router
-from elaoms.webhooks.service import IngestService
-from elaoms.webhooks.storage import WebhookStorage
 
 logger = logging.getLogger("elaoms")
 
@@ -27,11 +24,8 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     """Build the service. `store` replaces the configured backend (tests inject faults)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
-    storage = WebhookStorage(settings, cipher)
-    storage.prepare()
-    store = store or create_store(settings, cipher)
-    ingest = IngestService(settings, store, storage)
+    services = Services.build(settings, store=store)
+    store, ingest = services.store, services.ingest
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,8 +42,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            await ingest.drain()
-            await store.close()
+            await services.close()
 
     app = FastAPI(
         title=SERVICE_NAME,
@@ -57,16 +50,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
         description="Memory of every caller for ElevenLabs voice agents.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.cipher = cipher
-    app.state.storage = storage
-    app.state.store = store
-    app.state.ingest = ingest
-    app.state.auth_monitor = AuthFailureMonitor(
-        enabled=settings.anomaly_detection_enabled,
-        threshold=settings.anomaly_failure_threshold,
-        window_seconds=settings.anomaly_window_seconds,
-    )
+    app.state.services = services
 
     @app.get("/", tags=["service"])
     async def root() -> dict[str, str]:

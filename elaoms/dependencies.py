@@ -9,25 +9,31 @@ from fastapi import Depends, Request
 from elaoms.config import Settings
 from elaoms.memory.base import MemoryStore
 from elaoms.operations.anomaly import AuthFailureMonitor
+from elaoms.services import Services
 from elaoms.webhooks.service import IngestService
 
 
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
 def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return get_services(request).settings
 
 
 def get_store(request: Request) -> MemoryStore:
-    return request.app.state.store
+    return get_services(request).store
 
 
 def get_ingest(request: Request) -> IngestService:
-    return request.app.state.ingest
+    return get_services(request).ingest
 
 
 def get_auth_monitor(request: Request) -> AuthFailureMonitor:
-    return request.app.state.auth_monitor
+    return get_services(request).auth_monitor
 
 
+ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StoreDep = Annotated[MemoryStore, Depends(get_store)]
 IngestDep = Annotated[IngestService, Depends(get_ingest)]

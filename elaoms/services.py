@@ -1,0 +1,48 @@
+"""The service's parts, wired once from settings; shared by the web app and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elaoms.config import Settings
+from elaoms.memory import MemoryStore, create_store
+from elaoms.operations.anomaly import AuthFailureMonitor
+from elaoms.operations.crypto import PayloadCipher
+from elaoms.webhooks.service import IngestService
+from elaoms.webhooks.storage import WebhookStorage
+
+
+@dataclass
+class Services:
+    settings: Settings
+    cipher: PayloadCipher
+    storage: WebhookStorage
+    store: MemoryStore
+    ingest: IngestService
+    auth_monitor: AuthFailureMonitor
+
+    @classmethod
+    def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
+        """Wire every part. `store` replaces the configured backend (tests inject faults)."""
+        cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
+        storage = WebhookStorage(settings, cipher)
+        storage.prepare()
+        store = store or create_store(settings, cipher)
+        ingest = IngestService(settings, store, storage)
+        auth_monitor = AuthFailureMonitor(
+            enabled=settings.anomaly_detection_enabled,
+            threshold=settings.anomaly_failure_threshold,
+            window_seconds=settings.anomaly_window_seconds,
+        )
+        return cls(
+            settings=settings,
+            cipher=cipher,
+            storage=storage,
+            store=store,
+            ingest=ingest,
+            auth_monitor=auth_monitor,
+        )
+
+    async def close(self) -> None:
+        await self.ingest.drain()
+        await self.store.close()
