@@ -1,0 +1,44 @@
+# Two commands a new user needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint format bench-recall bench-load clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## Install, create a development .env when none exists, and serve on 0.0.0.0:8000.
+run: install
+	$(BIN)/elaoms setup --non-interactive
+	$(BIN)/python main.py
+
+## Install everything (Python packages and the Redis server the tests use) and run every test.
+test: install
+	./scripts/install-test-services.sh
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint:
+	$(BIN)/ruff check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-recall: install
+	$(BIN)/python bench/recall.py
+
+bench-load: install
+	$(BIN)/python bench/load.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,231 @@
+"""No call is ever lost: store failures, crashes, concurrent workers, full disks."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import (
+    InThreadServer,
+    ServiceProcess,
+    signed_headers,
+    transcription,
+    wait_until,
+)
+from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
+from elaoms.memory.sqlite import SQLiteStore
+
+
+def post(client: httpx.Client, payload: dict[str, Any]) -> httpx.Response:
+    body = json.dumps(payload).encode()
+    return client.post("/webhooks/post-call", content=body, headers=signed_headers(body))
+
+
+def call_count(database: Path, conversation_prefix: str = "") -> int:
+    with sqlite3.connect(database) as connection:
+        return connection.execute(
+            "SELECT count(*) FROM calls WHERE conversation_id LIKE ?", (conversation_prefix + "%",)
+        ).fetchone()[0]
+
+
+class FlakyStore(SQLiteStore):
+    """A real SQLite store whose writes fail until `failures` attempts have been made."""
+
+    def __init__(self, *args: Any, failures: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures_left = failures
+        self.attempts = 0
+
+    async def add_call(
+        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+    ) -> CallReceipt:
+        self.attempts += 1
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise StoreUnavailableError("store is down (injected)")
+        return await super().add_call(user_id, payload, memories)
+
+
+def test_a_failing_store_queues_the_call_and_the_retry_stores_it(settings_factory) -> None:
+    # The backoff outlasts the webhook's deadline, so the answer must be `queued`.
+    settings = settings_factory(
+        max_retries=3, retry_base_delay_seconds=0.2, post_call_store_timeout_ms=100
+    )
+    store = FlakyStore(settings.sqlite_path, failures=2)
+    with InThreadServer(settings, store=store) as server, server.client() as client:
+        response = post(client, transcription("conv_flaky", caller="+14155550601"))
+        assert response.status_code == 200
+        assert response.json() == {"status": "queued"}
+        wait_until(lambda: call_count(settings.sqlite_path, "conv_flaky") == 1)
+        assert store.attempts == 3
+        wait_until(lambda: not list(settings.pending_path.iterdir()))
+
+
+def test_a_store_down_past_every_retry_keeps_the_call_pending_until_the_sweep(
+    settings_factory,
+) -> None:
+    settings = settings_factory(
+        max_retries=1,
+        retry_base_delay_seconds=0.01,
+        pending_sweep_interval_seconds=0.2,
+        post_call_store_timeout_ms=100,
+    )
+    store = FlakyStore(settings.sqlite_path, failures=6)
+    with InThreadServer(settings, store=store) as server, server.client() as client:
+        assert post(client, transcription("conv_down", caller="+14155550602")).json() == {
+            "status": "queued"
+        }
+        wait_until(lambda: call_count(settings.sqlite_path, "conv_down") == 1, timeout=15)
+    assert store.attempts >= 7
+
+
+def test_a_slow_store_answers_queued_within_the_deadline(settings_factory) -> None:
+    settings = settings_factory(post_call_store_timeout_ms=200)
+
+    class SlowStore(SQLiteStore):
+        async def add_call(self, *args: Any) -> CallReceipt:
+            await asyncio.sleep(1.0)
+            return await super().add_call(*args)
+
+    store = SlowStore(settings.sqlite_path)
+    with InThreadServer(settings, store=store) as server, server.client() as client:
+        response = post(client, transcription("conv_slow", caller="+14155550603"))
+        assert response.json() == {"status": "queued"}
+        assert response.elapsed.total_seconds() < 0.9
+        wait_until(lambda: call_count(settings.sqlite_path, "conv_slow") == 1)
+
+
+def test_our_own_disk_failing_is_the_only_5xx(settings_factory) -> None:
+    settings = settings_factory()
+    with InThreadServer(settings) as server, server.client() as client:
+        storage = server.app.state.services.storage
+
+        def full_disk(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        storage.keep = full_disk
+        response = post(client, transcription("conv_disk_full", caller="+14155550604"))
+    assert response.status_code == 503
+    assert "No space left" in response.json()["detail"]
+
+
+def test_sigkill_after_the_200_and_before_the_store_write_loses_nothing(tmp_path: Path) -> None:
+    """The store is held locked so the write cannot happen, the 200 goes out as `queued`,
+    the server is SIGKILLed, and a restarted server stores the call from disk."""
+    env = {"POST_CALL_STORE_TIMEOUT_MS": "300"}
+    server = ServiceProcess(tmp_path, env=env).start()
+    database = tmp_path / "memory.sqlite3"
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # every write of the server now waits
+    try:
+        with server.client() as client:
+            response = post(client, transcription("conv_crash", caller="+14155550605"))
+        assert response.json() == {"status": "queued"}
+        server.kill()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert call_count(database, "conv_crash") == 0
+
+    restarted = ServiceProcess(tmp_path, env=env).start()
+    try:
+        wait_until(lambda: call_count(database, "conv_crash") == 1, timeout=15)
+    finally:
+        restarted.stop()
+
+
+def test_four_gunicorn_workers_store_200_concurrent_deliveries_exactly_once(
+    tmp_path: Path,
+) -> None:
+    server = ServiceProcess(
+        tmp_path,
+        command=[
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "main:app",
+            "-w",
+            "4",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-b",
+            "127.0.0.1:{port}",
+        ],
+    ).start(timeout=40)
+    unique = [
+        transcription(f"conv_burst_{i:03d}", caller=f"+1415555{i % 40:04d}") for i in range(150)
+    ]
+    deliveries = unique + unique[:50]  # 50 duplicates, some racing their original
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+
+            async def send(payload: dict[str, Any]) -> httpx.Response:
+                body = json.dumps(payload).encode()
+                return await client.post(
+                    "/webhooks/post-call", content=body, headers=signed_headers(body)
+                )
+
+            return await asyncio.gather(*(send(payload) for payload in deliveries))
+
+    try:
+        responses = asyncio.run(send_all())
+        assert all(response.status_code == 200 for response in responses)
+        assert {response.json()["status"] for response in responses} <= {"received", "queued"}
+        database = tmp_path / "memory.sqlite3"
+        wait_until(lambda: call_count(database, "conv_burst_") == 150, timeout=30)
+        with sqlite3.connect(database) as connection:
+            summaries = connection.execute(
+                "SELECT count(*) FROM memories WHERE kind = 'summary' AND id LIKE 'conv_burst_%'"
+            ).fetchone()[0]
+            mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+        assert summaries == 150
+        assert mode == "wal"
+        wait_until(lambda: not list((tmp_path / "webhooks" / "_pending").iterdir()), timeout=30)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "main.py"],
+        [sys.executable, "-m", "uvicorn", "main:app", "--host", "0.0.0.0", "--port", "{port}"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "main:app",
+            "-w",
+            "2",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+        ],
+    ],
+    ids=["python-main", "uvicorn", "gunicorn"],
+)
+def test_every_documented_start_command_serves(tmp_path: Path, command: list[str]) -> None:
+    from conftest import REPO_ROOT
+
+    server = ServiceProcess(tmp_path, command=command)
+    server.env["PORT"] = str(server.port)  # main.py and gunicorn.conf.py read HOST/PORT
+    server.command = [
+        str(REPO_ROOT / part) if part == "main.py" else part for part in server.command
+    ]
+    if "gunicorn" in command:
+        server.command += ["-c", str(REPO_ROOT / "gunicorn.conf.py")]
+    server.start(timeout=40)
+    try:
+        assert httpx.get(f"{server.url}/").json()["status"] == "running"
+        assert f"0.0.0.0:{server.port}" in server.logs()
+    finally:
+        server.stop()
