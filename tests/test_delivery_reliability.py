@@ -13,6 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
+from elaoms.memory.sqlite import SQLiteStore
+
 from conftest import (
     InThreadServer,
     ServiceProcess,
@@ -20,8 +23,6 @@ from conftest import (
     transcription,
     wait_until,
 )
-from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
-from elaoms.memory.sqlite import SQLiteStore
 
 
 def post(client: httpx.Client, payload: dict[str, Any]) -> httpx.Response:

@@ -12,6 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from elaoms.webhooks.signature import sign
+from elaoms.webhooks.storage import caller_dir_name
+
 from conftest import (
     HMAC_KEY,
     ServiceProcess,
@@ -20,8 +23,6 @@ from conftest import (
     transcription,
     wait_until,
 )
-from elaoms.webhooks.signature import sign
-from elaoms.webhooks.storage import caller_dir_name
 
 
 def post(client: httpx.Client, payload: dict | bytes, **header_kwargs: object) -> httpx.Response:
@@ -315,5 +316,5 @@ def test_our_signer_matches_the_official_elevenlabs_sdk() -> None:
     header = sign(HMAC_KEY, body.encode())
     event = ElevenLabs(api_key="unused").webhooks.construct_event(body, header, HMAC_KEY)
     assert event["data"]["conversation_id"] == "conv_5301kb4c2yrj9e7qn8w6t3v0xa"
-    with pytest.raises(Exception, match="(?i)signature"):
+    with pytest.raises(Exception, match=r"(?i)signature"):
         ElevenLabs(api_key="unused").webhooks.construct_event(body, header, "wrong-secret")
