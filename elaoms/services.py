@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from elaoms.config import Settings
@@ -24,6 +25,9 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
         """Wire every part. `store` replaces the configured backend (tests inject faults)."""
+        # Files other libraries create for us (SQLite's -wal and -shm, temp files) must be
+        # as private as ours: the umask makes FILE_PERMISSIONS_MODE the process default.
+        os.umask(0o777 & ~settings.directory_permissions_mode)
         cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
         storage = WebhookStorage(settings, cipher)
         storage.prepare()

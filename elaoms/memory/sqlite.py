@@ -107,17 +107,12 @@ class SQLiteStore(MemoryStore):
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            old_umask = os.umask(0o777 & ~self.file_mode)
-            try:
-                connection = sqlite3.connect(
-                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-                )
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-                connection.execute("PRAGMA busy_timeout=30000")
-                connection.execute("PRAGMA foreign_keys=ON")
-            finally:
-                os.umask(old_umask)
+            connection = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA busy_timeout=30000")
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
