@@ -14,6 +14,9 @@ from elaoms import SERVICE_NAME, __version__
 from elaoms.config import Settings, get_settings
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
+from elaoms.operations.maintenance import run_maintenance
+from elaoms.operations.middleware import OperationsMiddleware, parse_networks
+from elaoms.operations.router import router as operations_router
 from elaoms.services import Services
 from elaoms.webhooks.router import router as post_call_router
 
@@ -25,7 +28,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
     services = Services.build(settings, store=store)
-    store, ingest = services.store, services.ingest
+    store = services.store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -34,7 +37,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
             await store.check()
         except Exception as error:  # keep serving: post-call queues until the store is back
             logger.error("memory store %s is not usable yet: %s", store.name, error)
-        sweeper = asyncio.create_task(ingest.run_sweeper(), name="pending-sweeper")
+        sweeper = asyncio.create_task(run_maintenance(services), name="maintenance")
         logger.info("ELAOMS %s ready (memory backend: %s)", __version__, store.name)
         try:
             yield
@@ -60,6 +63,12 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
+    app.add_middleware(
+        OperationsMiddleware,
+        allowed_networks=parse_networks(settings.allowed_source_ips),
+        trusted_proxy_header=settings.trusted_proxy_header,
+    )
+    app.include_router(operations_router)
     app.include_router(post_call_router)
     return app
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from elaoms.config import Settings
 from elaoms.memory import MemoryStore, create_store
+from elaoms.operations.alerts import AlertSink
 from elaoms.operations.anomaly import AuthFailureMonitor
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.webhooks.service import IngestService
@@ -21,6 +22,7 @@ class Services:
     store: MemoryStore
     ingest: IngestService
     auth_monitor: AuthFailureMonitor
+    alerts: AlertSink
 
     @classmethod
     def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
@@ -32,11 +34,15 @@ class Services:
         storage = WebhookStorage(settings, cipher)
         storage.prepare()
         store = store or create_store(settings, cipher)
-        ingest = IngestService(settings, store, storage)
+        alerts = AlertSink(
+            settings.alert_webhook_url, min_interval_seconds=settings.anomaly_window_seconds
+        )
+        ingest = IngestService(settings, store, storage, alerts=alerts)
         auth_monitor = AuthFailureMonitor(
             enabled=settings.anomaly_detection_enabled,
             threshold=settings.anomaly_failure_threshold,
             window_seconds=settings.anomaly_window_seconds,
+            alerts=alerts,
         )
         return cls(
             settings=settings,
@@ -45,6 +51,7 @@ class Services:
             store=store,
             ingest=ingest,
             auth_monitor=auth_monitor,
+            alerts=alerts,
         )
 
     async def close(self) -> None:

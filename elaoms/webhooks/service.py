@@ -23,6 +23,8 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponen
 from elaoms.config import Settings
 from elaoms.memory.base import CallReceipt, Memory, MemoryStore
 from elaoms.memory.units import TRANSCRIPTION, call_memories
+from elaoms.operations.alerts import AlertSink
+from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.phone import mask
 from elaoms.webhooks.identity import extract_failed_call_party, extract_user_id
 from elaoms.webhooks.schemas import (
@@ -66,11 +68,13 @@ class IngestService:
         store: MemoryStore,
         storage: WebhookStorage,
         hooks: list[CallStoredHook] | None = None,
+        alerts: AlertSink | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
         self.hooks = list(hooks or [])
+        self.alerts = alerts or AlertSink()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Receiving ---------------------------------------------------------------------------
@@ -89,7 +93,17 @@ class IngestService:
         return self._receive_other(body, envelope)
 
     def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
-        path = self.storage.quarantine(body, reason)
+        try:
+            path = self.storage.quarantine(body, reason)
+        except OSError as error:
+            if self.settings.alert_on_quarantine_failures:
+                self.alerts.raise_alert(
+                    "quarantine_write_failed",
+                    "a signed payload could not be written to quarantine",
+                    {"error": str(error), "reason": reason, "bytes": len(body)},
+                )
+            raise
+        QUARANTINED.inc()
         logger.warning("post-call delivery quarantined (%s): %s", path.name, reason)
         return Acknowledgement(status="quarantined", detail=reason)
 
@@ -207,6 +221,8 @@ class IngestService:
                 reraise=False,
             ):
                 with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        STORE_RETRIES.inc()
                     await self.process(entry, stored)
         except RetryError as error:
             logger.warning(
@@ -231,7 +247,11 @@ class IngestService:
                 return None
             payload = json.loads(body)
             user_id, memories = self._memories_of(payload)
-            receipt = await self.store.add_call(user_id, payload, memories)
+            try:
+                receipt = await self.store.add_call(user_id, payload, memories)
+            except Exception:
+                STORE_ERRORS.labels("add_call").inc()
+                raise
             if stored is not None and not stored.done():
                 stored.set_result(receipt)
             if payload.get("type") == TRANSCRIPTION:
@@ -277,16 +297,6 @@ class IngestService:
             except Exception as error:  # stays pending for the next sweep
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
-
-    async def run_sweeper(self) -> None:
-        """Resume pending work at start-up, then retry it periodically, forever."""
-        while True:
-            try:
-                await self.sweep()
-                self.storage.drop_unclaimed_audio(self.settings.audio_cache_ttl)
-            except Exception:
-                logger.exception("pending sweep failed")
-            await asyncio.sleep(self.settings.pending_sweep_interval_seconds)
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Let in-flight background work finish (shutdown, tests)."""

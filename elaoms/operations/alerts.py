@@ -1,0 +1,55 @@
+"""Alerts: an ERROR log line, a metric, and a POST to ALERT_WEBHOOK_URL when set.
+
+The POST runs in the background with a short timeout and at most once per kind per
+window, so an attack or a broken disk never slows a request or floods the receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from elaoms import SERVICE_NAME
+from elaoms.operations.metrics import ALERTS
+
+logger = logging.getLogger("elaoms.alerts")
+
+
+class AlertSink:
+    def __init__(self, webhook_url: str = "", *, min_interval_seconds: float = 300.0) -> None:
+        self.webhook_url = webhook_url
+        self.min_interval_seconds = min_interval_seconds
+        self._last_post: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.posts_sent = 0
+
+    def raise_alert(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
+        ALERTS.labels(kind).inc()
+        logger.error("ALERT %s: %s %s", kind, message, details or "")
+        if not self.webhook_url:
+            return
+        now = time.monotonic()
+        if now - self._last_post.get(kind, -1e12) < self.min_interval_seconds:
+            return
+        self._last_post[kind] = now
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (CLI): alerts still reach the log and the metric
+            return
+        task = loop.create_task(self._post(kind, message, details or {}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, kind: str, message: str, details: dict[str, Any]) -> None:
+        body = {"service": SERVICE_NAME, "kind": kind, "message": message, "details": details}
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.post(self.webhook_url, json=body)
+                response.raise_for_status()
+            self.posts_sent += 1
+        except httpx.HTTPError as error:
+            logger.warning("alert webhook failed: %s", error)

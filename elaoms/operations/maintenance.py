@@ -1,0 +1,40 @@
+"""The periodic background work of a running service.
+
+Pending deliveries are retried at start-up and every PENDING_SWEEP_INTERVAL_SECONDS;
+unclaimed audio and expired webhook files are purged on their own, slower clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from elaoms.operations.metrics import PENDING_DELIVERIES
+from elaoms.operations.retention import purge_expired
+from elaoms.services import Services
+
+logger = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_SECONDS = 3600.0
+
+
+async def run_maintenance(services: Services) -> None:
+    settings = services.settings
+    last_purge = float("-inf")
+    while True:
+        try:
+            await services.ingest.sweep()
+            PENDING_DELIVERIES.set(len(services.storage.pending()))
+            services.storage.drop_unclaimed_audio(settings.audio_cache_ttl)
+            if time.monotonic() - last_purge >= RETENTION_INTERVAL_SECONDS:
+                last_purge = time.monotonic()
+                await asyncio.to_thread(
+                    purge_expired,
+                    services.storage,
+                    settings.webhook_retention_days,
+                    settings.audio_cache_ttl,
+                )
+        except Exception:
+            logger.exception("maintenance pass failed; trying again next interval")
+        await asyncio.sleep(settings.pending_sweep_interval_seconds)
