@@ -9,4 +9,8 @@ if __name__ == "__main__":
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run("main:app", host=settings.host, port=settings.port, log_config=None)
+    # Uvicorn's own X-Forwarded-For handling stays off: ELAOMS believes a proxy header only
+    # when TRUSTED_PROXY_HEADER names it.
+    uvicorn.run(
+        "main:app", host=settings.host, port=settings.port, log_config=None, proxy_headers=False
+    )

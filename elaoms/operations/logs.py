@@ -5,30 +5,34 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from elaoms.phone import mask_phone_numbers
 
 
-class PhoneMaskingFilter(logging.Filter):
-    """Rewrites each record's message so that no whole phone number reaches a handler.
+def _masking_record_factory(
+    base: Callable[..., logging.LogRecord],
+) -> Callable[..., logging.LogRecord]:
+    """Mask phone numbers when a record is made, so every handler (ours, a test's, a
+    library's) only ever sees the masked text. A safety net under explicit `mask()` calls."""
 
-    A safety net under the explicit `mask()` calls: a number that slips into an
-    exception message or a third-party log line is masked too.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_phone_numbers(message)
-        if masked != message or record.args:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed format string: leave it to the handler to report
+            return record
+        record.msg, record.args = mask_phone_numbers(message), None
+        if record.exc_info:
             record.exc_text = mask_phone_numbers(
                 logging.Formatter().formatException(record.exc_info)
             )
-        elif record.exc_text:
-            record.exc_text = mask_phone_numbers(record.exc_text)
-        return True
+        return record
+
+    factory._elaoms_masking = True  # type: ignore[attr-defined]
+    return factory
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -50,7 +54,9 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
         handler.setFormatter(JsonLineFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(PhoneMaskingFilter())
+    current_factory = logging.getLogRecordFactory()
+    if not getattr(current_factory, "_elaoms_masking", False):
+        logging.setLogRecordFactory(_masking_record_factory(current_factory))
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_elaoms", False):
