@@ -143,57 +143,110 @@ def test_sigkill_after_the_200_and_before_the_store_write_loses_nothing(tmp_path
         restarted.stop()
 
 
-def test_four_gunicorn_workers_store_200_concurrent_deliveries_exactly_once(
-    tmp_path: Path,
-) -> None:
-    server = ServiceProcess(
-        tmp_path,
+def gunicorn_server(data_dir: Path, workers: int = 4) -> ServiceProcess:
+    return ServiceProcess(
+        data_dir,
         command=[
             sys.executable,
             "-m",
             "gunicorn",
             "main:app",
             "-w",
-            "4",
+            str(workers),
             "-k",
             "uvicorn.workers.UvicornWorker",
             "-b",
             "127.0.0.1:{port}",
         ],
-    ).start(timeout=40)
+    )
+
+
+async def deliver_all(
+    url: str,
+    deliveries: list[dict[str, Any]],
+    concurrency: int = 50,
+    acknowledged: asyncio.Queue[None] | None = None,
+) -> list[httpx.Response | Exception]:
+    """Send every delivery at once (bounded by the connection pool); keep failures."""
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def send(payload: dict[str, Any]) -> httpx.Response:
+            body = json.dumps(payload).encode()
+            response = await client.post(
+                "/webhooks/post-call", content=body, headers=signed_headers(body)
+            )
+            if acknowledged is not None and response.status_code == 200:
+                acknowledged.put_nowait(None)
+            return response
+
+        return await asyncio.gather(*(send(p) for p in deliveries), return_exceptions=True)
+
+
+def test_four_workers_store_1000_concurrent_deliveries_with_duplicates_exactly_once(
+    tmp_path: Path,
+) -> None:
+    server = gunicorn_server(tmp_path).start(timeout=40)
     unique = [
-        transcription(f"conv_burst_{i:03d}", caller=f"+1415555{i % 40:04d}") for i in range(150)
+        transcription(f"conv_burst_{i:03d}", caller=f"+1415555{i % 40:04d}") for i in range(700)
     ]
-    deliveries = unique + unique[:50]  # 50 duplicates, some racing their original
-
-    async def send_all() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-
-            async def send(payload: dict[str, Any]) -> httpx.Response:
-                body = json.dumps(payload).encode()
-                return await client.post(
-                    "/webhooks/post-call", content=body, headers=signed_headers(body)
-                )
-
-            return await asyncio.gather(*(send(payload) for payload in deliveries))
-
+    deliveries = unique + unique[::7][:100] + unique[:200]  # 30% duplicates, some racing
     try:
-        responses = asyncio.run(send_all())
-        assert all(response.status_code == 200 for response in responses)
-        assert {response.json()["status"] for response in responses} <= {"received", "queued"}
+        responses = asyncio.run(deliver_all(server.url, deliveries))
+        assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in responses)
+        assert {r.json()["status"] for r in responses} <= {"received", "queued"}
         database = tmp_path / "memory.sqlite3"
-        wait_until(lambda: call_count(database, "conv_burst_") == 150, timeout=30)
+        wait_until(lambda: call_count(database, "conv_burst_") == 700, timeout=60)
         with sqlite3.connect(database) as connection:
             summaries = connection.execute(
                 "SELECT count(*) FROM memories WHERE kind = 'summary' AND id LIKE 'conv_burst_%'"
             ).fetchone()[0]
             mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-        assert summaries == 150
+        assert summaries == 700
         assert mode == "wal"
         wait_until(lambda: not list((tmp_path / "webhooks" / "_pending").iterdir()), timeout=30)
     finally:
         server.stop()
+
+
+def test_sigkill_during_a_burst_loses_no_acknowledged_call(tmp_path: Path) -> None:
+    server = gunicorn_server(tmp_path, workers=2).start(timeout=40)
+    deliveries = [
+        transcription(f"conv_killed_{i:03d}", caller=f"+1415556{i % 20:04d}") for i in range(400)
+    ]
+
+    async def burst_then_kill() -> list[httpx.Response | Exception]:
+        acknowledged: asyncio.Queue[None] = asyncio.Queue()
+        sending = asyncio.ensure_future(
+            deliver_all(server.url, deliveries, concurrency=20, acknowledged=acknowledged)
+        )
+        for _ in range(50):
+            await acknowledged.get()
+        server.kill()  # SIGKILL to master and workers, mid-burst
+        return await sending
+
+    results = asyncio.run(burst_then_kill())
+    acknowledged = {
+        payload["data"]["conversation_id"]
+        for payload, result in zip(deliveries, results, strict=True)
+        if isinstance(result, httpx.Response) and result.status_code == 200
+    }
+    assert 0 < len(acknowledged) < len(deliveries), "the kill must land mid-burst"
+
+    restarted = ServiceProcess(tmp_path).start()
+    try:
+        database = tmp_path / "memory.sqlite3"
+
+        def stored_ids() -> set[str]:
+            with sqlite3.connect(database) as connection:
+                rows = connection.execute(
+                    "SELECT conversation_id FROM calls WHERE conversation_id LIKE 'conv_killed_%'"
+                )
+                return {row[0] for row in rows}
+
+        wait_until(lambda: acknowledged <= stored_ids(), timeout=30)
+    finally:
+        restarted.stop()
 
 
 @pytest.mark.parametrize(
