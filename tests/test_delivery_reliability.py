@@ -220,10 +220,16 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_call(tmp_path: Path) -> No
         sending = asyncio.ensure_future(
             deliver_all(server.url, deliveries, concurrency=20, acknowledged=acknowledged)
         )
-        for _ in range(50):
-            await acknowledged.get()
-        server.kill()  # SIGKILL to master and workers, mid-burst
-        return await sending
+
+        async def kill_after_50_acknowledgements() -> None:
+            for _ in range(50):
+                await acknowledged.get()
+            server.kill()  # SIGKILL to master and workers, mid-burst
+
+        killer = asyncio.ensure_future(kill_after_50_acknowledgements())
+        results = await sending
+        killer.cancel()
+        return results
 
     results = asyncio.run(burst_then_kill())
     acknowledged = {

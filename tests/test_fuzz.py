@@ -12,8 +12,9 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HMAC_KEY, WORKSPACE_SECRET, ServiceProcess, signed_headers
 from elaoms.webhooks.signature import sign
+
+from conftest import HMAC_KEY, WORKSPACE_SECRET, ServiceProcess, signed_headers
 
 FUZZ = settings(
     max_examples=120,
