@@ -22,7 +22,7 @@ def secret_matches(given: str | None, expected: str) -> bool:
     return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def require_workspace_secret(
+async def require_workspace_secret(
     request: Request,
     settings: Annotated[Settings, Depends(get_app_settings)],
     x_api_key: Annotated[str | None, Header(alias=API_KEY_HEADER)] = None,

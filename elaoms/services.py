@@ -6,10 +6,15 @@ import os
 from dataclasses import dataclass
 
 from elaoms.config import Settings
+from elaoms.elevenlabs.agent_profiles import AgentProfiles
+from elaoms.elevenlabs.client import ElevenLabsClient
 from elaoms.memory import MemoryStore, create_store
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.anomaly import AuthFailureMonitor
+from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.crypto import PayloadCipher
+from elaoms.personalization.greeting import LLMGreetingWriter
+from elaoms.personalization.service import PersonalizationService
 from elaoms.webhooks.service import IngestService
 from elaoms.webhooks.storage import WebhookStorage
 
@@ -23,6 +28,10 @@ class Services:
     ingest: IngestService
     auth_monitor: AuthFailureMonitor
     alerts: AlertSink
+    cache: TwoLevelCache
+    elevenlabs: ElevenLabsClient
+    agents: AgentProfiles
+    personalization: PersonalizationService
 
     @classmethod
     def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
@@ -37,13 +46,21 @@ class Services:
         alerts = AlertSink(
             settings.alert_webhook_url, min_interval_seconds=settings.anomaly_window_seconds
         )
-        ingest = IngestService(settings, store, storage, alerts=alerts)
+        cache = TwoLevelCache(settings.redis_url, redis_ttl=settings.redis_ttl)
+        ingest = IngestService(settings, store, storage, alerts=alerts, receipts=cache)
         auth_monitor = AuthFailureMonitor(
             enabled=settings.anomaly_detection_enabled,
             threshold=settings.anomaly_failure_threshold,
             window_seconds=settings.anomaly_window_seconds,
             alerts=alerts,
+            counter=cache,
         )
+        elevenlabs = ElevenLabsClient.from_settings(settings)
+        agents = AgentProfiles(elevenlabs, store, cache, ttl=settings.agent_profile_ttl)
+        personalization = PersonalizationService(
+            settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)
+        )
+        ingest.hooks.append(personalization.on_call_stored)
         return cls(
             settings=settings,
             cipher=cipher,
@@ -52,8 +69,15 @@ class Services:
             ingest=ingest,
             auth_monitor=auth_monitor,
             alerts=alerts,
+            cache=cache,
+            elevenlabs=elevenlabs,
+            agents=agents,
+            personalization=personalization,
         )
 
     async def close(self) -> None:
         await self.ingest.drain()
+        await self.personalization.close()
+        await self.elevenlabs.aclose()
+        await self.cache.close()
         await self.store.close()

@@ -1,53 +1,71 @@
-"""Anomaly detection: bursts of failed signatures or header-auth attempts raise an alert."""
+"""Anomaly detection: bursts of failed signatures or header-auth attempts raise an alert.
+
+Failures are counted per fixed window of ANOMALY_WINDOW_SECONDS in the shared cache, so
+with Redis every worker and replica adds to one count and exactly one of them alerts; if
+Redis is away the cache counts in this process. Who failed (kinds, source addresses) is
+kept per process for the alert's details.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections import Counter, deque
 
 from elaoms.operations.alerts import AlertSink
+from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.metrics import AUTH_FAILURES
+
+logger = logging.getLogger(__name__)
 
 
 class AuthFailureMonitor:
-    """Counts authentication failures in a sliding window and alerts past a threshold.
-
-    One alert per window: a flood is one alert, not thousands of log lines.
-    """
-
     def __init__(
-        self, *, enabled: bool, threshold: int, window_seconds: int, alerts: AlertSink
+        self,
+        *,
+        enabled: bool,
+        threshold: int,
+        window_seconds: int,
+        alerts: AlertSink,
+        counter: TwoLevelCache,
     ) -> None:
         self.enabled = enabled
         self.threshold = threshold
-        self.window_seconds = window_seconds
+        self.window_seconds = max(1, window_seconds)
         self.alerts = alerts
-        self._failures: deque[tuple[float, str, str]] = deque()
-        self._last_alert = float("-inf")
+        self.counter = counter
+        self._recent: deque[tuple[float, str, str]] = deque()
         self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def record(self, kind: str, source: str | None) -> bool:
-        """Record one failure; return True when it raised an alert."""
+    def record(self, kind: str, source: str | None) -> None:
+        """Count one refused request. Never blocks: the shared count runs in the background."""
         AUTH_FAILURES.labels(kind).inc()
         if not self.enabled:
-            return False
-        now = time.monotonic()
+            return
+        now = time.time()
         with self._lock:
-            self._failures.append((now, kind, source or "unknown"))
-            while self._failures and self._failures[0][0] < now - self.window_seconds:
-                self._failures.popleft()
-            if len(self._failures) <= self.threshold:
-                return False
-            if now - self._last_alert < self.window_seconds:
-                return False
-            self._last_alert = now
-            by_kind = Counter(failure_kind for _, failure_kind, _ in self._failures)
-            by_source = Counter(failure_source for _, _, failure_source in self._failures)
+            self._recent.append((now, kind, source or "unknown"))
+            while self._recent and self._recent[0][0] < now - self.window_seconds:
+                self._recent.popleft()
+        task = asyncio.get_running_loop().create_task(self._count(now))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _count(self, now: float) -> None:
+        window = int(now // self.window_seconds)
+        count = await self.counter.incr(
+            f"elaoms:auth-failures:{window}", ttl=self.window_seconds * 2
+        )
+        if count != self.threshold + 1:  # exactly one increment crosses the threshold
+            return
+        with self._lock:
+            by_kind = Counter(kind for _, kind, _ in self._recent)
+            by_source = Counter(source for _, _, source in self._recent)
         self.alerts.raise_alert(
             "auth_failures",
-            f"{sum(by_kind.values())} authentication failures in {self.window_seconds}s "
-            f"(threshold {self.threshold})",
-            {"by_kind": dict(by_kind), "by_source": dict(by_source)},
+            f"more than {self.threshold} authentication failures within {self.window_seconds}s",
+            {"count": count, "by_kind": dict(by_kind), "by_source": dict(by_source)},
         )
-        return True

@@ -24,6 +24,7 @@ from elaoms.config import Settings
 from elaoms.memory.base import CallReceipt, Memory, MemoryStore
 from elaoms.memory.units import TRANSCRIPTION, call_memories
 from elaoms.operations.alerts import AlertSink
+from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.phone import mask
 from elaoms.webhooks.identity import extract_failed_call_party, extract_user_id
@@ -69,12 +70,16 @@ class IngestService:
         storage: WebhookStorage,
         hooks: list[CallStoredHook] | None = None,
         alerts: AlertSink | None = None,
+        receipts: TwoLevelCache | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
         self.hooks = list(hooks or [])
         self.alerts = alerts or AlertSink()
+        # Memory ids of stored deliveries, shared through Redis by every worker and replica:
+        # a retried or replayed delivery is answered at once, without a second write.
+        self.receipts = receipts or TwoLevelCache()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Receiving ---------------------------------------------------------------------------
@@ -112,6 +117,8 @@ class IngestService:
             data = TranscriptionData.model_validate(envelope.data)
         except ValidationError as error:
             return self._quarantine(body, _describe(error, prefix="data"))
+        if known := await self.receipts.get(_receipt_key(envelope.type, data.conversation_id)):
+            return Acknowledgement(status="received", memory_id=known)
         user_id = extract_user_id(envelope.data) or data.conversation_id
         path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
         self.storage.keep(path, body, pending=True)
@@ -254,8 +261,13 @@ class IngestService:
                 raise
             if stored is not None and not stored.done():
                 stored.set_result(receipt)
+            conversation_id = str((payload.get("data") or {}).get("conversation_id"))
+            await self.receipts.set(
+                _receipt_key(str(payload.get("type")), conversation_id),
+                receipt.memory_id,
+                ttl=self.settings.redis_ttl,
+            )
             if payload.get("type") == TRANSCRIPTION:
-                conversation_id = str(payload["data"]["conversation_id"])
                 self.storage.claim_audio(conversation_id, user_id)
             for hook in self.hooks:
                 await hook(user_id, payload, receipt)
@@ -302,6 +314,10 @@ class IngestService:
         """Let in-flight background work finish (shutdown, tests)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def _receipt_key(event_type: str, conversation_id: str) -> str:
+    return f"elaoms:delivery:{event_type}:{conversation_id}"
 
 
 def _describe(error: Exception, prefix: str = "") -> str:
