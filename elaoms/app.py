@@ -11,12 +11,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from elaoms import SERVICE_NAME, __version__
+from elaoms.admin.router import router as admin_router
 from elaoms.config import Settings, get_settings
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
 from elaoms.operations.maintenance import run_maintenance
 from elaoms.operations.middleware import OperationsMiddleware, parse_networks
 from elaoms.operations.router import router as operations_router
+from elaoms.personalization.router import router as client_data_router
+from elaoms.search.router import router as search_router
 from elaoms.services import Services
 from elaoms.webhooks.router import router as post_call_router
 
@@ -70,6 +73,9 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     )
     app.include_router(operations_router)
     app.include_router(post_call_router)
+    app.include_router(client_data_router)
+    app.include_router(admin_router, include_in_schema=bool(settings.admin_api_key))
+    app.include_router(search_router)
     return app
 
 

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     openmemory_url: str = "http://localhost:8080"
     openmemory_api_key: str = ""
     openmemory_timeout_seconds: float = 5.0
+    openmemory_retry_base_delay_seconds: float = 0.2
+    # Whole payloads, the call index and caller profiles stay local with OpenMemory too.
+    openmemory_ledger_path: Path = Path("data/openmemory-ledger.sqlite3")
 
     # ElevenLabs
     elevenlabs_api_key: str = ""

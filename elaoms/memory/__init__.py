@@ -21,7 +21,7 @@ def create_store(settings: Settings, cipher: PayloadCipher | None = None) -> Mem
     if settings.memory_backend is MemoryBackend.OPENMEMORY:
         from elaoms.memory.openmemory import OpenMemoryStore
 
-        return OpenMemoryStore.from_settings(settings)
+        return OpenMemoryStore.from_settings(settings, cipher)
     from elaoms.memory.sqlite import SQLiteStore
 
     return SQLiteStore(

@@ -1,0 +1,155 @@
+"""Evidence recall of the search tool on the LoCoMo calls, through the real service.
+
+Starts the service on loopback (a subprocess, a temporary data directory), posts every
+call of every file through the signed post-call webhook, asks every question through
+POST /webhooks/search-data, and prints evidence recall (overall and per LoCoMo category)
+with the search latency seen by the client. The measure is the one in
+shared/bench/locomo/README.md. Run by hand:
+
+    .venv/bin/python bench/recall.py                  # every file in ../shared/bench/locomo
+    .venv/bin/python bench/recall.py --limit 10 locomo-26.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from elaoms.webhooks.signature import SIGNATURE_HEADER, sign  # noqa: E402
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "bench" / "locomo"
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+@contextmanager
+def running_service(data_dir: Path, hmac_key: str, api_key: str) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "ELEVENLABS_POST_CALL_HMAC_KEY": hmac_key,
+        "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET": api_key,
+        "SQLITE_PATH": str(data_dir / "memory.sqlite3"),
+        "WEBHOOK_STORAGE_PATH": str(data_dir / "webhooks"),
+        "WEBHOOK_QUARANTINE_PATH": str(data_dir / "webhooks" / "quarantine"),
+        "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # never call the real API
+        "LOG_LEVEL": "WARNING",
+    }
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--app-dir", str(REPO_ROOT), "--no-access-log"]
+    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - owned by the child process
+    process = subprocess.Popen(
+        command, cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((data_dir / "server.log").read_text(errors="replace"))
+            try:
+                if httpx.get(f"{url}/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+        log.close()
+
+
+def ingest(client: httpx.Client, bench: dict[str, Any], hmac_key: str) -> None:
+    for call in bench["calls"]:
+        body = json.dumps(call).encode()
+        headers = {SIGNATURE_HEADER: sign(hmac_key, body), "Content-Type": "application/json"}
+        response = client.post("/webhooks/post-call", content=body, headers=headers)
+        response.raise_for_status()
+        if response.json().get("status") != "received":
+            raise RuntimeError(f"call not stored before the answer: {response.text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help="bench files (default: all in --data)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, help="send this limit (default: the service's)")
+    parser.add_argument("--chars", type=int, default=3000, help="context cut for the measure")
+    args = parser.parse_args()
+    paths = [args.data / name for name in args.files] or sorted(args.data.glob("locomo-*.json"))
+
+    hmac_key, api_key = secrets.token_hex(16), secrets.token_hex(16)
+    found: dict[int, list[bool]] = defaultdict(list)
+    latencies: list[float] = []
+    first_search: list[float] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
+        running_service(Path(tmp), hmac_key, api_key) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        for path in paths:
+            bench = json.loads(path.read_text())
+            ingest(client, bench, hmac_key)
+            for number, question in enumerate(bench["questions"]):
+                body: dict[str, Any] = {
+                    "query": question["question"],
+                    "user_id": bench["caller_id"],
+                }
+                if args.limit:
+                    body["limit"] = args.limit
+                started = time.perf_counter()
+                response = client.post(
+                    "/webhooks/search-data", json=body, headers={"X-Api-Key": api_key}
+                )
+                elapsed = (time.perf_counter() - started) * 1000
+                response.raise_for_status()
+                # The first search of a caller builds their index; count it apart.
+                (first_search if number == 0 else latencies).append(elapsed)
+                context = normalize(response.json()["context"][: args.chars])
+                for evidence in question["evidence"]:
+                    found[question["category"]].append(normalize(evidence["text"]) in context)
+
+    every = [hit for hits in found.values() for hit in hits]
+    print(f"files: {', '.join(path.name for path in paths)}")
+    print(f"evidence recall@{args.chars} chars: {sum(every) / len(every):.3f} ({len(every)} turns)")
+    for category in sorted(found):
+        hits = found[category]
+        name = CATEGORIES.get(category, str(category))
+        print(f"  {category} {name:<12} {sum(hits) / len(hits):.3f} ({len(hits)} turns)")
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    print(
+        f"search latency over {len(latencies)} searches: p50 {statistics.median(latencies):.1f} ms,"
+        f" p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms"
+    )
+    print(f"first search per caller (index build): max {max(first_search):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

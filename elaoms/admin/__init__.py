@@ -1,0 +1,1 @@
+"""Authenticated admin endpoints (ADMIN_API_KEY): data-protection requests."""

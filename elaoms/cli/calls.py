@@ -1,0 +1,145 @@
+"""`elaoms calls`: the stored calls as a table, and one call's transcript."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from elaoms.cli.runtime import (
+    caller_id,
+    console,
+    format_time,
+    not_found,
+    parse_when,
+    print_json,
+    run,
+)
+from elaoms.memory.base import StoredCall
+from elaoms.memory.units import TRANSCRIPTION
+
+if TYPE_CHECKING:
+    from elaoms.services import Services
+
+calls_app = typer.Typer(no_args_is_help=False, rich_markup_mode=None)
+
+
+@calls_app.callback(invoke_without_command=True)
+def calls(
+    ctx: typer.Context,
+    caller: Annotated[str | None, typer.Option(help="Only this caller's calls.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Calls started on or after (YYYY-MM-DD, ISO or unix).")
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's calls.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List stored calls, newest first. `elaoms calls show ID` prints one transcript."""
+    if ctx.invoked_subcommand is not None:
+        return
+    user_id = caller_id(caller) if caller else None
+    started_after = parse_when(since)
+
+    async def work(services: Services) -> list[StoredCall]:
+        return await services.store.list_calls(
+            user_id, agent_id=agent, since=started_after, limit=limit
+        )
+
+    rows = [call_summary(call) for call in run(work)]
+    if json_output:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no stored calls match")
+        return
+    table = Table(show_lines=False)
+    for column in ("started", "conversation", "caller", "agent", "secs", "title"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        cells = (
+            format_time(row["started_at"]),
+            row["conversation_id"],
+            row["user_id"],
+            row["agent_name"] or row["agent_id"] or "-",
+            row["duration_secs"] if row["duration_secs"] is not None else "-",
+            row["title"] or "-",
+        )
+        table.add_row(*(escape(str(cell)) for cell in cells))
+    console.print(table)
+    console.print(f"{len(rows)} call(s)" + (f" (--limit {limit})" if len(rows) == limit else ""))
+
+
+@calls_app.command("show")
+def show(
+    conversation_id: Annotated[str, typer.Argument(help="The ElevenLabs conversation id.")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the whole stored payload.")
+    ] = False,
+) -> None:
+    """Print one stored call's transcript (or its whole payload with --json)."""
+
+    async def work(services: Services) -> StoredCall | None:
+        return await services.store.get_call(conversation_id)
+
+    call = run(work)
+    if call is None:
+        not_found(f"no stored call {conversation_id}")
+    if json_output:
+        print_json(call.payload)
+        return
+    print_transcript(call)
+
+
+def call_summary(call: StoredCall) -> dict[str, Any]:
+    data = call.payload.get("data") or {}
+    analysis = data.get("analysis") or {}
+    metadata = data.get("metadata") or {}
+    title = analysis.get("call_summary_title")
+    if call.event_type != TRANSCRIPTION:
+        title = f"{call.event_type}: {data.get('failure_reason') or ''}".rstrip(": ")
+    return {
+        "conversation_id": call.conversation_id,
+        "user_id": call.user_id,
+        "agent_id": call.agent_id,
+        "agent_name": data.get("agent_name"),
+        "event_type": call.event_type,
+        "started_at": call.started_at,
+        "duration_secs": metadata.get("call_duration_secs"),
+        "title": title,
+        "summary": analysis.get("transcript_summary"),
+        "memory_id": call.memory_id,
+    }
+
+
+def print_transcript(call: StoredCall) -> None:
+    summary = call_summary(call)
+    data = call.payload.get("data") or {}
+    agent = summary["agent_name"] or summary["agent_id"] or "-"
+    console.print(
+        f"[bold]{escape(call.conversation_id)}[/]  caller {escape(call.user_id)}  "
+        f"agent {escape(str(agent))}"
+    )
+    duration = summary["duration_secs"]
+    console.print(
+        f"{format_time(call.started_at)}" + (f", {duration} s" if duration is not None else "")
+    )
+    if summary["title"]:
+        console.print(f"[bold]{escape(str(summary['title']))}[/]")
+    if summary["summary"]:
+        console.print(escape(str(summary["summary"])))
+    console.print()
+    for turn in data.get("transcript") or []:
+        if not isinstance(turn, dict):
+            continue
+        offset = turn.get("time_in_call_secs")
+        stamp = f"[{int(offset) // 60:02d}:{int(offset) % 60:02d}]" if offset is not None else ""
+        speaker = "Caller" if turn.get("role") == "user" else "Agent"
+        if turn.get("message"):
+            console.print(f"[dim]{stamp}[/] [bold]{speaker}:[/] {escape(str(turn['message']))}")
+        for tool in turn.get("tool_calls") or []:
+            if isinstance(tool, dict):
+                called = f"{tool.get('tool_name')} {tool.get('params_as_json') or ''}"
+                console.print(f"[dim]{stamp} {speaker} called {escape(called)}[/]")

@@ -1,0 +1,188 @@
+"""What every command shares: settings, services, output, and errors as one clear line.
+
+Commands stay thin: they parse arguments, call `run(...)` with a plain async function over
+`Services`, and print. Known failures (a missing or invalid setting, a store or API that
+does not answer, a disk that refuses writes) never reach the user as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from typer.core import TyperGroup
+
+from elaoms.config import Settings
+from elaoms.phone import normalize_caller_id
+
+T = TypeVar("T")
+
+# Exit codes, documented in `elaoms --help` and docs/cli.md.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a setting, the store, the ElevenLabs API or the disk failed
+EXIT_USAGE = 2  # wrong arguments (click's own code)
+EXIT_NOT_FOUND = 3  # the caller or conversation is not in the store
+EXIT_INCOMPLETE = 4  # backfill stopped early; run it again to resume
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 failure (setting, store, API or disk), 2 usage error, "
+    "3 caller or conversation not found, 4 backfill incomplete (run it again to resume)."
+)
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Exception):
+    """A failure to report as one line with an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def describe_error(error: BaseException) -> str | None:
+    """One line for a failure we expect in the field; None for a genuine bug."""
+    from elaoms.elevenlabs.client import ElevenLabsError
+    from elaoms.memory.base import StoreUnavailableError
+    from elaoms.operations.crypto import EncryptionConfigError
+
+    if isinstance(error, CliError):
+        return str(error)
+    if isinstance(error, ElevenLabsError):
+        return f"ElevenLabs API: {error}"
+    if isinstance(error, ValidationError):
+        problem = error.errors()[0]
+        name = ".".join(str(part) for part in problem["loc"]).upper() or "settings"
+        return f"invalid setting {name}: {problem['msg']}"
+    if isinstance(error, StoreUnavailableError):
+        return f"memory store unavailable: {error}"
+    if isinstance(error, EncryptionConfigError):
+        return f"encryption: {error}"
+    if isinstance(error, httpx.HTTPError):
+        return f"network error: {error or type(error).__name__}"
+    if isinstance(error, ImportError):
+        return f"a part of ELAOMS is missing: {error}"
+    if isinstance(error, OSError):
+        target = f" {error.filename}" if error.filename else ""
+        return f"disk error{target}: {error.strerror or error}"
+    return None
+
+
+class ElaomsGroup(TyperGroup):
+    """Turns expected failures of any subcommand into one red line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as error:
+            message = describe_error(error)
+            if message is None:
+                raise
+            err_console.print(f"[red]error:[/] {message}", markup=True)
+            raise typer.Exit(getattr(error, "exit_code", EXIT_FAILURE)) from None
+
+
+def load_settings() -> Settings:
+    """The service's settings: environment first, then `.env` in the working directory."""
+    return Settings()
+
+
+def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None) -> T:
+    """Build the service's parts from settings, check the store answers, run `work`."""
+    from elaoms.operations.logs import configure_logging
+    from elaoms.services import Services
+
+    settings = settings or load_settings()
+    # Library warnings still reach stderr (masked); INFO chatter would drown the output.
+    configure_logging("WARNING", settings.log_format)
+
+    async def main() -> T:
+        services = Services.build(settings)
+        try:
+            await services.store.check()
+            return await work(services)
+        finally:
+            await services.close()
+
+    return asyncio.run(main())
+
+
+def caller_id(raw: str) -> str:
+    """A caller as the service keys it: E.164 for phone numbers, the id itself otherwise."""
+    normalized = normalize_caller_id(raw)
+    if not normalized:
+        raise typer.BadParameter("the caller is empty")
+    return normalized
+
+
+def parse_when(value: str | None, *, end_of_day: bool = False) -> int | None:
+    """A date (2025-11-21), a datetime (2025-11-21T10:00, UTC unless it says otherwise) or
+    unix seconds, as unix seconds."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return int(moment.timestamp()) + (86_399 if end_of_day else 0)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date (YYYY-MM-DD), a datetime or unix seconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def format_time(unix: float | int | None) -> str:
+    if not unix:
+        return "-"
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def print_json(value: Any) -> None:
+    """Machine output: plain JSON on stdout, no colors or wrapping."""
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Write a file only its owner can read (secrets, exports). The directory is the
+    user's choice and keeps its mode; without `replace`, an existing file is an error."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to an existing file
+        with os.fdopen(fd, "wb") as handle:
+            fd = -1
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        if fd != -1:
+            os.close(fd)
+
+
+def not_found(message: str) -> NoReturn:
+    raise CliError(message, EXIT_NOT_FOUND)

@@ -1,0 +1,1 @@
+"""The ElevenLabs API: a small async client and the agent-profile cache."""

@@ -1,0 +1,198 @@
+"""Agent configurations, kept hot: process dict, then Redis, then the memory store.
+
+A call is never held up by the ElevenLabs API. A cached profile is served as it is, and
+one older than AGENT_PROFILE_TTL is refreshed in the background while it keeps serving.
+Only an agent never seen before is waited for, briefly, because without its profile we
+cannot name the placeholders its prompt needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
+from elaoms.memory.base import MemoryStore
+from elaoms.operations.cache import TwoLevelCache
+
+logger = logging.getLogger(__name__)
+
+AGENT_KEY_PREFIX = "elaoms:agent:"
+
+Scalar = str | int | float | bool
+
+
+def _get(source: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(source, dict):
+            return None
+        source = source.get(key)
+    return source
+
+
+@dataclass(frozen=True, slots=True)
+class AgentProfile:
+    """What personalization needs from `GET /v1/convai/agents/{id}`."""
+
+    agent_id: str
+    name: str = ""
+    first_message: str = ""
+    language: str = ""
+    voice_id: str = ""
+    placeholders: dict[str, Scalar] = field(default_factory=dict)
+    allows_first_message: bool = False
+    allows_language: bool = False
+    allows_voice_id: bool = False
+    fetched_at: float = 0.0
+
+    @classmethod
+    def from_api(cls, agent_id: str, raw: dict[str, Any]) -> AgentProfile:
+        agent = _get(raw, "conversation_config", "agent") or {}
+        placeholders = _get(agent, "dynamic_variables", "dynamic_variable_placeholders") or {}
+        overrides = _get(raw, "platform_settings", "overrides", "conversation_config_override")
+        return cls(
+            agent_id=str(raw.get("agent_id") or agent_id),
+            name=str(raw.get("name") or ""),
+            first_message=str(agent.get("first_message") or ""),
+            language=str(agent.get("language") or ""),
+            voice_id=str(_get(raw, "conversation_config", "tts", "voice_id") or ""),
+            placeholders={
+                str(name): value if isinstance(value, Scalar) else ""
+                for name, value in placeholders.items()
+                # ElevenLabs fills system__ variables itself and refuses custom ones.
+                if not str(name).startswith("system__")
+            },
+            allows_first_message=_get(overrides, "agent", "first_message") is True,
+            allows_language=_get(overrides, "agent", "language") is True,
+            allows_voice_id=_get(overrides, "tts", "voice_id") is True,
+            fetched_at=float(raw.get("_fetched_at") or 0.0),
+        )
+
+
+class AgentProfiles:
+    def __init__(
+        self,
+        client: ElevenLabsClient,
+        store: MemoryStore,
+        cache: TwoLevelCache,
+        *,
+        ttl: float = 3600,
+        failure_backoff: float = 30.0,
+        min_age_after_call: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.cache = cache
+        self.ttl = ttl
+        self.failure_backoff = failure_backoff
+        self.min_age_after_call = min(min_age_after_call, ttl)
+        self._inflight: dict[str, asyncio.Task[AgentProfile | None]] = {}
+        self._failed_until: dict[str, float] = {}
+        self._warned_unconfigured = False
+
+    async def get(self, agent_id: str, *, wait: float = 0.0) -> AgentProfile | None:
+        """The known profile at once (a stale one triggers a background refresh). An agent
+        never seen is fetched, waiting at most `wait` seconds for it."""
+        profile = await self._cached(agent_id)
+        if profile is None:
+            profile = await self._stored(agent_id)
+        if profile is not None:
+            if time.time() - profile.fetched_at > self.ttl:
+                self._refresh_in_background(agent_id)
+            return profile
+        task = self._refresh_in_background(agent_id)
+        if task is None or wait <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait)
+        except Exception:  # too slow or failed: the fetch goes on, this call does without
+            return None
+
+    def peek(self, agent_id: str) -> AgentProfile | None:
+        """This process's copy, without any I/O (last-resort answers)."""
+        raw = self.cache.peek(AGENT_KEY_PREFIX + agent_id)
+        return AgentProfile.from_api(agent_id, raw) if isinstance(raw, dict) else None
+
+    async def after_call(self, agent_id: str) -> AgentProfile | None:
+        """The profile to prepare a greeting with: fetched now unless fetched very recently,
+        so configuration changes reach the next call. Never raises."""
+        try:
+            profile = await self._cached(agent_id) or await self._stored(agent_id)
+        except Exception as error:
+            logger.warning("agent profile %s not readable: %s", agent_id, error)
+            profile = None
+        if profile is not None and time.time() - profile.fetched_at < self.min_age_after_call:
+            return profile
+        task = self._refresh_in_background(agent_id)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                return await asyncio.shield(task) or profile
+        return profile
+
+    async def refresh(self, agent_id: str) -> AgentProfile | None:
+        """Fetch, then keep in the store and the cache. None when the API did not answer."""
+        try:
+            raw = await self.client.get_agent(agent_id)
+        except ElevenLabsError as error:
+            self._failed_until[agent_id] = time.monotonic() + self.failure_backoff
+            logger.warning(
+                "agent profile %s not fetched (%s); next try in %gs",
+                agent_id,
+                error,
+                self.failure_backoff,
+            )
+            return None
+        self._failed_until.pop(agent_id, None)
+        fetched_at = time.time()
+        try:
+            await self.store.put_agent_profile(agent_id, raw, fetched_at)
+        except Exception as error:  # the cache still serves it; the next refresh stores it
+            logger.warning("agent profile %s not stored: %s", agent_id, error)
+        raw = {**raw, "_fetched_at": fetched_at}
+        await self.cache.set(AGENT_KEY_PREFIX + agent_id, raw, local_ttl=self.ttl)
+        logger.info("agent profile %s refreshed", agent_id)
+        return AgentProfile.from_api(agent_id, raw)
+
+    async def close(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # Internals ---------------------------------------------------------------------------
+    async def _cached(self, agent_id: str) -> AgentProfile | None:
+        raw = await self.cache.get(AGENT_KEY_PREFIX + agent_id)
+        return AgentProfile.from_api(agent_id, raw) if isinstance(raw, dict) else None
+
+    async def _stored(self, agent_id: str) -> AgentProfile | None:
+        raw = await self.store.get_agent_profile(agent_id)
+        if not raw:
+            return None
+        await self.cache.set(AGENT_KEY_PREFIX + agent_id, raw, local_ttl=self.ttl)
+        return AgentProfile.from_api(agent_id, raw)
+
+    def _refresh_in_background(self, agent_id: str) -> asyncio.Task[AgentProfile | None] | None:
+        """Start (or join) the one fetch of this agent; None when we should not fetch now."""
+        if not self.client.configured:
+            if not self._warned_unconfigured:
+                self._warned_unconfigured = True
+                logger.warning(
+                    "ELEVENLABS_API_KEY is not set: agent profiles (placeholders, default "
+                    "greeting, allowed overrides) are not fetched"
+                )
+            return None
+        task = self._inflight.get(agent_id)
+        if task is not None:
+            return task
+        if time.monotonic() < self._failed_until.get(agent_id, 0.0):
+            return None
+        task = asyncio.create_task(self.refresh(agent_id), name=f"agent-profile-{agent_id}")
+        self._inflight[agent_id] = task
+        task.add_done_callback(lambda _: self._inflight.pop(agent_id, None))
+        return task

@@ -1,0 +1,213 @@
+"""Data-protection requests: forget a caller everywhere, or export all we hold about one.
+
+Shared by `elaoms forget` / `elaoms export` and the admin endpoints, so both answer the
+same request the same way. What we hold about a caller lives in four places: the memory
+store (calls, memories, prepared profile), the webhook files on disk (deliveries and
+audio, plus their pending links), audio still waiting for its transcription, and cached
+profiles or greetings. Quarantined bodies that name the caller are included too: they are
+the caller's data even though we could not process them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elaoms.phone import mask
+from elaoms.webhooks.storage import safe_name
+
+if TYPE_CHECKING:
+    from elaoms.services import Services
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "elaoms.caller-export/1"
+
+
+@dataclass
+class ForgetReport:
+    user_id: str
+    store_items_deleted: int = 0
+    conversations: list[str] = field(default_factory=list)
+    files_deleted: list[str] = field(default_factory=list)
+    unclaimed_audio_deleted: list[str] = field(default_factory=list)
+    quarantined_deleted: list[str] = field(default_factory=list)
+    cache_invalidated: bool = False
+
+    @property
+    def found_anything(self) -> bool:
+        return bool(
+            self.store_items_deleted
+            or self.files_deleted
+            or self.unclaimed_audio_deleted
+            or self.quarantined_deleted
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "found_anything": self.found_anything}
+
+
+async def forget_caller(services: Services, user_id: str) -> ForgetReport:
+    """Delete everything about `user_id` in every store in use and say what went.
+
+    Files go first: a pending delivery left on disk would put the caller back in the store
+    at the next sweep.
+    """
+    storage = services.storage
+    report = ForgetReport(user_id=user_id)
+    report.conversations = await _conversations_of(services, user_id)
+    removed = await asyncio.to_thread(storage.forget, user_id)
+    report.files_deleted = [str(path) for path in removed]
+    for conversation_id in report.conversations:
+        audio = storage.unclaimed_audio_path(conversation_id)
+        if audio.exists():
+            audio.unlink(missing_ok=True)
+            report.unclaimed_audio_deleted.append(str(audio))
+    report.quarantined_deleted = [
+        str(path) for path in await asyncio.to_thread(_forget_quarantined, services, user_id)
+    ]
+    report.store_items_deleted = await services.store.delete_user(user_id)
+    report.cache_invalidated = await _invalidate_cache(services, user_id)
+    logger.info(
+        "forgot caller %s: %d store items, %d files",
+        mask(user_id),
+        report.store_items_deleted,
+        len(report.files_deleted) + len(report.unclaimed_audio_deleted),
+    )
+    return report
+
+
+async def export_caller(
+    services: Services, user_id: str, *, include_audio: bool = False
+) -> dict[str, Any]:
+    """Everything we hold about `user_id` as one JSON-ready document."""
+    store = services.store
+    calls = await store.list_calls(user_id)
+    memories = await store.list_memories(user_id)
+    profile = await store.get_caller_profile(user_id)
+    stored = {(call.event_type, call.conversation_id) for call in calls}
+    files = await asyncio.to_thread(_describe_files, services, user_id, stored, include_audio)
+    return {
+        "format": EXPORT_FORMAT,
+        "user_id": user_id,
+        "exported_at": int(time.time()),
+        "memory_backend": store.name,
+        "profile": profile,
+        "calls": [
+            {
+                "conversation_id": call.conversation_id,
+                "event_type": call.event_type,
+                "agent_id": call.agent_id,
+                "started_at": call.started_at,
+                "event_timestamp": call.event_timestamp,
+                "memory_id": call.memory_id,
+                "payload": call.payload,
+            }
+            for call in calls
+        ],
+        "memories": [
+            {
+                "id": memory.id,
+                "content": memory.content,
+                "metadata": memory.metadata,
+                "created_at": memory.created_at,
+            }
+            for memory in memories
+        ],
+        "files": files,
+    }
+
+
+async def _conversations_of(services: Services, user_id: str) -> list[str]:
+    """The caller's conversations, from the store and from the delivery files (a delivery
+    can be on disk and not yet in the store)."""
+    ids = {call.conversation_id for call in await services.store.list_calls(user_id)}
+    for path in services.storage.files_of(user_id):
+        if path.suffix == ".json" and "__" in path.stem:
+            body = _read_json(services, path)
+            data = body.get("data") if isinstance(body, dict) else None
+            if isinstance(data, dict) and data.get("conversation_id"):
+                ids.add(str(data["conversation_id"]))
+    return sorted(ids)
+
+
+def _describe_files(
+    services: Services,
+    user_id: str,
+    stored: set[tuple[str, str]],
+    include_audio: bool,
+) -> list[dict[str, Any]]:
+    described: list[dict[str, Any]] = []
+    for path in services.storage.files_of(user_id):
+        stat = path.stat()
+        entry: dict[str, Any] = {
+            "path": str(path),
+            "bytes": stat.st_size,
+            "modified_at": int(stat.st_mtime),
+        }
+        if path.suffix == ".json":
+            body = _read_json(services, path)
+            data = body.get("data") if isinstance(body, dict) else None
+            key = (
+                str(body.get("type")) if isinstance(body, dict) else "",
+                str(data.get("conversation_id")) if isinstance(data, dict) else "",
+            )
+            # A delivery the store has is already whole under `calls`; one it does not have
+            # yet (still pending, or never storable) is only here.
+            entry["in_store"] = key in stored
+            if not entry["in_store"]:
+                entry["content"] = body
+        elif include_audio:
+            entry["content_base64"] = base64.b64encode(services.storage.read(path)).decode()
+        described.append(entry)
+    return described
+
+
+def _read_json(services: Services, path: Path) -> Any:
+    try:
+        return json.loads(services.storage.read(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _forget_quarantined(services: Services, user_id: str) -> list[Path]:
+    """Quarantined bodies that mention the caller (they never reached a caller directory)."""
+    root = services.storage.quarantine_root
+    if not root.exists():
+        return []
+    needles = {user_id.encode(), safe_name(user_id).encode()}
+    if user_id.startswith("+"):
+        needles.add(user_id[1:].encode())
+    removed: list[Path] = []
+    for body_path in sorted(root.glob("*.body")):
+        try:
+            body = services.storage.read(body_path)
+        except (OSError, ValueError):
+            continue
+        if any(needle in body for needle in needles):
+            for path in (body_path, body_path.with_suffix(".reason.json")):
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
+async def _invalidate_cache(services: Services, user_id: str) -> bool:
+    """Drop cached profiles and greetings when the service runs a cache (Redis or local)."""
+    cache = getattr(services, "cache", None) or getattr(
+        getattr(services, "personalization", None), "cache", None
+    )
+    invalidate = getattr(cache, "invalidate_caller", None)
+    if invalidate is None:
+        return False
+    result = invalidate(user_id)
+    if inspect.isawaitable(result):
+        await result
+    return True

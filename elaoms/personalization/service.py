@@ -1,0 +1,358 @@
+"""Personalization: prepare each caller's profile after a call, answer client-data from it.
+
+The two halves run at very different moments. `prepare_caller` runs after a call is
+stored (the post-call hook): it reads the caller's calls, may call the ElevenLabs API and
+an LLM, and writes the profile with the next greeting. `client_data` runs while the phone
+rings: two cache lookups (caller, agent) and string assembly, under a hard deadline with a
+valid default answer whatever fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from elaoms.config import GreetingDisclosure, Settings
+from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
+from elaoms.memory.base import CallReceipt, MemoryStore, StoredCall
+from elaoms.memory.units import TRANSCRIPTION
+from elaoms.operations.cache import TwoLevelCache, caller_key
+from elaoms.personalization.greeting import (
+    LLMGreetingWriter,
+    acceptable,
+    business_name,
+    first_name,
+    template_greeting,
+)
+from elaoms.personalization.profile import (
+    build_facts,
+    caller_identity,
+    calls_text,
+    collected,
+    last_agent_greeting,
+    transcription_calls,
+    user_context,
+)
+from elaoms.personalization.schemas import (
+    AgentOverride,
+    ClientDataRequest,
+    ClientDataResponse,
+    ConversationConfigOverride,
+    Scalar,
+    TTSOverride,
+)
+from elaoms.phone import mask
+
+if TYPE_CHECKING:
+    from elaoms.services import Services
+
+logger = logging.getLogger(__name__)
+
+# Workers without Redis (or with Redis down) each keep their own copy of a caller's profile:
+# short enough that a profile prepared by another worker is seen by the next call.
+CALLER_LOCAL_TTL = 10.0
+TEMPLATE_LANGUAGE = "en"
+# Share of the client-data deadline an agent never seen before may be waited for.
+COLD_AGENT_WAIT_SHARE = 0.6
+
+
+class PersonalizationService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: MemoryStore,
+        cache: TwoLevelCache,
+        agents: AgentProfiles,
+        llm: LLMGreetingWriter,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.agents = agents
+        self.llm = llm
+
+    # After a call ------------------------------------------------------------------------
+    async def on_call_stored(
+        self, user_id: str, payload: dict[str, Any], receipt: CallReceipt
+    ) -> None:
+        """The post-call hook. A store failure raises, so the delivery stays pending and
+        the profile is prepared on the retry; every other failure degrades instead."""
+        if payload.get("type") == TRANSCRIPTION:
+            await self.prepare_caller(user_id)
+
+    async def prepare_caller(self, user_id: str) -> dict[str, Any] | None:
+        """Rebuild the caller's profile and next greeting from their stored calls."""
+        if caller_identity(user_id) is None:
+            return None  # withheld numbers share an id; they must not share a profile
+        calls = transcription_calls(await self.store.list_calls(user_id))
+        if not calls:
+            return None
+        facts = build_facts(user_id, calls)
+        agent = await self.agents.after_call(facts["agent_id"]) if facts["agent_id"] else None
+        business = business_name(agent.first_message if agent else None, last_agent_greeting(calls))
+        greeting, source, language = await self._write_greeting(facts, calls, agent, business)
+        profile = {
+            **facts,
+            "greeting": greeting,
+            "greeting_source": source,
+            "greeting_language": language,
+            "greeting_disclosure": self.settings.greeting_disclosure.value,
+            "business_name": business,
+            "user_context": user_context(facts, self.settings.user_context_max_chars),
+            "updated_at": time.time(),
+        }
+        await self.store.put_caller_profile(user_id, profile)
+        await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
+        logger.info(
+            "profile of %s prepared (%d calls, greeting from %s)",
+            mask(user_id),
+            facts["call_count"],
+            source,
+        )
+        return profile
+
+    async def _write_greeting(
+        self,
+        facts: dict[str, Any],
+        calls: list[StoredCall],
+        agent: AgentProfile | None,
+        business: str | None,
+    ) -> tuple[str, str, str | None]:
+        """(greeting, source, language): the agent owner's data-collection greeting, else the
+        LLM's, else the template. Only the template can honour a narrower disclosure."""
+        disclosure = self.settings.greeting_disclosure
+        language = facts.get("language") or (agent.language if agent else None)
+        if disclosure is GreetingDisclosure.NAME_AND_TOPIC:
+            item = self.settings.greeting_data_collection_id
+            agent_words = [agent.first_message, agent.name] if agent else []
+            corpus = "\n".join([calls_text(calls, exclude_items={item}), *agent_words])
+            owned = collected(calls[0].payload.get("data") or {}, item)
+            if greeting := acceptable(owned, corpus, "data-collection"):
+                return greeting, "data_collection", language
+            if self.llm.configured:
+                greeting = await self._llm_greeting(facts, business, language)
+                if greeting:
+                    return greeting, "llm", language
+        return template_greeting(facts, business, disclosure), "template", TEMPLATE_LANGUAGE
+
+    async def _llm_greeting(
+        self, facts: dict[str, Any], business: str | None, language: str | None
+    ) -> str | None:
+        try:  # a replayed delivery must not pay for (or change) the same greeting twice
+            previous = await self.store.get_caller_profile(facts["user_id"]) or {}
+        except Exception:
+            previous = {}
+        if (
+            previous.get("greeting_source") == "llm"
+            and previous.get("last_conversation_id") == facts["last_conversation_id"]
+            and previous.get("call_count") == facts["call_count"]
+        ):
+            return str(previous["greeting"])
+        prompt = {
+            "business": business,
+            "caller_first_name": first_name(facts.get("name")),
+            "last_call_title": facts.get("last_call_title"),
+            "last_call_summary": facts.get("last_call_summary"),
+            "open_follow_ups": facts.get("open_follow_ups") or [],
+            "language": language or TEMPLATE_LANGUAGE,
+        }
+        # Checked against exactly what the model was given: anything else is invented.
+        return acceptable(await self.llm.write(prompt), json.dumps(prompt), "LLM")
+
+    # While the phone rings ---------------------------------------------------------------
+    async def client_data(self, request: ClientDataRequest) -> ClientDataResponse:
+        """The webhook's answer within CLIENT_DATA_TIMEOUT_MS, the default one on any
+        failure (the reason is logged)."""
+        timeout = self.settings.client_data_timeout_ms / 1000
+        budget = timeout - min(0.05, timeout * 0.2)  # leave time to serialize and send
+        try:
+            return await asyncio.wait_for(
+                self.answer(request, agent_wait=budget * COLD_AGENT_WAIT_SHARE), budget
+            )
+        except TimeoutError:
+            reason = f"no answer within {budget * 1000:.0f} ms"
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+        logger.warning(
+            "client-data for %s (agent %s) got the default answer: %s",
+            mask(request.caller_id),
+            request.agent_id,
+            reason,
+        )
+        return self.default_answer(request)
+
+    async def answer(
+        self, request: ClientDataRequest, *, agent_wait: float = 0.0
+    ) -> ClientDataResponse:
+        """The personalized answer, without a deadline (callers add one)."""
+        user_id = caller_identity(request.caller_id)
+        profile, agent = await asyncio.gather(
+            self._profile_for_call(user_id), self._agent_for_call(request.agent_id, agent_wait)
+        )
+        return compose_answer(request, user_id, profile, agent, self.settings.greeting_disclosure)
+
+    def default_answer(self, request: ClientDataRequest) -> ClientDataResponse:
+        """What we say knowing nothing about the caller: still every placeholder the agent
+        declares, when this process has its profile at hand."""
+        agent = self.agents.peek(request.agent_id) if request.agent_id else None
+        return compose_answer(
+            request, caller_identity(request.caller_id), None, agent, GreetingDisclosure.NONE
+        )
+
+    async def caller_profile(self, user_id: str) -> dict[str, Any] | None:
+        """The prepared profile: this process, then Redis, then one store lookup."""
+        key = caller_key(user_id)
+        profile = await self.cache.get(key)
+        if profile is None:
+            profile = await self.store.get_caller_profile(user_id)
+            if profile is not None:
+                await self.cache.set(key, profile, local_ttl=CALLER_LOCAL_TTL)
+        return profile
+
+    async def _profile_for_call(self, user_id: str | None) -> dict[str, Any] | None:
+        if user_id is None:
+            return None
+        try:
+            return await self.caller_profile(user_id)
+        except Exception as error:
+            logger.warning(
+                "client-data: profile of %s unavailable (%s); greeting as a new caller",
+                mask(user_id),
+                error,
+            )
+            return None
+
+    async def _agent_for_call(self, agent_id: str | None, wait: float) -> AgentProfile | None:
+        if not agent_id:
+            return None
+        try:
+            return await self.agents.get(agent_id, wait=wait)
+        except Exception as error:
+            logger.warning("client-data: agent profile %s unavailable (%s)", agent_id, error)
+            return self.agents.peek(agent_id)
+
+    async def close(self) -> None:
+        await self.agents.close()
+        await self.llm.aclose()
+
+
+def parse_request(body: bytes) -> ClientDataRequest:
+    """The request, or an empty one: a body we cannot read is a caller we do not know."""
+    try:
+        return ClientDataRequest.model_validate_json(body or b"{}")
+    except ValidationError as error:
+        logger.warning("client-data request not understood (%s): default answer", error)
+        return ClientDataRequest()
+
+
+def compose_answer(
+    request: ClientDataRequest,
+    user_id: str | None,
+    profile: dict[str, Any] | None,
+    agent: AgentProfile | None,
+    disclosure: GreetingDisclosure,
+) -> ClientDataResponse:
+    """Assemble the answer from prepared parts: no I/O, microseconds."""
+    profile = profile or {}
+    call_count = int(profile.get("call_count") or 0)
+    last_call_at = profile.get("last_call_at")
+    variables: dict[str, Scalar] = {
+        "caller_id": user_id or "",
+        "called_number": request.called_number or "",
+        "call_sid": request.call_sid or "",
+        "user_context": profile.get("user_context") or "",
+        "caller_name": "" if disclosure is GreetingDisclosure.NONE else profile.get("name") or "",
+        "call_count": call_count,
+        "last_call_at": _iso(last_call_at) if last_call_at else "",
+        "is_returning_caller": call_count > 0,
+    }
+    if agent is not None:
+        # ElevenLabs refuses a call whose prompt uses a variable we did not send.
+        for name, default in agent.placeholders.items():
+            if variables.get(name) in (None, ""):
+                variables[name] = default
+    return ClientDataResponse(
+        dynamic_variables=variables,
+        conversation_config_override=_overrides(profile, agent, disclosure),
+    )
+
+
+def _overrides(
+    profile: dict[str, Any], agent: AgentProfile | None, disclosure: GreetingDisclosure
+) -> ConversationConfigOverride | None:
+    """Only what the agent allows and what improves on its own configuration. An agent we
+    know nothing about allows nothing: an unallowed override fails the call."""
+    if agent is None or not profile:
+        return None
+    language = profile.get("language")
+    override_language = (
+        language if agent.allows_language and language and language != agent.language else None
+    )
+    spoken_language = override_language or agent.language
+    first_message = (
+        _first_message(profile, agent, disclosure, spoken_language)
+        if agent.allows_first_message
+        else None
+    )
+    voice = profile.get("voice_id")
+    voice_id = voice if agent.allows_voice_id and voice and voice != agent.voice_id else None
+    agent_part = (
+        AgentOverride(first_message=first_message, language=override_language)
+        if first_message or override_language
+        else None
+    )
+    tts_part = TTSOverride(voice_id=voice_id) if voice_id else None
+    if agent_part is None and tts_part is None:
+        return None
+    return ConversationConfigOverride(agent=agent_part, tts=tts_part)
+
+
+def _first_message(
+    profile: dict[str, Any],
+    agent: AgentProfile,
+    disclosure: GreetingDisclosure,
+    spoken_language: str,
+) -> str | None:
+    if profile.get("agent_id") and profile["agent_id"] != agent.agent_id:
+        return None  # "welcome back" to a business this caller never called is wrong
+    greeting, language = profile.get("greeting") or "", profile.get("greeting_language")
+    if profile.get("greeting_disclosure") != disclosure.value:
+        # The setting changed since the profile was prepared: honour it now.
+        greeting = template_greeting(profile, profile.get("business_name"), disclosure)
+        language = TEMPLATE_LANGUAGE
+    if not greeting or greeting == agent.first_message:
+        return None
+    if language and spoken_language and _base(language) != _base(spoken_language):
+        return None  # an English greeting read by a Spanish voice helps nobody
+    return greeting
+
+
+def _base(language: str) -> str:
+    return language.split("-")[0].split("_")[0].lower()
+
+
+def _iso(timestamp: int | float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def preview_first_message(
+    services: Services, caller_id: str, agent_id: str | None = None
+) -> ClientDataResponse:
+    """What client-data would answer for `caller_id` now (for `elaoms first-message`).
+
+    Without `agent_id`, the agent of the caller's last call. No deadline: an agent not yet
+    cached is fetched, so the preview shows what the next call (after a refresh) gets.
+    """
+    personalization = services.personalization
+    if agent_id is None and (user_id := caller_identity(caller_id)):
+        profile = await personalization.caller_profile(user_id)
+        agent_id = (profile or {}).get("agent_id")
+    request = ClientDataRequest(caller_id=caller_id, agent_id=agent_id)
+    wait = services.settings.elevenlabs_api_timeout_seconds
+    return await personalization.answer(request, agent_wait=wait)

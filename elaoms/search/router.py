@@ -1,0 +1,81 @@
+"""POST /webhooks/search-data: the agent's in-call memory search (an ElevenLabs server tool)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, HTTPException, Request, status
+
+from elaoms.dependencies import get_services
+from elaoms.memory.base import StoreUnavailableError
+from elaoms.search.schemas import MemoryOut, SearchRequest, SearchResponse
+from elaoms.search.service import CallerConflictError, SearchService, resolve_caller
+from elaoms.security import WorkspaceAuth
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+def _search_service(request: Request) -> SearchService:
+    # One per app, made on first use: it owns the searches abandoned at the deadline.
+    service: SearchService | None = getattr(request.app.state, "search_service", None)
+    if service is None:
+        services = get_services(request)
+        service = SearchService(
+            services.store,
+            context_max_chars=services.settings.search_context_max_chars,
+            timeout_ms=services.settings.search_timeout_ms,
+        )
+        request.app.state.search_service = service
+    return service
+
+
+@router.post(
+    "/search-data",
+    response_model=SearchResponse,
+    response_model_exclude_none=True,
+    dependencies=[WorkspaceAuth],
+    responses={
+        400: {"description": "No query, no caller, or two different callers"},
+        401: {"description": "Missing or wrong X-Api-Key, or no secret configured"},
+        422: {"description": "limit outside 1..50, or a malformed body"},
+        503: {"description": "The memory store failed"},
+    },
+)
+async def search_data(
+    request: Request,
+    body: Annotated[SearchRequest | None, Body()] = None,
+    x_caller_id: Annotated[str | None, Header(alias="X-Caller-Id")] = None,
+) -> SearchResponse:
+    """Verbatim excerpts of the caller's earlier calls that best answer `query`.
+
+    The caller is `user_id`, `caller_id` or the `X-Caller-Id` header, all of which the
+    tool configuration must fill from `{{system__caller_id}}`, never from the LLM.
+    """
+    body = body or SearchRequest()
+    query = (body.query or "").strip()
+    if not query:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Missing query parameter")
+    try:
+        caller = resolve_caller(body.user_id, body.caller_id, x_caller_id)
+    except CallerConflictError as error:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
+    if caller is None:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail="Missing caller: send user_id or caller_id (from system__caller_id)",
+        )
+    try:
+        result = await _search_service(request).search(caller, query, body.limit)
+    except StoreUnavailableError:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="Memory store unavailable"
+        ) from None
+    return SearchResponse(
+        memories_found=len(result.memories),
+        context=result.context,
+        memories=[
+            MemoryOut(id=memory.id, content=memory.content, metadata=memory.metadata)
+            for memory in result.memories
+        ],
+        timed_out=result.timed_out or None,
+    )

@@ -1,0 +1,38 @@
+"""Request and response bodies of the search tool (POST /webhooks/search-data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_LIMIT = 50
+
+
+class SearchRequest(BaseModel):
+    """What the agent's server tool sends. Unknown fields are ignored: the owner may add
+    constants to the tool's body schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # Optional here so a missing query is our 400, not FastAPI's generic 422.
+    query: str | None = Field(default=None, description="What to look for in earlier calls")
+    user_id: str | None = Field(default=None, description="Filled from {{system__caller_id}}")
+    caller_id: str | None = Field(default=None, description="Same as user_id")
+    limit: int = Field(default=5, ge=1, le=MAX_LIMIT, description="Past calls to quote at most")
+
+
+class MemoryOut(BaseModel):
+    id: str
+    content: str
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    status: str = "success"
+    memories_found: int
+    context: str
+    memories: list[MemoryOut]
+    timed_out: bool | None = Field(
+        default=None, description="Present and true when the deadline cut the search short"
+    )

@@ -1,0 +1,341 @@
+"""The `elaoms` command as operators run it, on the embedded store and on OpenMemory.
+
+Calls reach the store through the service's own ingestion (as if ElevenLabs had delivered
+them); the commands then read the same settings from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from elaoms.cli import app
+from elaoms.config import Settings
+from elaoms.services import Services
+from elaoms.webhooks.storage import caller_dir_name
+
+from conftest import (
+    REPO_ROOT,
+    WORKSPACE_SECRET,
+    InThreadServer,
+    base_env,
+    free_port,
+    load_fixture,
+    transcription,
+)
+from openmemory_standin import fresh_standin, standin  # noqa: F401 - fixtures by name
+
+MARIA = "+14155550123"
+BOB = "+14155550177"
+runner = CliRunner()
+
+
+def elaoms(*args: str, input: str | None = None) -> Result:
+    return runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+def as_json(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(params=["sqlite", "openmemory"])
+def settings(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The environment a user's shell would have, in a fresh working directory."""
+    data = tmp_path / "data"
+    env = base_env(data)
+    if request.param == "openmemory":
+        server = request.getfixturevalue("fresh_standin")
+        env |= {
+            "MEMORY_BACKEND": "openmemory",
+            "OPENMEMORY_URL": server.url,
+            "OPENMEMORY_API_KEY": server.api_key,
+            "OPENMEMORY_LEDGER_PATH": str(data / "openmemory-ledger.sqlite3"),
+            "OPENMEMORY_RETRY_BASE_DELAY_SECONDS": "0.01",
+            "MAX_RETRIES": "1",
+        }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return Settings(_env_file=None)
+
+
+def deliver(settings: Settings, *payloads: dict[str, Any], status: str = "received") -> None:
+    """Through the service's ingestion, as the post-call webhook would."""
+
+    async def main() -> None:
+        services = Services.build(settings)
+        try:
+            for payload in payloads:
+                acknowledgement = await services.ingest.receive(json.dumps(payload).encode())
+                assert acknowledgement.status == status, acknowledgement
+        finally:
+            await services.close()
+
+    asyncio.run(main())
+
+
+def audio(conversation_id: str) -> dict[str, Any]:
+    payload = copy.deepcopy(load_fixture("post_call_audio"))
+    payload["data"]["conversation_id"] = conversation_id
+    return payload
+
+
+@pytest.fixture
+def callers(settings: Settings) -> Settings:
+    """Maria with two calls (one recorded), Bob with one."""
+    first = transcription(
+        "conv_maria_1",
+        MARIA,
+        turns=[
+            ("agent", "Thanks for calling Brightside Dental."),
+            ("user", "Hi, this is Maria Lopez. I need to move my cleaning to Tuesday."),
+        ],
+    )
+    first["data"]["metadata"]["start_time_unix_secs"] = 1763500000
+    second = transcription("conv_maria_2", MARIA)
+    bob = transcription(
+        "conv_bob_1", BOB, turns=[("user", "My crown came loose, can I come in today?")]
+    )
+    bob["data"]["agent_id"] = "agent_other"
+    deliver(settings, first, second, audio("conv_maria_2"), bob)
+    return settings
+
+
+# setup -------------------------------------------------------------------------------------
+def test_setup_writes_a_private_env_with_secrets_and_never_overwrites_it(tmp_path: Path) -> None:
+    env_file = tmp_path / "project" / ".env"
+    env_file.parent.mkdir(mode=0o755)
+    result = elaoms("setup", "--non-interactive", "--path", str(env_file))
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o755  # the user's directory
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    secret = values["ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET"]
+    assert len(secret) >= 40
+    assert values["ELEVENLABS_POST_CALL_HMAC_KEY"].startswith("replace-me")
+    assert values["ADMIN_API_KEY"] == ""  # admin endpoints stay off unless asked for
+    for path in ("/webhooks/post-call", "/webhooks/client-data", "/webhooks/search-data"):
+        assert f"http://localhost:8000{path}" in result.stdout
+    assert f"X-Api-Key: {secret}" in result.stdout
+    assert "placeholder" in result.stdout
+
+    again = elaoms("setup", "--non-interactive", "--path", str(env_file), "--json")
+    assert again.exit_code == 0
+    report = json.loads(again.stdout)
+    assert report["written"] is False
+    assert report["endpoints"]["client_data"]["headers"]["X-Api-Key"] == secret
+    assert env_file.read_text().count(secret) == 1  # untouched
+
+    forced = elaoms("setup", "--non-interactive", "--force", "--path", str(env_file))
+    assert forced.exit_code == 0
+    assert secret not in env_file.read_text()
+
+
+def test_the_service_starts_on_what_setup_wrote(tmp_path: Path) -> None:
+    assert elaoms("setup", "--non-interactive", "--path", str(tmp_path / ".env")).exit_code == 0
+    settings = Settings(_env_file=tmp_path / ".env")
+    assert settings.webhooks_authenticated
+    assert settings.elevenlabs_post_call_hmac_key
+
+
+# reading -----------------------------------------------------------------------------------
+def test_calls_lists_and_filters_stored_calls(callers: Settings) -> None:
+    everything = as_json(elaoms("calls", "--json"))
+    assert {row["conversation_id"] for row in everything} == {
+        "conv_maria_1",
+        "conv_maria_2",
+        "conv_bob_1",
+    }
+    marias = as_json(elaoms("calls", "--caller", "(415) 555-0123", "--json"))
+    assert [row["conversation_id"] for row in marias] == ["conv_maria_2", "conv_maria_1"]
+    assert as_json(elaoms("calls", "--agent", "agent_other", "--json"))[0]["user_id"] == BOB
+    recent = as_json(elaoms("calls", "--since", "2025-11-20", "--json"))
+    assert "conv_maria_1" not in {row["conversation_id"] for row in recent}
+
+    table = elaoms("calls", "--caller", MARIA)
+    assert table.exit_code == 0
+    assert "conv_maria_2" in table.stdout and "conv_bob_1" not in table.stdout
+
+
+def test_calls_show_prints_a_transcript(callers: Settings) -> None:
+    shown = elaoms("calls", "show", "conv_maria_1")
+    assert shown.exit_code == 0
+    assert "Caller: Hi, this is Maria Lopez." in shown.stdout
+    payload = as_json(elaoms("calls", "show", "conv_maria_1", "--json"))
+    assert payload["data"]["conversation_id"] == "conv_maria_1"
+
+    missing = elaoms("calls", "show", "conv_nope")
+    assert missing.exit_code == 3
+    assert "no stored call conv_nope" in missing.stderr
+
+
+def test_profile_shows_what_the_next_call_gets(callers: Settings) -> None:
+    profile = as_json(elaoms("profile", "415-555-0123", "--json"))
+    assert profile["user_id"] == MARIA
+    assert profile["call_count"] == 2
+    assert profile["first_call_at"] == 1763500000
+    assert profile["user_context"]
+    assert profile["greeting"]
+    shown = elaoms("profile", MARIA)
+    assert shown.exit_code == 0
+    assert "next greeting" in shown.stdout and "user_context" in shown.stdout
+
+    unknown = elaoms("profile", "+14155550000")
+    assert unknown.exit_code == 3
+    assert unknown.stderr.count("\n") == 1
+
+
+def test_search_answers_what_the_tool_answers(callers: Settings) -> None:
+    answer = as_json(elaoms("search", MARIA, "cleaning Tuesday", "--json"))
+    assert answer["memories_found"] >= 1
+    assert "cleaning" in answer["context"].lower()
+    conversations = {memory["metadata"].get("conversation_id") for memory in answer["memories"]}
+    assert conversations <= {"conv_maria_1", "conv_maria_2"}
+    if callers.memory_backend != "sqlite":
+        return
+    # The live tool, on a server over the same files, answers the same body.
+    with InThreadServer(callers) as server, server.client() as client:
+        tool = client.post(
+            "/webhooks/search-data",
+            json={"query": "cleaning Tuesday", "user_id": MARIA, "limit": 5},
+            headers={"X-Api-Key": WORKSPACE_SECRET},
+        )
+    assert tool.status_code == 200
+    assert tool.json() == answer
+
+
+def test_first_message_previews_the_client_data_answer(callers: Settings) -> None:
+    answer = as_json(elaoms("first-message", MARIA, "--json"))
+    variables = answer["dynamic_variables"]
+    assert variables["caller_id"] == MARIA
+    assert variables["call_count"] == 2
+    assert variables["user_context"]
+
+
+# privacy -----------------------------------------------------------------------------------
+def test_export_holds_everything_about_the_caller_and_nothing_else(callers: Settings) -> None:
+    document = as_json(elaoms("export", MARIA))
+    assert {call["conversation_id"] for call in document["calls"]} == {
+        "conv_maria_1",
+        "conv_maria_2",
+    }
+    assert document["memories"] and document["profile"]["user_id"] == MARIA
+    on_disk = sorted(
+        str(path) for path in (callers.webhook_storage_path / caller_dir_name(MARIA)).iterdir()
+    )
+    assert sorted(entry["path"] for entry in document["files"]) == on_disk
+    assert any(path.endswith("conv_maria_2.mp3") for path in on_disk)
+    text = json.dumps(document)
+    assert "conv_bob_1" not in text, text[text.index("conv_bob_1") - 300 :][:600]
+    assert BOB not in text
+
+    target = Path("export.json")
+    assert elaoms("export", MARIA, "--output", str(target), "--include-audio").exit_code == 0
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    recorded = [
+        entry for entry in json.loads(target.read_text())["files"] if "content_base64" in entry
+    ]
+    assert len(recorded) == 1
+
+    assert elaoms("export", "+14155550000").exit_code == 3
+
+
+def test_forget_deletes_the_caller_everywhere_and_only_the_caller(callers: Settings) -> None:
+    storage = callers.webhook_storage_path
+    maria_dir, bob_dir = storage / caller_dir_name(MARIA), storage / caller_dir_name(BOB)
+    # A signed body we could not process, naming Maria: quarantined, still her data.
+    quarantined = {"type": "post_call_transcription", "data": {"caller": MARIA}}
+    deliver(callers, quarantined, status="quarantined")
+    maria_files = sorted(maria_dir.iterdir())
+    assert len(maria_files) == 3  # two transcriptions and one recording
+
+    declined = elaoms("forget", MARIA, input="n\n")
+    assert declined.exit_code == 1
+    assert "About to delete everything about +14155550123: 2 stored call(s)" in declined.stderr
+    assert all(path.exists() for path in maria_files)
+
+    report = as_json(elaoms("forget", "(415) 555-0123", "--yes", "--json"))
+    assert sorted(report["files_deleted"]) == [str(path) for path in maria_files]
+    assert report["conversations"] == ["conv_maria_1", "conv_maria_2"]
+    assert report["store_items_deleted"] > 0
+    assert len(report["quarantined_deleted"]) == 2  # the body and its reason
+    assert report["cache_invalidated"] is True
+    assert not maria_dir.exists()
+    assert not list(callers.webhook_quarantine_path.glob("*"))
+    assert not [p for p in callers.pending_path.iterdir() if p.name.startswith(maria_dir.name)]
+    assert as_json(elaoms("calls", "--caller", MARIA, "--json")) == []
+    assert elaoms("profile", MARIA).exit_code == 3
+    assert elaoms("export", MARIA).exit_code == 3
+    assert as_json(elaoms("search", MARIA, "cleaning", "--json"))["memories_found"] == 0
+
+    # Bob is untouched.
+    assert len(list(bob_dir.iterdir())) == 1
+    assert as_json(elaoms("profile", BOB, "--json"))["call_count"] == 1
+
+    again = as_json(elaoms("forget", MARIA, "--yes", "--json"))
+    assert again["found_anything"] is False
+
+
+# errors ------------------------------------------------------------------------------------
+def cli_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command in its own process, as a shell runs it."""
+    environment = {**os.environ, **base_env(tmp_path / "data"), **env, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "elaoms.cli", *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MEMORY_BACKEND": "postgres"}, "error: invalid setting MEMORY_BACKEND"),
+        ({"ENABLE_ENCRYPTION_AT_REST": "true"}, "error: encryption: ENABLE_ENCRYPTION_AT_REST"),
+        (
+            {"MEMORY_BACKEND": "openmemory", "OPENMEMORY_URL": "http://127.0.0.1:{port}"},
+            "error: memory store unavailable",
+        ),
+        ({}, "error: ELEVENLABS_API_KEY is not set"),
+    ],
+    ids=["bad-setting", "no-encryption-key", "openmemory-down", "no-api-key"],
+)
+def test_a_missing_setting_or_service_is_one_line_not_a_traceback(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    env = {key: value.format(port=free_port()) for key, value in env.items()}
+    env |= {"MAX_RETRIES": "0", "OPENMEMORY_TIMEOUT_SECONDS": "1"}
+    command = ("backfill",) if "API_KEY" in message else ("calls",)
+    process = cli_process(tmp_path, *command, **env)
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.startswith(message), process.stderr
+    assert process.stderr.count("\n") == 1
+    assert "Traceback" not in process.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert cli_process(tmp_path, "calls", "--since", "last tuesday").returncode == 2
+    assert cli_process(tmp_path, "backfill", "--concurrency", "50").returncode == 2
+
+
+def test_python_m_and_the_console_script_are_the_same_command(tmp_path: Path) -> None:
+    process = cli_process(tmp_path, "--help")
+    assert process.returncode == 0
+    assert "Exit codes: 0 ok" in process.stdout

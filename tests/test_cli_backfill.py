@@ -1,0 +1,241 @@
+"""`elaoms backfill` against a local stand-in of the ElevenLabs API.
+
+Several pages, a 429 in between, a concurrency limit, a date range, an interruption
+(SIGINT mid-run) and a second run that must store nothing new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from typer.testing import CliRunner
+
+from elaoms.cli import app
+from elaoms.config import Settings
+from elaoms.webhooks.storage import caller_dir_name
+
+from conftest import REPO_ROOT, base_env, transcription, wait_until
+from standins import AGENT_ID, ElevenLabsStandIn
+
+API_KEY = "xi-test-key"
+DAY = 86_400
+FIRST_START = 1763760000  # 2025-11-21 21:20 UTC, the fixture's call
+CALLERS = ["+14155550101", "+14155550102", "+14155550103"]
+runner = CliRunner()
+
+
+class Conversations(ElevenLabsStandIn):
+    """The shared ElevenLabs stand-in, plus what these tests observe: requests in flight,
+    one 429 on a chosen page, and a page that hangs until released."""
+
+    def __init__(self) -> None:
+        super().__init__(API_KEY)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cursors: list[str | None] = []  # every listing request, in order
+        self.fetched: list[str] = []  # every single-conversation request
+        self.throttle_cursor: str | None = None  # first request for it gets a 429
+        self.hold_cursor: str | None = None  # requests for it hang until `release`
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    async def _observed(self, handler: Any, request: Request) -> Response:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)  # long enough for concurrent requests to overlap
+            return await handler(request)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _conversations(self, request: Request) -> Response:
+        cursor = request.query_params.get("cursor")
+        self.cursors.append(cursor)
+        if cursor is not None and cursor == self.throttle_cursor:
+            self.throttle_cursor = None
+            return JSONResponse({"detail": "too_many_concurrent_requests"}, status_code=429)
+        if cursor is not None and cursor == self.hold_cursor:
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+        return await self._observed(super()._conversations, request)
+
+    async def _conversation(self, request: Request) -> Response:
+        self.fetched.append(request.path_params["conversation_id"])
+        return await self._observed(super()._conversation, request)
+
+
+def add_calls(api: Conversations) -> list[str]:
+    """Seven finished calls of three callers a day apart, newest first, one call still in
+    progress, and one call of another agent. Returns the finished ids of AGENT_ID."""
+    finished = []
+    for index in range(7):
+        conversation_id = f"conv_past_{index}"
+        data = transcription(conversation_id, CALLERS[index % 3])["data"]
+        data["metadata"]["start_time_unix_secs"] = FIRST_START - index * DAY
+        api.add_conversation(data)
+        finished.append(conversation_id)
+    ongoing = transcription("conv_ongoing", CALLERS[0])["data"]
+    ongoing["status"] = "processing"
+    ongoing["metadata"]["start_time_unix_secs"] = FIRST_START + 60
+    api.add_conversation(ongoing)
+    other = transcription("conv_other_agent", CALLERS[1])["data"]
+    other["agent_id"] = "agent_other"
+    api.add_conversation(other)
+    return finished
+
+
+@pytest.fixture
+def api() -> Iterator[Conversations]:
+    with Conversations() as server:
+        yield server
+        server.release.set()
+
+
+@pytest.fixture
+def env(tmp_path: Path, api: Conversations, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = base_env(
+        tmp_path / "data",
+        ELEVENLABS_API_KEY=API_KEY,
+        ELEVENLABS_API_BASE_URL=api.url,
+        LOG_LEVEL="WARNING",
+    )
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return values
+
+
+def backfill(*args: str) -> Result:
+    return runner.invoke(app, ["backfill", "--json", *args], catch_exceptions=False)
+
+
+def report_of(result: Result, exit_code: int = 0) -> dict[str, Any]:
+    assert result.exit_code == exit_code, result.output
+    return json.loads(result.stdout)
+
+
+def stored_file(settings: Settings, caller: str, conversation_id: str) -> Path:
+    return (
+        settings.webhook_storage_path
+        / caller_dir_name(caller)
+        / f"post_call_transcription__{conversation_id}.json"
+    )
+
+
+def test_backfill_stores_every_page_within_the_limit_and_a_second_run_stores_nothing(
+    api: Conversations, env: dict[str, str]
+) -> None:
+    finished = add_calls(api)
+    api.throttle_cursor = "3"  # the second page answers 429 first
+
+    report = report_of(backfill("--agent", AGENT_ID, "--page-size", "3", "--concurrency", "2"))
+
+    assert report["complete"] is True
+    assert report["stored"] == 7
+    assert report["unfinished"] == 1  # conv_ongoing waits for a later run
+    assert report["pages"] == 3
+    assert api.cursors.count("3") == 2  # retried after the 429
+    assert api.max_in_flight == 2
+    assert sorted(api.fetched) == sorted(finished)
+    settings = Settings(_env_file=None)
+    for index, conversation_id in enumerate(finished):
+        path = stored_file(settings, CALLERS[index % 3], conversation_id)
+        envelope = json.loads(path.read_text())
+        assert envelope["type"] == "post_call_transcription"
+        assert envelope["data"]["conversation_id"] == conversation_id
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not list(settings.pending_path.iterdir())  # all in the store, none waiting
+    assert not (settings.webhook_storage_path.parent / "backfill-state.json").exists()
+
+    # Stored "as if the webhook had arrived": the caller's profile was prepared too.
+    profile = runner.invoke(app, ["profile", CALLERS[0], "--json"])
+    assert json.loads(profile.stdout)["call_count"] == 3
+    assert json.loads(profile.stdout)["source"] == "prepared"
+
+    fetched_before = len(api.fetched)
+    again = report_of(backfill("--agent", AGENT_ID, "--page-size", "3"))
+    assert again["stored"] == 0
+    assert again["already_stored"] == 7
+    assert len(api.fetched) == fetched_before  # nothing fetched twice
+
+
+def test_backfill_takes_only_the_date_range(api: Conversations, env: dict[str, str]) -> None:
+    add_calls(api)
+    # conv_past_1 (2025-11-20) to conv_past_3 (2025-11-18)
+    report = report_of(backfill("--since", "2025-11-18", "--until", "2025-11-20"))
+    assert report["stored"] == 3
+    assert sorted(api.fetched) == ["conv_past_1", "conv_past_2", "conv_past_3"]
+    # Without --agent the other agent's call is listed too; it and conv_ongoing are outside
+    # the dates, like conv_past_0 and conv_past_4 to 6.
+    assert report["out_of_range"] == 6
+    calls = json.loads(runner.invoke(app, ["calls", "--json"]).stdout)
+    assert {row["conversation_id"] for row in calls} == set(api.fetched)
+
+
+def test_an_interrupted_backfill_resumes_where_it_stopped(
+    api: Conversations, env: dict[str, str], tmp_path: Path
+) -> None:
+    finished = add_calls(api)
+    api.hold_cursor = "2"  # the second page hangs: the operator presses Ctrl-C
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elaoms.cli", "backfill", "--agent", AGENT_ID, "--page-size", "2"],
+        cwd=tmp_path,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: "2" in api.cursors, timeout=30)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+
+    settings = Settings(_env_file=None)
+    state_path = settings.webhook_storage_path.parent / "backfill-state.json"
+    state = json.loads(state_path.read_text())
+    assert state["cursor"] == "2"
+    assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+    first_page = ["conv_past_0"]  # conv_ongoing is the other item on page one
+    assert stored_file(settings, CALLERS[0], "conv_past_0").exists()
+
+    api.release.set()
+    listed_before, fetched_before = len(api.cursors), len(api.fetched)
+    report = report_of(backfill("--agent", AGENT_ID, "--page-size", "2"))
+    assert report["resumed"] is True
+    assert report["complete"] is True
+    assert report["stored"] == len(finished) - len(first_page)
+    assert None not in api.cursors[listed_before:]  # page one was not listed again
+    assert not set(first_page) & set(api.fetched[fetched_before:])
+    assert not state_path.exists()
+
+    assert report_of(backfill("--agent", AGENT_ID, "--page-size", "2"))["stored"] == 0
+
+
+def test_a_wrong_api_key_fails_in_one_line(api: Conversations, env: dict[str, str]) -> None:
+    result = runner.invoke(
+        app, ["backfill"], env={"ELEVENLABS_API_KEY": "wrong"}, catch_exceptions=False
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ElevenLabs API: GET /v1/convai/conversations: HTTP 401")
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,265 @@
+"""POST /webhooks/client-data through a real server, with a local ElevenLabs API stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import WORKSPACE_SECRET, ServiceProcess, load_fixture, transcription
+from standins import (
+    ElevenLabsStandIn,
+    ask,
+    deliver,
+    deliver_and_wait,
+    first_message,
+)
+
+DEADLINE = 0.5  # CLIENT_DATA_TIMEOUT_MS's default
+
+MARIA_GREETING = (
+    "Hi Maria, welcome back to Brightside Dental. Last time we talked about: Cleaning "
+    "rescheduled; daughter needs visit. We noted a follow-up: Call back after 5 pm about an "
+    "appointment for daughter Sofia (sore tooth). How can I help today?"
+)
+
+
+@pytest.fixture(scope="module")
+def elevenlabs() -> Iterator[ElevenLabsStandIn]:
+    with ElevenLabsStandIn() as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, elevenlabs: ElevenLabsStandIn
+) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(
+        tmp_path_factory.mktemp("client-data"),
+        env={"ELEVENLABS_API_KEY": elevenlabs.api_key, "ELEVENLABS_API_BASE_URL": elevenlabs.url},
+    ).start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def client(server: ServiceProcess) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def call(conversation_id: str, caller: str, **changes: Any) -> dict[str, Any]:
+    """The fixture call with a new id and caller; `changes` replace `data` keys."""
+    payload = transcription(conversation_id, caller)
+    payload["data"].update(changes)
+    return payload
+
+
+def without_names(payload: dict[str, Any]) -> dict[str, Any]:
+    """The call with no name anywhere: no data-collection name, no self-introduction."""
+    data = payload["data"]
+    data["analysis"]["data_collection_results"].pop("caller_name")
+    data["transcript"] = [
+        {"role": "agent", "message": "Thanks for calling Brightside Dental, this is Ava."},
+        {"role": "user", "message": "Hi, I need to move my cleaning appointment."},
+    ]
+    return payload
+
+
+def test_requires_the_workspace_api_key(client: httpx.Client) -> None:
+    body = load_fixture("client_data_request")
+    assert client.post("/webhooks/client-data", json=body).status_code == 401
+    wrong = client.post("/webhooks/client-data", json=body, headers={"X-Api-Key": "nope"})
+    assert wrong.status_code == 401
+
+
+def test_first_time_caller_gets_every_variable_and_the_agents_own_greeting(
+    client: httpx.Client,
+) -> None:
+    answer, elapsed = ask(client, "+1 (415) 555-0101")
+    assert elapsed < DEADLINE
+    assert answer["dynamic_variables"] == {
+        "caller_id": "+14155550101",
+        "called_number": "+14155550199",
+        "call_sid": "CA0000000000000000000000000000test",
+        "user_context": "",
+        "caller_name": "there",  # the agent's own placeholder default
+        "call_count": 0,
+        "last_call_at": "",
+        "is_returning_caller": False,
+    }
+    assert "conversation_config_override" not in answer
+
+
+def test_withheld_numbers_are_first_time_callers(client: httpx.Client) -> None:
+    answer, _ = ask(client, None)
+    assert answer["dynamic_variables"]["caller_id"] == ""
+    assert answer["dynamic_variables"]["is_returning_caller"] is False
+    # Every "anonymous" caller shares that caller ID: none may hear another's greeting.
+    deliver(client, call("conv_anon_1", "anonymous"))
+    for _ in range(3):
+        answer, _ = ask(client, "anonymous")
+        assert answer["dynamic_variables"]["call_count"] == 0
+        assert first_message(answer) is None
+
+
+def test_returning_caller_is_greeted_by_name_with_the_last_call(client: httpx.Client) -> None:
+    caller = "+14155550102"
+    answer = deliver_and_wait(client, call("conv_ret_1", caller), caller)
+    assert first_message(answer) == MARIA_GREETING
+    variables = answer["dynamic_variables"]
+    assert variables["caller_name"] == "Maria Lopez"
+    assert variables["is_returning_caller"] is True
+    assert variables["call_count"] == 1
+    assert variables["last_call_at"] == "2025-11-21T21:20:00Z"
+    assert "Tuesday at 10 am with Dr. Chen" in variables["user_context"]
+    assert len(variables["user_context"]) <= 1000
+
+    # A second call: counted, and the greeting follows the newest call only.
+    second = call("conv_ret_2", caller)
+    second["data"]["metadata"]["start_time_unix_secs"] = 1764000000
+    second["data"]["analysis"].update(
+        call_summary_title="Insurance question answered",
+        transcript_summary="Maria asked whether her insurance covers whitening. It does not.",
+        data_collection_results={"caller_name": {"value": "Maria Lopez"}},
+    )
+    answer = deliver_and_wait(client, second, caller, calls=2)
+    assert first_message(answer) == (
+        "Hi Maria, welcome back to Brightside Dental. Last time we talked about: Insurance "
+        "question answered. How can I help today?"
+    )
+    assert answer["dynamic_variables"]["call_count"] == 2
+    assert answer["dynamic_variables"]["last_call_at"] == "2025-11-24T16:00:00Z"
+
+    answer, elapsed = ask(client, "(415) 555-0102")  # any spelling of the same number
+    assert elapsed < DEADLINE
+    assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
+
+
+@pytest.mark.parametrize("source", ["data_collection", "dynamic_variable", "transcript"])
+def test_the_name_is_learned_from_each_source(client: httpx.Client, source: str) -> None:
+    caller = {"data_collection": "+14155550111", "dynamic_variable": "+14155550112"}.get(
+        source, "+14155550113"
+    )
+    payload = without_names(call(f"conv_name_{source}", caller))
+    data = payload["data"]
+    if source == "data_collection":
+        data["analysis"]["data_collection_results"]["caller_name"] = {"value": "Priya Natarajan"}
+        expected = "Priya Natarajan"
+    elif source == "dynamic_variable":
+        variables = data["conversation_initiation_client_data"]["dynamic_variables"]
+        variables["system__caller_name"] = "Tom Becker"
+        expected = "Tom Becker"
+    else:
+        data["transcript"][1]["message"] = "Hi Ava, my name is Jonas Weber, I need a cleaning."
+        expected = "Jonas Weber"
+    answer = deliver_and_wait(client, payload, caller)
+    assert answer["dynamic_variables"]["caller_name"] == expected
+    assert first_message(answer).startswith(f"Hi {expected.split()[0]}, welcome back")
+
+
+def test_no_name_known_means_no_name_said(client: httpx.Client) -> None:
+    caller = "+14155550114"
+    answer = deliver_and_wait(client, without_names(call("conv_noname", caller)), caller)
+    assert answer["dynamic_variables"]["caller_name"] == "there"
+    assert first_message(answer).startswith("Welcome back to Brightside Dental. Last time")
+
+
+def test_the_greeting_elevenlabs_analysis_wrote_is_used_when_it_holds(
+    client: httpx.Client,
+) -> None:
+    written = "Hi Maria! Welcome back. Last time we moved your cleaning to Tuesday at 10 am."
+    payload = call("conv_dc_greeting", "+14155550121")
+    payload["data"]["analysis"]["data_collection_results"]["next_call_greeting"] = {
+        "value": written
+    }
+    answer = deliver_and_wait(client, payload, "+14155550121")
+    assert first_message(answer) == written
+
+    invented = "Hi Maria, your root canal with Dr. Smith is on Friday at 3 pm."
+    payload = call("conv_dc_invented", "+14155550122")
+    payload["data"]["analysis"]["data_collection_results"]["next_call_greeting"] = {
+        "value": invented
+    }
+    answer = deliver_and_wait(client, payload, "+14155550122")
+    assert first_message(answer) == MARIA_GREETING  # the template, not the invention
+
+
+def test_overrides_only_where_the_agent_allows_them(
+    client: httpx.Client, elevenlabs: ElevenLabsStandIn
+) -> None:
+    locked = "agent_locked_0001"
+    elevenlabs.add_agent(
+        locked,
+        **{
+            "platform_settings.overrides.conversation_config_override": {
+                "agent": {"first_message": False, "language": False},
+                "tts": {"voice_id": False},
+            }
+        },
+    )
+    answer = deliver_and_wait(
+        client, call("conv_locked", "+14155550131", agent_id=locked), "+14155550131"
+    )
+    assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
+    assert "conversation_config_override" not in answer
+
+    # The caller spoke Spanish last time: the language is switched (allowed), and the
+    # English template greeting is not forced on a Spanish voice.
+    spanish = call("conv_spanish", "+14155550132")
+    spanish["data"]["metadata"]["main_language"] = "es"
+    answer = deliver_and_wait(client, spanish, "+14155550132")
+    assert answer["conversation_config_override"] == {"agent": {"language": "es"}}
+
+    # The agent of another business does not say "welcome back" to this caller.
+    other = elevenlabs.add_agent("agent_other_0001")
+    answer, _ = ask(client, "+14155550102", other["agent_id"])
+    assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
+    assert first_message(answer) is None
+
+
+def test_every_placeholder_the_agent_declares_is_filled(
+    client: httpx.Client, elevenlabs: ElevenLabsStandIn
+) -> None:
+    agent = elevenlabs.add_agent(
+        "agent_vars_0001",
+        **{
+            "conversation_config.agent.dynamic_variables.dynamic_variable_placeholders": {
+                "user_context": "",
+                "caller_name": "friend",
+                "clinic_hours": "9 to 5",
+                "loyalty_tier": "standard",
+                "system__time": "ignored",
+            }
+        },
+    )
+    answer, elapsed = ask(client, "+14155550141", agent["agent_id"])
+    assert elapsed < DEADLINE
+    variables = answer["dynamic_variables"]
+    assert variables["clinic_hours"] == "9 to 5"
+    assert variables["loyalty_tier"] == "standard"
+    assert variables["caller_name"] == "friend"
+    assert "system__time" not in variables
+
+
+def test_unknown_agent_gets_the_default_answer(
+    client: httpx.Client, elevenlabs: ElevenLabsStandIn
+) -> None:
+    answer, elapsed = ask(client, "+14155550102", "agent_does_not_exist")
+    assert elapsed < DEADLINE
+    assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
+    assert "conversation_config_override" not in answer  # nothing is known to be allowed
+    ask(client, "+14155550102", "agent_does_not_exist")
+    # A missing agent is not asked for again on every call.
+    assert elevenlabs.agent_fetches("agent_does_not_exist") == 1
+
+
+def test_a_body_that_is_not_json_still_gets_a_valid_answer(client: httpx.Client) -> None:
+    response = client.post(
+        "/webhooks/client-data", content=b"caller=+1415", headers={"X-Api-Key": WORKSPACE_SECRET}
+    )
+    assert response.status_code == 200
+    assert response.json()["type"] == "conversation_initiation_client_data"
+    assert response.json()["dynamic_variables"]["is_returning_caller"] is False
