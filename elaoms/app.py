@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from elaoms import SERVICE_NAME, __version__
 from elaoms.admin.router import router as admin_router
@@ -57,6 +58,11 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
         lifespan=lifespan,
     )
     app.state.services = services
+
+    @app.exception_handler(UnicodeDecodeError)
+    async def undecodable_body(request: Request, error: UnicodeDecodeError) -> JSONResponse:
+        # FastAPI lets this escape as a 500 when a JSON body comes without a JSON content type.
+        return JSONResponse(status_code=400, content={"detail": "Body is not valid UTF-8 JSON"})
 
     @app.get("/", tags=["service"])
     async def root() -> dict[str, str]:

@@ -113,3 +113,38 @@ def _api_key_fuzz(service: ServiceProcess, path: str, body: Any, api_key: str | 
         assert response.status_code == 401, response.text
     else:
         assert response.status_code in {200, 400, 422}, response.text
+
+
+api_bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "query": json_values,
+            "user_id": json_values,
+            "caller_id": json_values,
+            "limit": st.integers() | json_values,
+            "agent_id": json_values,
+            "called_number": json_values,
+            "call_sid": json_values,
+        },
+    ),
+)
+api_keys = st.one_of(st.none(), st.text(max_size=40), st.just(WORKSPACE_SECRET))
+
+
+@FUZZ
+@given(body=api_bodies, api_key=api_keys)
+def test_search_data_never_answers_500(
+    service: ServiceProcess, body: Any, api_key: str | None
+) -> None:
+    _api_key_fuzz(service, "/webhooks/search-data", body, api_key)
+
+
+@FUZZ
+@given(body=api_bodies, api_key=api_keys)
+def test_client_data_never_answers_500(
+    service: ServiceProcess, body: Any, api_key: str | None
+) -> None:
+    _api_key_fuzz(service, "/webhooks/client-data", body, api_key)
