@@ -1,0 +1,115 @@
+"""Redis shared between replicas: delivery receipts, anomaly counts, and life without it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import WORKSPACE_SECRET, ServiceProcess, signed_headers, transcription, wait_until
+from standins import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def post(client: httpx.Client, payload: dict) -> httpx.Response:
+    body = json.dumps(payload).encode()
+    return client.post("/webhooks/post-call", content=body, headers=signed_headers(body))
+
+
+def replica(data_dir: Path, redis_url: str, **env: str) -> ServiceProcess:
+    return ServiceProcess(data_dir, env={"REDIS_URL": redis_url, **env}).start()
+
+
+def stored(database: Path) -> int:
+    with sqlite3.connect(database) as connection:
+        return connection.execute("SELECT count(*) FROM calls").fetchone()[0]
+
+
+def test_a_delivery_stored_by_one_replica_is_answered_by_another_without_a_write(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    first = replica(tmp_path / "a", redis_server.url)
+    second = replica(tmp_path / "b", redis_server.url)
+    payload = transcription("conv_shared_receipt", caller="+14155550801")
+    try:
+        with first.client() as client:
+            original = post(client, payload).json()
+        with second.client() as client:
+            replayed = post(client, payload).json()
+    finally:
+        first.stop()
+        second.stop()
+    assert original["status"] == "received"
+    assert replayed == {"status": "received", "memory_id": original["memory_id"]}
+    assert stored(tmp_path / "a" / "memory.sqlite3") == 1
+    assert stored(tmp_path / "b" / "memory.sqlite3") == 0
+
+
+def test_auth_failures_on_two_replicas_add_up_to_one_alert(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {"ANOMALY_FAILURE_THRESHOLD": "5", "ANOMALY_WINDOW_SECONDS": "600"}
+    replicas = [replica(tmp_path / name, redis_server.url, **env) for name in ("a", "b")]
+    try:
+        for server in replicas:  # 3 + 3 failures: neither replica alone passes 5
+            with server.client() as client:
+                for _ in range(3):
+                    response = client.post(
+                        "/webhooks/search-data", json={"query": "x"}, headers={"X-Api-Key": "no"}
+                    )
+                    assert response.status_code == 401
+        wait_until(lambda: any("ALERT auth_failures" in s.logs() for s in replicas))
+    finally:
+        for server in replicas:
+            server.stop()
+    assert sum(server.logs().count("ALERT auth_failures") for server in replicas) == 1
+
+
+def test_the_service_keeps_answering_when_redis_goes_away_and_recovers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    server = replica(tmp_path / "svc", redis_server.url)
+    headers = {"X-Api-Key": WORKSPACE_SECRET}
+    try:
+        with server.client() as client:
+            assert post(client, transcription("conv_r1", caller="+14155550802")).status_code == 200
+            redis_server.stop()
+            for index in range(3):
+                response = post(client, transcription(f"conv_r2_{index}", caller="+14155550802"))
+                assert response.json()["status"] == "received"
+                answer = client.post(
+                    "/webhooks/client-data", json={"caller_id": "+14155550802"}, headers=headers
+                )
+                assert answer.status_code == 200
+                assert answer.json()["type"] == "conversation_initiation_client_data"
+                found = client.post(
+                    "/webhooks/search-data",
+                    json={"query": "cleaning Tuesday", "user_id": "+14155550802"},
+                    headers=headers,
+                )
+                assert found.status_code == 200 and found.json()["memories_found"] >= 1
+            assert server.logs().count("redis unavailable") == 1, "log once, not per request"
+
+            redis_server.start()  # same port: the service finds it again
+
+            attempts = iter(range(100))
+
+            def recovered() -> bool:
+                conversation_id = f"conv_r3_{next(attempts)}"  # new: not answered from memory
+                post(client, transcription(conversation_id, caller="+14155550802"))
+                return "redis is back" in server.logs()
+
+            wait_until(recovered, timeout=20, interval=0.5)
+    finally:
+        server.stop()
+    assert stored(tmp_path / "svc" / "memory.sqlite3") >= 5
