@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from elaoms import SERVICE_NAME, __version__
 from elaoms.admin.router import router as admin_router
-from elaoms.config import Settings, get_settings
+from elaoms.config import HMAC_PLACEHOLDER_PREFIX, Settings, get_settings
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
 from elaoms.operations.maintenance import run_maintenance
@@ -89,6 +89,12 @@ def _warn_about_configuration(settings: Settings) -> None:
     if not settings.elevenlabs_post_call_hmac_key:
         logger.warning(
             "ELEVENLABS_POST_CALL_HMAC_KEY is not set: every post-call webhook will get 401"
+        )
+    elif settings.elevenlabs_post_call_hmac_key.startswith(HMAC_PLACEHOLDER_PREFIX):
+        logger.warning(
+            "ELEVENLABS_POST_CALL_HMAC_KEY is still the placeholder `elaoms setup` wrote: "
+            "paste the secret ElevenLabs shows for the post-call webhook, or every delivery "
+            "from ElevenLabs will get 401"
         )
     if not settings.elevenlabs_client_data_workspace_secret:
         if settings.allow_unauthenticated_webhooks:

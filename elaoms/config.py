@@ -13,6 +13,9 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# What `elaoms setup` writes until the operator pastes the secret ElevenLabs shows.
+HMAC_PLACEHOLDER_PREFIX = "replace-me-with-the-elevenlabs-webhook-secret-"
+
 
 class MemoryBackend(StrEnum):
     SQLITE = "sqlite"

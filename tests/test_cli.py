@@ -29,6 +29,7 @@ from conftest import (
     REPO_ROOT,
     WORKSPACE_SECRET,
     InThreadServer,
+    ServiceProcess,
     base_env,
     free_port,
     load_fixture,
@@ -143,6 +144,24 @@ def test_setup_writes_a_private_env_with_secrets_and_never_overwrites_it(tmp_pat
     forced = elaoms("setup", "--non-interactive", "--force", "--path", str(env_file))
     assert forced.exit_code == 0
     assert secret not in env_file.read_text()
+
+
+@pytest.mark.filterwarnings("ignore::getpass.GetPassWarning")  # no terminal under the runner
+def test_setup_asks_when_interactive(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    answers = "openmemory\nhttp://om:8080\nom-key\nxi-key\nwsec_from_elevenlabs\ny\n"
+    answers += "https://memory.example.com\n"
+    result = elaoms("setup", "--interactive", "--path", str(env_file), input=answers)
+    assert result.exit_code == 0, result.output
+    settings = Settings(_env_file=env_file)
+    assert settings.memory_backend == "openmemory"
+    assert settings.openmemory_url == "http://om:8080"
+    assert settings.openmemory_api_key == "om-key"
+    assert settings.elevenlabs_api_key == "xi-key"
+    assert settings.elevenlabs_post_call_hmac_key == "wsec_from_elevenlabs"
+    assert len(settings.admin_api_key) >= 40
+    assert "POST https://memory.example.com/webhooks/post-call" in result.stdout
+    assert "placeholder" not in result.stdout
 
 
 def test_the_service_starts_on_what_setup_wrote(tmp_path: Path) -> None:
@@ -339,3 +358,46 @@ def test_python_m_and_the_console_script_are_the_same_command(tmp_path: Path) ->
     process = cli_process(tmp_path, "--help")
     assert process.returncode == 0
     assert "Exit codes: 0 ok" in process.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "usage"),
+    [
+        ("store_conversations.py", "elaoms backfill"),
+        ("show_user_profile.py", "elaoms profile"),
+        ("build_comprehensive_user_profile.py", "elaoms profile"),
+        ("view_stored_conversations.py", "elaoms calls"),
+    ],
+)
+def test_the_seed_scripts_are_the_commands(tmp_path: Path, script: str, usage: str) -> None:
+    process = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / script), "--help"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 0, process.stderr
+    assert f"Usage: {usage}" in process.stdout
+
+
+def test_the_seed_setup_script_writes_the_env(tmp_path: Path) -> None:
+    target = tmp_path / ".env"
+    process = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "setup.sh"), "--non-interactive", "--path", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stderr
+    assert "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET=" in target.read_text()
+
+
+def test_serve_runs_the_service(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "elaoms.cli", "serve", "--host", "127.0.0.1"]
+    server = ServiceProcess(tmp_path, command=[*command, "--port", "{port}"]).start()
+    try:
+        with server.client() as client:
+            assert client.get("/").json()["status"] == "running"
+    finally:
+        server.stop()

@@ -239,3 +239,16 @@ def test_a_wrong_api_key_fails_in_one_line(api: Conversations, env: dict[str, st
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ElevenLabs API: GET /v1/convai/conversations: HTTP 401")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_caller_with_many_calls_on_one_page_gets_a_profile_of_all_of_them(
+    api: Conversations, env: dict[str, str]
+) -> None:
+    for index in range(6):
+        data = transcription(f"conv_many_{index}", CALLERS[0])["data"]
+        data["metadata"]["start_time_unix_secs"] = FIRST_START - index * DAY
+        api.add_conversation(data)
+    assert report_of(backfill("--concurrency", "6"))["stored"] == 6
+    profile = json.loads(runner.invoke(app, ["profile", CALLERS[0], "--json"]).stdout)
+    assert profile["call_count"] == 6
+    assert profile["first_call_at"] == FIRST_START - 5 * DAY

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ def server(fresh_standin: StandIn) -> StandIn:
 
 
 @pytest.fixture
-def store(server: StandIn, tmp_path: Path, run: Run[Any]) -> OpenMemoryStore:
+def store(server: StandIn, tmp_path: Path, run: Run[Any]) -> Iterator[OpenMemoryStore]:
     backend = openmemory_store(server, tmp_path)
-    yield backend  # type: ignore[misc]
+    yield backend
     run(backend.close())
 
 

@@ -278,3 +278,37 @@ def test_source_ip_allowlist_and_trusted_proxy_header(settings_factory) -> None:
             headers={**signed_headers(body), "X-Forwarded-For": "10.1.2.3, 127.0.0.1"},
         )
         assert accepted.status_code == 200
+
+
+def test_elaoms_purge_applies_retention_from_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, base_env
+
+    data = tmp_path / "data"
+    env = {**os.environ, **base_env(data), "PYTHONPATH": str(REPO_ROOT)}
+    storage_dir = data / "webhooks" / caller_dir_name("+14155550706")
+    old = storage_dir / "post_call_transcription__conv_ancient.json"
+    fresh = storage_dir / "post_call_transcription__conv_recent.json"
+    storage_dir.mkdir(parents=True)
+    for path in (old, fresh):
+        path.write_text("{}")
+    long_ago = time.time() - 40 * 86400
+    os.utime(old, (long_ago, long_ago))
+
+    command = [sys.executable, "-m", "elaoms.cli", "purge", "--days", "30", "--json"]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"files": 1, "bytes": 2, "unclaimed_audio": 0}
+    assert not old.exists() and fresh.exists()
+
+
+def test_the_setup_placeholder_hmac_key_is_flagged_at_start_up(tmp_path: Path) -> None:
+    from elaoms.config import HMAC_PLACEHOLDER_PREFIX
+
+    env = {"ELEVENLABS_POST_CALL_HMAC_KEY": HMAC_PLACEHOLDER_PREFIX + "abc123"}
+    server = ServiceProcess(tmp_path, env=env).start()
+    server.stop()
+    assert "still the placeholder" in server.logs()

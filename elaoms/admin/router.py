@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 ADMIN_KEY_HEADER = "X-Admin-Key"
 
 
-def require_admin_key(
+# async: the failure monitor schedules its shared count on the running loop.
+async def require_admin_key(
     request: Request,
     settings: Annotated[Settings, Depends(get_app_settings)],
     x_admin_key: Annotated[str | None, Header(alias=ADMIN_KEY_HEADER)] = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from elaoms.cli import backfill, callers, calls, serve, setup
+from elaoms.cli import backfill, callers, calls, maintenance, serve, setup
 from elaoms.cli.runtime import EXIT_CODES_HELP, ElaomsGroup
 
 app = typer.Typer(
@@ -30,5 +30,6 @@ app.command("search")(callers.search)
 app.command("first-message")(callers.first_message)
 app.command("forget")(callers.forget)
 app.command("export")(callers.export)
+app.command("purge")(maintenance.purge)
 
 __all__ = ["app"]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elaoms.cli.runtime import (
@@ -38,9 +40,13 @@ from elaoms.cli.runtime import (
 from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.files import atomic_write
+from elaoms.phone import mask
+from elaoms.webhooks.identity import extract_user_id
 
 if TYPE_CHECKING:
     from elaoms.services import Services
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Post-call webhooks only fire for conversations that ended; the others are picked up by a
@@ -168,6 +174,34 @@ async def backfill(
 ) -> BackfillReport:
     """Store every finished conversation the filters select. Stops at the first page with a
     failed conversation, leaving the state file to resume from there."""
+    callers: set[str] = set()
+    report = await _backfill_pages(services, source, options, progress, callers)
+    await _settle_profiles(services, callers)
+    return report
+
+
+async def _settle_profiles(services: Services, callers: set[str]) -> None:
+    """Prepare each touched caller's profile once more, after every hook of the run.
+
+    Webhooks of one caller never arrive together, but a backfill stores several of their
+    calls at once, and each call's hook rebuilds the profile from the calls it sees: the
+    last hook to write may have seen fewer calls than are stored.
+    """
+    await services.ingest.drain()
+    for user_id in sorted(callers):
+        try:
+            await services.personalization.prepare_caller(user_id)
+        except Exception as error:  # the next call of this caller prepares it again
+            logger.warning("profile of %s not refreshed: %s", mask(user_id), error)
+
+
+async def _backfill_pages(
+    services: Services,
+    source: ConversationSource,
+    options: BackfillOptions,
+    progress: BackfillProgress | None,
+    callers: set[str],
+) -> BackfillReport:
     settings = services.settings
     state, resumed = BackfillState.load(
         options.state_path, options.filters(), restart=options.restart
@@ -176,7 +210,9 @@ async def backfill(
     api = _Limited(source, options.concurrency)
 
     async def one(conversation_id: str) -> None:
-        outcome, error = await _backfill_one(services, api, conversation_id)
+        outcome, error, user_id = await _backfill_one(services, api, conversation_id)
+        if user_id and outcome == "stored":
+            callers.add(user_id)
         if outcome == "failed":
             report.failed[conversation_id] = error or "unknown error"
         else:
@@ -248,19 +284,22 @@ def _select(
 
 async def _backfill_one(
     services: Services, api: _Limited, conversation_id: str
-) -> tuple[str, str | None]:
-    """(outcome, error): outcome is a BackfillReport counter name, or "failed"."""
+) -> tuple[str, str | None, str | None]:
+    """(outcome, error, caller): outcome is a BackfillReport counter name, or "failed"."""
     try:
         if await services.store.get_call(conversation_id) is not None:
-            return "already_stored", None
+            return "already_stored", None, None
         data = await api.get_conversation(conversation_id)
         acknowledgement = await services.ingest.receive(envelope_of(data))
     except ElevenLabsError as failure:
-        return ("gone", None) if failure.status_code == 404 else ("failed", str(failure))
+        if failure.status_code == 404:
+            return "gone", None, None
+        return "failed", str(failure), None
     except Exception as failure:  # one bad conversation must not stop the others
-        return "failed", f"{type(failure).__name__}: {failure}"
+        return "failed", f"{type(failure).__name__}: {failure}", None
     statuses = {"received": "stored", "queued": "queued"}
-    return statuses.get(acknowledgement.status, "quarantined"), None
+    outcome = statuses.get(acknowledgement.status, "quarantined")
+    return outcome, None, extract_user_id(data) or conversation_id
 
 
 def envelope_of(data: dict[str, Any]) -> bytes:
@@ -303,7 +342,9 @@ def backfill_command(
     page_size: Annotated[int, typer.Option(min=1, max=100)] = 100,
     state_file: Annotated[
         Path | None,
-        typer.Option(help="Resume file [default: data/backfill-state.json next to SQLITE_PATH]."),
+        typer.Option(
+            help="Resume file [default: backfill-state.json beside WEBHOOK_STORAGE_PATH]."
+        ),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Ignore a saved position; start over.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
@@ -353,7 +394,7 @@ def backfill_command(
 
 def _print_report(report: BackfillReport, options: BackfillOptions) -> None:
     if report.resumed:
-        console.print(f"resumed from {options.state_path}")
+        console.print(f"resumed from {escape(str(options.state_path))}")
     console.print(
         f"[green]{report.stored} new[/], {report.already_stored} already stored, "
         f"{report.queued} queued, {report.quarantined} quarantined "
@@ -361,9 +402,9 @@ def _print_report(report: BackfillReport, options: BackfillOptions) -> None:
         f"out, {report.unfinished} still in progress, {report.gone} gone)"
     )
     for conversation_id, error in list(report.failed.items())[:5]:
-        err_console.print(f"[red]failed[/] {conversation_id}: {error}")
+        err_console.print(f"[red]failed[/] {escape(conversation_id)}: {escape(error)}")
     if not report.complete:
         err_console.print(
-            f"[yellow]incomplete ({report.error}): run `elaoms backfill` again to resume "
-            f"from {options.state_path}[/]"
+            f"[yellow]incomplete ({escape(str(report.error))}): run `elaoms backfill` again "
+            f"to resume from {escape(str(options.state_path))}[/]"
         )

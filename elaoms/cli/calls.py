@@ -55,12 +55,16 @@ def calls(
     if not rows:
         console.print("no stored calls match")
         return
-    table = Table(show_lines=False)
-    for column in ("started", "conversation", "caller", "agent", "secs", "title"):
-        table.add_column(column, overflow="fold")
+    table = Table()
+    # Identifiers are copied into other commands: never broken across lines.
+    for column in ("started (UTC)", "conversation", "caller"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("agent", overflow="fold", max_width=24)
+    table.add_column("secs", justify="right", no_wrap=True)
+    table.add_column("title", overflow="fold")
     for row in rows:
         cells = (
-            format_time(row["started_at"]),
+            format_time(row["started_at"]).removesuffix(" UTC"),
             row["conversation_id"],
             row["user_id"],
             row["agent_name"] or row["agent_id"] or "-",

@@ -21,6 +21,7 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from elaoms.config import Settings
@@ -95,7 +96,7 @@ class ElaomsGroup(TyperGroup):
             message = describe_error(error)
             if message is None:
                 raise
-            err_console.print(f"[red]error:[/] {message}", markup=True)
+            err_console.print(f"[red]error:[/] {escape(message)}")
             raise typer.Exit(getattr(error, "exit_code", EXIT_FAILURE)) from None
 
 

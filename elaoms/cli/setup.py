@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from dotenv import dotenv_values
+from rich.markup import escape
 
 from elaoms.cli.runtime import console, err_console, print_json, write_private
-from elaoms.config import MemoryBackend, Settings
+from elaoms.config import HMAC_PLACEHOLDER_PREFIX, MemoryBackend, Settings
 
 # ElevenLabs generates the post-call HMAC secret itself (shown once, when the webhook is
 # created). Until it is pasted, this placeholder lets the service start; every real
 # delivery then gets 401, which says exactly what is wrong.
-PLACEHOLDER_PREFIX = "replace-me-with-the-elevenlabs-webhook-secret-"
+PLACEHOLDER_PREFIX = HMAC_PLACEHOLDER_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +97,13 @@ def is_placeholder(hmac_key: str) -> bool:
 
 def setup(
     path: Annotated[Path, typer.Option("--path", help="Where to write the file.")] = Path(".env"),
-    non_interactive: Annotated[
-        bool, typer.Option("--non-interactive", help="Ask nothing; use defaults.")
-    ] = False,
+    interactive: Annotated[
+        bool | None,
+        typer.Option(
+            "--interactive/--non-interactive",
+            help="Ask for the choices, or use defaults [default: ask when on a terminal].",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     public_url: Annotated[
         str | None,
@@ -108,25 +114,28 @@ def setup(
     """Write .env with generated secrets and print the URLs and headers for ElevenLabs.
 
     An existing file is never replaced without --force, so `make run` can call this every
-    time. Interactive when the terminal is, unless --non-interactive.
+    time.
     """
     written = False
     if path.exists() and not force:
         if not json_output:
-            err_console.print(f"{path} exists, kept as it is (--force replaces it).")
+            err_console.print(f"{escape(str(path))} exists, kept as it is (--force replaces it).")
     else:
-        interactive = not non_interactive and sys.stdin.isatty()
+        if interactive is None:
+            interactive = sys.stdin.isatty()
         choices = _ask() if interactive else EnvChoices()
         write_private(path, render_env(choices).encode(), replace=force)
         written = True
     settings = Settings(**_lower_keys(dotenv_values(path)))
     url = public_url or f"http://localhost:{settings.port}"
+    if written and interactive and public_url is None:
+        url = click.prompt("Public URL ElevenLabs reaches this service at", default=url)
     endpoints = webhook_endpoints(settings, url)
     if json_output:
         print_json({"env_file": str(path), "written": written, "endpoints": endpoints})
         return
     if written:
-        console.print(f"[green]wrote {path}[/] (mode 0600)")
+        console.print(f"[green]wrote {escape(str(path))}[/] (mode 0600)")
     _print_endpoints(endpoints, settings)
 
 
@@ -137,31 +146,31 @@ def _lower_keys(values: dict[str, str | None]) -> dict[str, str]:
 
 def _ask() -> EnvChoices:
     backend = MemoryBackend(
-        typer.prompt(
+        click.prompt(
             "Memory backend (sqlite, openmemory)",
             default=MemoryBackend.SQLITE.value,
-            type=typer.Choice([item.value for item in MemoryBackend]),
+            type=click.Choice([item.value for item in MemoryBackend]),
         )
     )
     openmemory_url, openmemory_key = "http://localhost:8080", ""
     if backend is MemoryBackend.OPENMEMORY:
-        openmemory_url = typer.prompt("OpenMemory URL", default=openmemory_url)
-        openmemory_key = typer.prompt(
+        openmemory_url = click.prompt("OpenMemory URL", default=openmemory_url)
+        openmemory_key = click.prompt(
             "OpenMemory API key", default="", show_default=False, hide_input=True
         )
-    api_key = typer.prompt(
+    api_key = click.prompt(
         "ElevenLabs API key (for backfill and agent profiles; Enter to skip)",
         default="",
         show_default=False,
         hide_input=True,
     )
-    hmac_key = typer.prompt(
+    hmac_key = click.prompt(
         "Post-call webhook secret from ElevenLabs (Enter to paste it later)",
         default="",
         show_default=False,
         hide_input=True,
     )
-    admin = typer.confirm("Enable the admin endpoints for forget/export?", default=False)
+    admin = click.confirm("Enable the admin endpoints for forget/export?", default=False)
     return EnvChoices(
         memory_backend=backend,
         openmemory_url=openmemory_url,
@@ -179,7 +188,7 @@ def _print_endpoints(endpoints: dict[str, Any], settings: Settings) -> None:
         endpoints["search_data"],
     )
     console.print("\n[bold]Configure ElevenLabs with:[/]")
-    console.print(f"1. Post-call webhook   POST {post_call['url']}")
+    console.print(f"1. Post-call webhook   POST {escape(post_call['url'])}")
     console.print(
         "   ElevenLabs shows its HMAC secret once: put it in ELEVENLABS_POST_CALL_HMAC_KEY."
     )
@@ -188,10 +197,10 @@ def _print_endpoints(endpoints: dict[str, Any], settings: Settings) -> None:
             "   [yellow]ELEVENLABS_POST_CALL_HMAC_KEY is a placeholder: post-call deliveries "
             "get 401 until you replace it with the secret ElevenLabs shows.[/]"
         )
-    console.print(f"2. Client-data webhook POST {client_data['url']}")
-    console.print(f"   header X-Api-Key: {client_data['headers']['X-Api-Key']}")
-    console.print(f"3. Search tool         POST {search['url']}")
-    console.print(f"   header X-Api-Key: {search['headers']['X-Api-Key']}")
+    console.print(f"2. Client-data webhook POST {escape(client_data['url'])}")
+    console.print(f"   header X-Api-Key: {escape(client_data['headers']['X-Api-Key'])}")
+    console.print(f"3. Search tool         POST {escape(search['url'])}")
+    console.print(f"   header X-Api-Key: {escape(search['headers']['X-Api-Key'])}")
     console.print(
         "   body: query (LLM), user_id (dynamic variable system__caller_id), limit (constant 5)"
     )

@@ -58,6 +58,7 @@ from elaoms.memory.base import (
 from elaoms.memory.sqlite import AGENT_PROFILE, SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.metrics import FOREIGN_MEMORIES_DROPPED
 from elaoms.phone import mask
 from elaoms.search.ranking import CallerIndex
 
@@ -552,6 +553,7 @@ class OpenMemoryStore(MemoryStore):
                     items.append(item)
                 else:
                     self.foreign_memories_dropped += 1
+                    FOREIGN_MEMORIES_DROPPED.inc()
                     logger.warning(
                         "OpenMemory returned a memory of %s when asked for %s's; dropped",
                         mask(_owner(item) if isinstance(item, dict) else None),

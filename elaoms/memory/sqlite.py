@@ -113,6 +113,8 @@ class SQLiteStore(MemoryStore):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten, so a forgotten caller is gone from the file too.
+            connection.execute("PRAGMA secure_delete=ON")
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, HTTPException, Request, status
 
 from elaoms.dependencies import get_services
 from elaoms.memory.base import StoreUnavailableError
+from elaoms.operations.metrics import STORE_ERRORS
+from elaoms.phone import mask
 from elaoms.search.schemas import MemoryOut, SearchRequest, SearchResponse
 from elaoms.search.service import CallerConflictError, SearchService, resolve_caller
 from elaoms.security import WorkspaceAuth
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
@@ -38,7 +43,6 @@ def _search_service(request: Request) -> SearchService:
         400: {"description": "No query, no caller, or two different callers"},
         401: {"description": "Missing or wrong X-Api-Key, or no secret configured"},
         422: {"description": "limit outside 1..50, or a malformed body"},
-        503: {"description": "The memory store failed"},
     },
 )
 async def search_data(
@@ -66,10 +70,12 @@ async def search_data(
         )
     try:
         result = await _search_service(request).search(caller, query, body.limit)
-    except StoreUnavailableError:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail="Memory store unavailable"
-        ) from None
+    except StoreUnavailableError as error:
+        # The agent is mid-sentence: an empty answer lets the call go on; operators get
+        # the log line and elaoms_store_errors_total.
+        STORE_ERRORS.labels("search").inc()
+        logger.warning("search for %s answered empty: store unavailable (%s)", mask(caller), error)
+        return SearchResponse(memories_found=0, context="", memories=[])
     return SearchResponse(
         memories_found=len(result.memories),
         context=result.context,

@@ -1,0 +1,1005 @@
+"""Load benchmark: the service under load, side by side with the floor, in one run.
+
+Seeds a store with N callers x M calls (synthetic transcripts of 10 to 40 turns built from
+`--seed`, so runs are repeatable) through the project's own ingestion code, starts the
+service with the production command on loopback, and drives it with `wrk` at a fixed
+concurrency: client-data for known and unknown callers, search for known callers, signed
+post-call deliveries. The same client, at the same concurrency, then drives a bare FastAPI
+endpoint answering a constant JSON (`bench/floor_app.py`) under the same command: the
+floor. Prints requests per second, p50/p90/p99/max latency, errors, and the server
+worker's peak memory, with the ratios to the floor. Run by hand (needs `wrk`:
+`apt-get install wrk`):
+
+    .venv/bin/python bench/load.py                         # 10,000 callers x 10 calls
+    .venv/bin/python bench/load.py --callers 100 --calls 10
+    .venv/bin/python bench/load.py --scale                 # 1,000 then 100,000 stored calls
+
+Seeded stores are cached (`--cache-dir`) and copied into a fresh temporary directory for
+every run, so a run never sees another run's post-call deliveries. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from elaoms.config import Settings  # noqa: E402
+from elaoms.phone import normalize_caller_id  # noqa: E402
+from elaoms.services import Services  # noqa: E402
+from elaoms.webhooks.signature import sign  # noqa: E402
+
+FIXTURES = Path(
+    os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared")
+) / "fixtures" / "elevenlabs"
+HMAC_KEY = "wsec_bench_hmac_key_0123456789abcdef"
+API_KEY = "bench-workspace-secret-0123456789"
+SEED_FORMAT = 1  # bump when the synthetic data changes, so cached stores are rebuilt
+START = 1_704_067_200  # 2024-01-01T00:00:00Z: the first seeded call
+
+# --------------------------------------------------------------------------------------
+# Synthetic, deterministic calls to a dental front desk (the shared fixture's agent)
+# --------------------------------------------------------------------------------------
+FIRST = (
+    "Maria James Aisha Tom Priya Chen Lucas Emma Omar Sofia Daniel Grace Ivan Fatima Noah "
+    "Hannah Mateo Yuki Samuel Olivia Kwame Elena Ravi Chloe Diego Nina Pedro Laura Ahmed Zoe"
+).split()
+LAST = (
+    "Lopez Smith Khan Nguyen Patel Garcia Kim Brown Rossi Silva Cohen Okafor Muller Tanaka "
+    "Novak Haddad Jensen Moreau Singh Walker Costa Ibrahim Schmidt Park Fischer Reyes"
+).split()
+RELATIONS = "daughter son husband wife mother father grandson granddaughter partner".split()
+KIDS = "Sofia Leo Mia Ben Ava Sam Lily Max Ella Jack Ruby Theo Isla Finn".split()
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday".split()
+TIMES = "8 am|9 am|10 am|11:30|noon|1 pm|2:15|3 pm|4:30|5 pm".split("|")
+DOCTORS = "Dr. Chen|Dr. Alvarez|Dr. Osei|Dr. Brennan|Dr. Kaur".split("|")
+INSURERS = "Delta Dental|Cigna|MetLife|Aetna|Guardian|Humana".split("|")
+MONTHS = "January February March April May June July August September October".split()
+
+# topic: (title, caller lines, agent lines); {slots} are filled per call
+TOPICS: dict[str, tuple[str, list[str], list[str]]] = {
+    "reschedule": (
+        "Appointment moved",
+        [
+            "I need to move my {what} appointment, the one on {day}.",
+            "Something came up at work, can we do {day2} instead?",
+            "{time2} works for me, as long as it is with {doctor}.",
+            "Could you send me a text reminder the day before?",
+        ],
+        [
+            "Of course. I can see an opening on {day2} at {time2} with {doctor}.",
+            "Done: your {what} is now {day2} at {time2}.",
+            "I have cancelled the {day} slot so you will not be charged.",
+            "Yes, a reminder goes out the evening before.",
+        ],
+    ),
+    "toothache": (
+        "Toothache, urgent visit",
+        [
+            "My {relation} {kid} has a sore tooth since {day}, it is getting worse.",
+            "It hurts when {kid} drinks something cold, and the gum looks swollen.",
+            "Can {kid} be seen today? We can come right after school.",
+            "Should I give {kid} something for the pain until then?",
+        ],
+        [
+            "I'm sorry to hear that. {doctor} keeps an emergency slot at {time}.",
+            "Children's ibuprofen is fine; please avoid very cold or sweet drinks.",
+            "I booked {kid} for {day2} at {time2} with {doctor}.",
+            "If the swelling spreads to the cheek, please go to urgent care.",
+        ],
+    ),
+    "billing": (
+        "Question about a bill",
+        [
+            "I got a bill for {amount} dollars and I thought insurance covered it.",
+            "The statement says the x-ray from {month} was not covered.",
+            "Can I pay it in two parts? {amount} is a lot this month.",
+            "Please email me the itemized invoice.",
+        ],
+        [
+            "Let me check. The claim for {month} was partly declined by {insurer}.",
+            "We can split it: half now, half in {month2}, no fee.",
+            "I've resubmitted the x-ray claim to {insurer} with the right code.",
+            "The itemized invoice is on its way to your email.",
+        ],
+    ),
+    "insurance": (
+        "Insurance change",
+        [
+            "I changed jobs and my new insurance is {insurer}.",
+            "My member number starts with {code}; do you take that plan?",
+            "Will my cleaning in {month} still be covered?",
+        ],
+        [
+            "Yes, we are in network with {insurer}.",
+            "I updated your file; cleanings are covered twice a year on that plan.",
+            "Please bring the card to your next visit so we can scan it.",
+        ],
+    ),
+    "new_patient": (
+        "New patient registration",
+        [
+            "I just moved to the area and I'm looking for a new dentist.",
+            "My last check-up was in {month}, at my old practice in {city}.",
+            "Do you see children too? My {relation} {kid} would need a check-up.",
+        ],
+        [
+            "Welcome! I can register you and {kid} together.",
+            "We'll ask {city} to send your records and x-rays over.",
+            "The first visit is a full exam with {doctor}, about an hour.",
+        ],
+    ),
+    "refill": (
+        "Prescription refill",
+        [
+            "{doctor} prescribed a mouth rinse after my surgery and I'm almost out.",
+            "It's the chlorhexidine one. My pharmacy is on {street} Street.",
+            "Also the stitches feel a bit loose, is that normal?",
+        ],
+        [
+            "I'll ask {doctor} to approve the refill today.",
+            "Loose stitches in the second week are normal; they dissolve on their own.",
+            "The refill will be sent to the pharmacy on {street} Street.",
+        ],
+    ),
+    "braces": (
+        "Braces consultation",
+        [
+            "We're thinking about braces for my {relation} {kid}, who is twelve.",
+            "How much does it cost, roughly, and does {insurer} pay part of it?",
+            "Are the clear aligners an option instead of metal braces?",
+        ],
+        [
+            "{doctor} does a free orthodontic consultation, about thirty minutes.",
+            "Treatment usually runs {amount}0 dollars; {insurer} often covers a share.",
+            "Aligners are an option for many teens; {doctor} will check at the visit.",
+        ],
+    ),
+    "whitening": (
+        "Whitening price",
+        [
+            "What do you charge for teeth whitening?",
+            "Is the in-office one better than the take-home trays?",
+            "My wedding is in {month2}, is there enough time?",
+        ],
+        [
+            "In-office whitening is {amount}0 dollars, trays are less.",
+            "In-office is faster; trays take about two weeks.",
+            "Congratulations! {month2} leaves plenty of time.",
+        ],
+    ),
+    "cancel": (
+        "Cancellation",
+        [
+            "I have to cancel my appointment on {day}, I have the flu.",
+            "I'll call back when I'm better to book again.",
+        ],
+        [
+            "No problem, I hope you feel better soon. The {day} visit is cancelled.",
+            "There's no late-cancellation fee when you're ill.",
+        ],
+    ),
+    "results": (
+        "X-ray results",
+        [
+            "I'm calling about the x-rays {doctor} took on {day}.",
+            "Was there a cavity? {doctor} mentioned a shadow on a molar.",
+            "If I need a filling, can it be done before {month2}?",
+        ],
+        [
+            "{doctor} reviewed them: one small cavity on the lower left molar.",
+            "A filling takes about forty minutes; {day2} at {time2} is free.",
+            "I've noted that you prefer afternoon appointments.",
+        ],
+    ),
+}
+CLOSINGS_CALLER = [
+    "Great, thank you so much.",
+    "Perfect, and please call me after {time}, I'm at work until then.",
+    "Thanks, that's all for today.",
+]
+CLOSINGS_AGENT = ["Have a great day, {first}!", "You're welcome, {first}. Take care!"]
+SEARCH_WORDS = {
+    "reschedule": ["move appointment {day}", "reminder text", "{doctor} appointment"],
+    "toothache": ["{kid} sore tooth", "pain swollen gum", "emergency slot {kid}"],
+    "billing": ["bill insurance x-ray", "pay in two parts", "itemized invoice"],
+    "insurance": ["new insurance {insurer}", "member number plan", "cleaning covered"],
+    "new_patient": ["records old dentist {city}", "new patient check-up", "{kid} check-up"],
+    "refill": ["mouth rinse refill", "stitches loose", "pharmacy {street}"],
+    "braces": ["braces cost {kid}", "clear aligners", "orthodontic consultation"],
+    "whitening": ["whitening price", "wedding {month2}", "take-home trays"],
+    "cancel": ["cancel flu", "cancelled appointment {day}"],
+    "results": ["x-ray cavity molar", "filling before {month2}", "afternoon appointments"],
+}
+CITIES = "Oakland Fresno Denver Austin Portland Boston Tucson Madison".split()
+STREETS = "Elm Oak Maple Cedar Pine Market Mission Valencia".split()
+
+TURN_FIELDS = {  # every turn carries these in real deliveries (see the shared fixture)
+    "tool_calls": [],
+    "tool_results": [],
+    "feedback": None,
+    "llm_override": None,
+    "conversation_turn_metrics": None,
+    "rag_retrieval_info": None,
+    "llm_usage": None,
+    "interrupted": False,
+    "original_message": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    number: str
+    name: str
+    relation: str
+    kid: str
+    city: str
+    street: str
+
+
+def make_callers(rng: random.Random, count: int) -> list[Caller]:
+    area_codes = ["212", "312", "415", "503", "617", "646", "702", "718", "206", "305"]
+    numbers: set[str] = set()
+    callers = []
+    while len(callers) < count:
+        raw = f"+1{rng.choice(area_codes)}{rng.randint(201, 989)}{rng.randint(0, 9999):04d}"
+        if raw in numbers or normalize_caller_id(raw) != raw:
+            continue
+        numbers.add(raw)
+        callers.append(
+            Caller(
+                number=raw,
+                name=f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+                relation=rng.choice(RELATIONS),
+                kid=rng.choice(KIDS),
+                city=rng.choice(CITIES),
+                street=rng.choice(STREETS),
+            )
+        )
+    return callers
+
+
+def _slots(rng: random.Random, caller: Caller) -> dict[str, str]:
+    day, day2 = rng.sample(DAYS, 2)
+    return {
+        "first": caller.name.split()[0],
+        "relation": caller.relation,
+        "kid": caller.kid,
+        "city": caller.city,
+        "street": caller.street,
+        "day": day,
+        "day2": day2,
+        "time": rng.choice(TIMES),
+        "time2": rng.choice(TIMES),
+        "doctor": rng.choice(DOCTORS),
+        "insurer": rng.choice(INSURERS),
+        "month": rng.choice(MONTHS),
+        "month2": rng.choice(MONTHS),
+        "amount": str(rng.randint(40, 900)),
+        "code": f"{rng.randint(100, 999)}",
+        "what": rng.choice(["cleaning", "check-up", "filling", "crown"]),
+    }
+
+
+def make_call(
+    template: dict[str, Any],
+    rng: random.Random,
+    caller: Caller,
+    conversation_id: str,
+    started_at: int,
+) -> tuple[dict[str, Any], str]:
+    """One post_call_transcription envelope (the shared fixture's shape) and its topic."""
+    topic = rng.choice(list(TOPICS))
+    title, caller_lines, agent_lines = TOPICS[topic]
+    slots = _slots(rng, caller)
+    turn_count = rng.randint(10, 40)
+    lines = [
+        ("agent", "Thanks for calling Brightside Dental, this is Ava. How can I help you today?"),
+        ("user", f"Hi Ava, this is {caller.name}. " + rng.choice(caller_lines).format(**slots)),
+    ]
+    other_topic = TOPICS[rng.choice(list(TOPICS))]
+    while len(lines) < turn_count - 2:
+        source = other_topic if rng.random() < 0.2 else TOPICS[topic]
+        role = "agent" if lines[-1][0] == "user" else "user"
+        pool = source[2] if role == "agent" else source[1]
+        lines.append((role, rng.choice(pool).format(**slots)))
+    if lines[-1][0] == "agent":
+        lines.append(("user", rng.choice(caller_lines).format(**slots)))
+    lines.append(("agent", rng.choice(agent_lines).format(**slots)))
+    lines.append(("user", rng.choice(CLOSINGS_CALLER).format(**slots)))
+    lines.append(("agent", rng.choice(CLOSINGS_AGENT).format(**slots)))
+    offset = 0
+    transcript = []
+    for role, message in lines:
+        transcript.append(
+            {
+                "role": role,
+                "message": message,
+                **copy.deepcopy(TURN_FIELDS),
+                "time_in_call_secs": offset,
+                "source_medium": "audio" if role == "user" else None,
+            }
+        )
+        offset += rng.randint(3, 12)
+    payload = copy.deepcopy(template)
+    payload["event_timestamp"] = started_at + offset + 4
+    data = payload["data"]
+    data["conversation_id"] = conversation_id
+    data["transcript"] = transcript
+    data["metadata"]["start_time_unix_secs"] = started_at
+    data["metadata"]["accepted_time_unix_secs"] = started_at
+    data["metadata"]["call_duration_secs"] = offset
+    data["metadata"]["phone_call"]["external_number"] = caller.number
+    data["metadata"]["phone_call"]["call_sid"] = f"CA{rng.getrandbits(128):032x}"
+    variables = data["conversation_initiation_client_data"]["dynamic_variables"]
+    variables["system__caller_id"] = caller.number
+    variables["caller_id"] = caller.number
+    variables["system__conversation_id"] = conversation_id
+    variables["system__call_duration_secs"] = offset
+    analysis = data["analysis"]
+    analysis["transcript_summary"] = (
+        f"{caller.name} called about: {title.lower()}. "
+        + " ".join(line.format(**slots) for line in agent_lines[:2])
+    )
+    analysis["call_summary_title"] = title
+    results = analysis["data_collection_results"]
+    results["caller_name"]["value"] = caller.name
+    results["follow_up"]["value"] = (
+        agent_lines[-1].format(**slots) if rng.random() < 0.5 else None
+    )
+    return payload, topic
+
+
+def conversation_id(rng: random.Random) -> str:
+    return "conv_" + f"{rng.getrandbits(128):032x}"[:26]
+
+
+def search_query(rng: random.Random, caller: Caller, topic: str) -> str:
+    return rng.choice(SEARCH_WORDS[topic]).format(**_slots(rng, caller))
+
+
+# --------------------------------------------------------------------------------------
+# Seeding through the project's own code
+# --------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    callers: list[Caller]
+    topics: dict[str, list[str]]  # caller number -> topics of their stored calls
+    last_start: dict[str, int] = field(default_factory=dict)
+
+
+def settings_for(data_dir: Path) -> Settings:
+    return Settings(_env_file=None, **{k.lower(): v for k, v in service_env(data_dir).items()})
+
+
+def service_env(data_dir: Path) -> dict[str, str]:
+    return {
+        "SQLITE_PATH": str(data_dir / "memory.sqlite3"),
+        "WEBHOOK_STORAGE_PATH": str(data_dir / "webhooks"),
+        "WEBHOOK_QUARANTINE_PATH": str(data_dir / "webhooks" / "quarantine"),
+        "ELEVENLABS_POST_CALL_HMAC_KEY": HMAC_KEY,
+        "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET": API_KEY,
+        "ELEVENLABS_API_KEY": "",
+        "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: no real API
+        "LLM_BASE_URL": "",
+        "REDIS_URL": "",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def build_dataset(callers: int, calls: int, seed: int) -> tuple[Dataset, Iterator[Any]]:
+    """The callers, and a generator of (caller, payload) for every seeded call."""
+    rng = random.Random(seed)
+    people = make_callers(rng, callers)
+    dataset = Dataset(callers=people, topics={})
+    template = json.loads((FIXTURES / "post_call_transcription.json").read_text())
+
+    def calls_of_everyone() -> Iterator[tuple[Caller, dict[str, Any]]]:
+        for index, caller in enumerate(people):
+            call_rng = random.Random(f"{seed}:{index}")
+            started = START + call_rng.randint(0, 86_400 * 30)
+            topics = dataset.topics.setdefault(caller.number, [])
+            for _ in range(calls):
+                payload, topic = make_call(
+                    template, call_rng, caller, conversation_id(call_rng), started
+                )
+                topics.append(topic)
+                yield caller, payload
+                started += call_rng.randint(86_400 * 3, 86_400 * 60)
+            dataset.last_start[caller.number] = started
+
+    return dataset, calls_of_everyone()
+
+
+async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dataset:
+    """Store every call with the ingestion's own functions, then prepare each caller's
+    profile as the post-call hook does (once, after their last call: profiles are derived
+    from all stored calls, so the result is the same as after each call)."""
+    services = Services.build(settings_for(data_dir))
+    store = services.store
+    agent = json.loads((FIXTURES / "agent.json").read_text())
+    await store.put_agent_profile(agent["agent_id"], agent, time.time())
+    dataset, stream = build_dataset(callers, calls, seed)
+    started = time.monotonic()
+    done = 0
+    previous: str | None = None
+    for caller, payload in stream:
+        user_id, memories = services.ingest._memories_of(payload)
+        await store.add_call(user_id, payload, memories)
+        if previous not in (None, user_id):
+            await services.personalization.prepare_caller(previous)
+        previous = user_id
+        done += 1
+        if done % 5000 == 0:
+            rate = done / (time.monotonic() - started)
+            print(f"  seeded {done:,}/{callers * calls:,} calls ({rate:,.0f}/s)", flush=True)
+    if previous:
+        await services.personalization.prepare_caller(previous)
+    await services.close()
+    with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return dataset
+
+
+def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> Dataset:
+    """Copy a cached seeded store into `run_dir` (seeding it first when not cached)."""
+    name = f"seed{SEED_FORMAT}-{callers}x{calls}-s{args.seed}.sqlite3"
+    cached = args.cache_dir / name
+    if not cached.exists():
+        print(f"seeding {callers:,} callers x {calls} calls (seed {args.seed}) ...", flush=True)
+        with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
+            began = time.monotonic()
+            asyncio.run(seed_store(Path(scratch), callers, calls, args.seed))
+            os.replace(Path(scratch) / "memory.sqlite3", cached)
+            print(f"  seeded in {time.monotonic() - began:.0f} s -> {cached}", flush=True)
+    shutil.copyfile(cached, run_dir / "memory.sqlite3")
+    os.chmod(run_dir / "memory.sqlite3", 0o600)
+    dataset, stream = build_dataset(callers, calls, args.seed)
+    for _ in stream:  # regenerate topics and dates cheaply (no store) for the requests
+        pass
+    return dataset
+
+
+# --------------------------------------------------------------------------------------
+# Servers and the client
+# --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def gunicorn(app: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
+    """`gunicorn <app> -w 1 -k uvicorn.workers.UvicornWorker -b 127.0.0.1:PORT`, with the
+    repository's gunicorn.conf.py; yields (url, worker pid)."""
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("gunicorn")),
+        app,
+        "-c",
+        str(REPO_ROOT / "gunicorn.conf.py"),
+        "-w",
+        "1",
+        "-k",
+        "uvicorn.workers.UvicornWorker",
+        "-b",
+        f"127.0.0.1:{port}",
+    ]
+    full_env = {**os.environ, **env}
+    with open(log, "ab") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=full_env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{app} exited early:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{app} did not start:\n{log.read_text(errors='replace')}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        yield url, int(children[0])
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+
+def proc_status(pid: int, field_name: str) -> int:
+    """A /proc/<pid>/status figure in kB (VmHWM: peak resident set; VmRSS: now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+WRK_SCRIPT = r"""
+-- args: path, requests file (signature TAB body per line), api key or "-", mode, ids file
+local reqs, n, i, once, ids = {}, 0, 0, false, nil
+statuses, received, queued, sent, exhausted = {}, 0, 0, 0, 0
+threads = {}
+
+function setup(thread) table.insert(threads, thread) end
+
+function init(args)
+  local path, key = args[1], args[3]
+  once = args[4] == "once"
+  if args[5] and args[5] ~= "-" then ids = io.open(args[5], "w"); ids:setvbuf("line") end
+  for line in io.lines(args[2]) do
+    local sig, body = line:match("^([^\t]*)\t(.*)$")
+    local headers = {["Content-Type"] = "application/json"}
+    if key ~= "-" then headers["X-Api-Key"] = key end
+    if sig ~= "-" then headers["ElevenLabs-Signature"] = sig end
+    n = n + 1
+    reqs[n] = wrk.format("POST", path, headers, body)
+  end
+end
+
+function request()
+  i = i + 1
+  if i > n then
+    if once then exhausted = 1; wrk.thread:stop(); return wrk.format("GET", "/health") end
+    i = 1
+  end
+  sent = sent + 1
+  return reqs[i]
+end
+
+function response(status, headers, body)
+  statuses[tostring(status)] = (statuses[tostring(status)] or 0) + 1
+  if ids then
+    if body:find('"received"', 1, true) then
+      received = received + 1
+      local id = body:match('"memory_id":"([%w_]+)"')
+      if id then ids:write(id, "\n") end
+    elseif body:find('"queued"', 1, true) then
+      queued = queued + 1
+    end
+  end
+end
+
+function done(summary, latency, requests)
+  local t = threads[1]
+  local parts = {}
+  for code, count in pairs(t:get("statuses")) do
+    table.insert(parts, string.format('"%s":%d', code, count))
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"max":%d,"mean":%f,' ..
+    '"received":%d,"queued":%d,"sent":%d,"exhausted":%d,"statuses":{%s}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean, t:get("received"), t:get("queued"), t:get("sent"), t:get("exhausted"),
+    table.concat(parts, ",")))
+end
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+    requests: int
+    errors: int
+    statuses: dict[str, int]
+    server_cpu: float  # share of one core the worker used during the run
+    accepted: int = 0
+    received: int = 0
+    queued: int = 0
+    sent: int = 0
+    exhausted: bool = False
+
+
+def run_wrk(
+    name: str,
+    url: str,
+    path: str,
+    lines: list[str],
+    work: Path,
+    *,
+    args: argparse.Namespace,
+    worker: int,
+    key: str = "-",
+    once: bool = False,
+    duration: float | None = None,
+) -> Result:
+    """`wrk -t1 -c<concurrency> -d<duration>` over the prepared requests."""
+    requests_file = work / f"{name}.requests"
+    requests_file.write_text("\n".join(lines) + "\n")
+    ids_file = work / f"{name}.ids" if once else None
+    script = work / "load.lua"
+    script.write_text(WRK_SCRIPT)
+    seconds = duration or args.duration
+    command = [
+        args.wrk,
+        "-t1",
+        f"-c{args.concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url + path,
+        "--",
+        path,
+        str(requests_file),
+        key,
+        "once" if once else "cycle",
+        str(ids_file or "-"),
+    ]
+    cpu_before, began = cpu_seconds(worker), time.monotonic()
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu_share = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - began)
+    marker = [line for line in completed.stdout.splitlines() if line.startswith("WRKJSON ")]
+    if completed.returncode != 0 or not marker:
+        raise RuntimeError(f"wrk failed:\n{completed.stdout}\n{completed.stderr}")
+    raw = json.loads(marker[0].removeprefix("WRKJSON "))
+    elapsed = raw["duration_us"] / 1e6
+    socket_errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+    result = Result(
+        name=name,
+        rps=raw["requests"] / elapsed,
+        p50=raw["p50"] / 1000,
+        p90=raw["p90"] / 1000,
+        p99=raw["p99"] / 1000,
+        max=raw["max"] / 1000,
+        requests=raw["requests"],
+        errors=socket_errors + raw["status"],
+        statuses=raw["statuses"],
+        server_cpu=cpu_share,
+        received=raw["received"],
+        queued=raw["queued"],
+        sent=raw["sent"],
+        exhausted=bool(raw["exhausted"]),
+    )
+    if once:
+        result.accepted = result.received + result.queued
+        result.rps = result.accepted / elapsed
+    return result
+
+
+def client_data_lines(rng: random.Random, numbers: list[str], count: int) -> list[str]:
+    agent = json.loads((FIXTURES / "client_data_request.json").read_text())["agent_id"]
+    lines = []
+    for _ in range(count):
+        body = {
+            "caller_id": rng.choice(numbers),
+            "agent_id": agent,
+            "called_number": "+14155550199",
+            "call_sid": f"CA{rng.getrandbits(128):032x}",
+        }
+        lines.append("-\t" + json.dumps(body))
+    return lines
+
+
+def unknown_numbers(rng: random.Random, known: set[str], count: int) -> list[str]:
+    numbers: list[str] = []
+    while len(numbers) < count:
+        raw = f"+1{rng.choice(['202', '404', '512', '720'])}{rng.randint(201, 989)}"
+        raw += f"{rng.randint(0, 9999):04d}"
+        if raw not in known and normalize_caller_id(raw) == raw:
+            numbers.append(raw)
+    return numbers
+
+
+def search_lines(rng: random.Random, dataset: Dataset, count: int) -> list[str]:
+    lines = []
+    for _ in range(count):
+        caller = rng.choice(dataset.callers)
+        query = search_query(rng, caller, rng.choice(dataset.topics[caller.number]))
+        body = {"query": query, "user_id": caller.number, "limit": 5}
+        lines.append("-\t" + json.dumps(body))
+    return lines
+
+
+def post_call_lines(
+    rng: random.Random, dataset: Dataset, count: int, tag: str
+) -> tuple[list[str], list[str]]:
+    """Signed deliveries of new calls by known callers; returns (lines, conversation ids)."""
+    template = json.loads((FIXTURES / "post_call_transcription.json").read_text())
+    lines, ids = [], []
+    for number in range(count):
+        caller = rng.choice(dataset.callers)
+        started = dataset.last_start[caller.number] + number
+        conversation = f"conv_{tag}{number:07d}_{rng.getrandbits(40):010x}"
+        payload, _ = make_call(template, rng, caller, conversation, started)
+        body = json.dumps(payload, separators=(",", ":"))
+        lines.append(sign(HMAC_KEY, body.encode()) + "\t" + body)
+        ids.append(conversation)
+    return lines, ids
+
+
+# --------------------------------------------------------------------------------------
+# One run at one size
+# --------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    stored_calls: int
+    callers: int
+    results: list[Result]
+    worker_hwm_mb: float
+    master_hwm_mb: float
+    worker_rss_after_start_mb: float
+    verified: str
+    all_stored: bool
+
+
+def wait_for_pending(data_dir: Path, timeout: float = 120.0) -> int:
+    pending = data_dir / "webhooks" / "_pending"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = len(list(pending.iterdir())) if pending.exists() else 0
+        if left == 0:
+            return 0
+        time.sleep(0.5)
+    return len(list(pending.iterdir()))
+
+
+def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
+    with tempfile.TemporaryDirectory(prefix="elaoms-load-", dir=args.work_dir) as scratch:
+        run_dir = Path(scratch)
+        dataset = prepared_store(args, callers, calls, run_dir)
+        rng = random.Random(f"{args.seed}:requests")
+        numbers = [caller.number for caller in dataset.callers]
+        results: list[Result] = []
+        ok = dict(args=args)
+        warm = min(2.0, args.duration)
+
+        print(f"\n== {callers * calls:,} stored calls ({callers:,} callers x {calls})", flush=True)
+        # The floor: same command, same client, same concurrency, same size of request.
+        floor_lines = client_data_lines(rng, numbers, 2000)
+        with gunicorn("floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)},
+                      run_dir / "floor.log") as (url, worker):
+            run_wrk("warm", url, "/floor", floor_lines, run_dir, worker=worker,
+                    duration=warm, **ok)
+            results.append(run_wrk("floor", url, "/floor", floor_lines, run_dir,
+                                   worker=worker, **ok))
+            print_result(results[-1], None)
+
+        env = {**service_env(run_dir), "PYTHONPATH": str(REPO_ROOT)}
+        with gunicorn("main:app", run_dir, env, run_dir / "service.log") as (url, worker):
+            rss_start = proc_status(worker, "VmRSS") / 1024
+            known = client_data_lines(rng, numbers, 20000)
+            strangers = unknown_numbers(rng, set(numbers), 5000)
+            unknown = client_data_lines(rng, strangers, 20000)
+            searches = search_lines(rng, dataset, 20000)
+            run_wrk("warm", url, "/webhooks/client-data", known, run_dir, worker=worker,
+                    key=API_KEY, duration=warm, **ok)
+            phases = [
+                ("client-data known", "/webhooks/client-data", known),
+                ("client-data unknown", "/webhooks/client-data", unknown),
+                ("search-data", "/webhooks/search-data", searches),
+            ]
+            for name, path, lines in phases:
+                run_wrk("warm", url, path, lines[::-1], run_dir, worker=worker,
+                        key=API_KEY, duration=warm, **ok)
+                results.append(run_wrk(name, url, path, lines, run_dir, worker=worker,
+                                       key=API_KEY, **ok))
+                print_result(results[-1], results[0])
+
+            count = int(args.post_call_max)
+            warm_lines, warm_ids = post_call_lines(rng, dataset, 300, "w")
+            lines, sent_ids = post_call_lines(rng, dataset, count, "m")
+            run_wrk("post-warm", url, "/webhooks/post-call", warm_lines, run_dir,
+                    worker=worker, once=True, duration=warm, **ok)
+            post = run_wrk("post-call", url, "/webhooks/post-call", lines, run_dir,
+                           worker=worker, once=True, **ok)
+            results.append(post)
+            print_result(post, results[0])
+            left = wait_for_pending(run_dir)
+            hwm = proc_status(worker, "VmHWM") / 1024
+            master = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            master_hwm = proc_status(int(master), "VmHWM") / 1024
+
+        verified, all_stored = verify_post_calls(run_dir, post, sent_ids, left)
+        print(f"  post-call check: {verified}", flush=True)
+        print(f"  server worker peak memory (VmHWM): {hwm:.0f} MB", flush=True)
+        return Run(
+            stored_calls=callers * calls,
+            callers=callers,
+            results=results,
+            worker_hwm_mb=hwm,
+            master_hwm_mb=master_hwm,
+            worker_rss_after_start_mb=rss_start,
+            verified=verified,
+            all_stored=all_stored,
+        )
+
+
+def verify_post_calls(
+    run_dir: Path, post: Result, sent_ids: list[str], pending_left: int
+) -> tuple[str, bool]:
+    """Every delivery answered `received` has its memory id in the store, and at least as
+    many of the sent conversations are stored as were accepted (`queued` ones included)."""
+    memory_ids = (run_dir / "post-call.ids").read_text().split()
+    attempted = sent_ids[: post.sent]
+    with sqlite3.connect(f"file:{run_dir / 'memory.sqlite3'}?mode=ro", uri=True) as db:
+        db.execute("CREATE TEMP TABLE sent (id TEXT PRIMARY KEY)")
+        db.executemany("INSERT INTO sent VALUES (?)", [(i,) for i in attempted])
+        stored = db.execute(
+            "SELECT count(*) FROM calls WHERE conversation_id IN (SELECT id FROM sent)"
+        ).fetchone()[0]
+        db.execute("CREATE TEMP TABLE answered (id TEXT PRIMARY KEY)")
+        db.executemany("INSERT OR IGNORE INTO answered VALUES (?)", [(i,) for i in memory_ids])
+        found = db.execute(
+            "SELECT count(*) FROM calls WHERE memory_id IN (SELECT id FROM answered)"
+        ).fetchone()[0]
+    all_stored = found == len(memory_ids) and stored >= post.accepted and pending_left == 0
+    text = (
+        f"{post.accepted:,} accepted ({post.received:,} received, {post.queued:,} queued), "
+        f"{len(attempted):,} sent, {stored:,} of the sent calls in the store, "
+        f"{found:,}/{len(memory_ids):,} answered memory ids found, {pending_left} pending"
+        f" -> {'every accepted delivery stored' if all_stored else 'MISSING DELIVERIES'}"
+    )
+    return text, all_stored
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+HEADER = (
+    f"  {'endpoint':<20} {'rps':>7} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}"
+    f" {'errors':>6} {'cpu':>5} {'p99/floor':>9} {'rps/floor':>9}"
+)
+
+
+def print_result(result: Result, floor: Result | None) -> None:
+    if floor is None:
+        print(HEADER)
+    ratio_p99 = f"{result.p99 / floor.p99:.1f}x" if floor else "1.0x"
+    ratio_rps = f"{result.rps / floor.rps:.2f}" if floor else "1.00"
+    print(
+        f"  {result.name:<20} {result.rps:>7.0f} {result.p50:>6.1f}m {result.p90:>6.1f}m"
+        f" {result.p99:>6.1f}m {result.max:>6.0f}m {result.errors:>6} {result.server_cpu:>4.0%}"
+        f" {ratio_p99:>9} {ratio_rps:>9}",
+        flush=True,
+    )
+    if result.exhausted:
+        print("    (every prepared request was sent before the end: raise --post-call-max)")
+
+
+def targets(run: Run) -> list[tuple[str, bool]]:
+    by = {result.name: result for result in run.results}
+    floor, known, search = by["floor"], by["client-data known"], by["search-data"]
+    post = by["post-call"]
+    checks = [
+        (f"client-data p99 {known.p99:.1f} ms < 15 ms", known.p99 < 15),
+        (
+            f"client-data p99 within 3x of the floor's ({known.p99 / floor.p99:.1f}x)",
+            known.p99 <= 3 * floor.p99,
+        ),
+        (f"search p99 {search.p99:.1f} ms < 40 ms", search.p99 < 40),
+        (f"post-call {post.rps:.0f} accepted/s >= 300", post.rps >= 300),
+        ("every accepted post-call delivery stored", run.all_stored),
+    ]
+    if run.stored_calls >= 100_000:
+        checks.append(
+            (f"worker peak memory {run.worker_hwm_mb:.0f} MB < 400 MB", run.worker_hwm_mb < 400)
+        )
+    return checks
+
+
+def print_summary(runs: list[Run]) -> None:
+    for run in runs:
+        print(f"\n{run.stored_calls:,} stored calls: targets")
+        for text, met in targets(run):
+            print(f"  [{'met' if met else 'NOT MET'}] {text}")
+    if len(runs) < 2:
+        return
+    first, last = runs[0], runs[-1]
+    print(f"\nhow each figure moves from {first.stored_calls:,} to {last.stored_calls:,} calls")
+    print(f"  {'endpoint':<20} {'rps':>16} {'p50 ms':>14} {'p99 ms':>14}")
+    for a, b in zip(first.results, last.results, strict=True):
+        print(
+            f"  {a.name:<20} {a.rps:>7.0f}->{b.rps:<7.0f} {a.p50:>6.1f}->{b.p50:<6.1f}"
+            f" {a.p99:>6.1f}->{b.p99:<6.1f}"
+        )
+    print(f"  {'peak memory MB':<20} {first.worker_hwm_mb:>7.0f}->{last.worker_hwm_mb:<7.0f}")
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}, load average {load[0]:.2f} at start"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--callers", type=int, default=10_000)
+    parser.add_argument("--calls", type=int, default=10, help="calls per caller")
+    parser.add_argument("--scale", action="store_true",
+                        help="run 100 x 10 then 10,000 x 10 calls and show how figures move")
+    parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
+    parser.add_argument("--post-call-max", type=int, default=15_000,
+                        help="signed deliveries prepared: the post-call run sends each once")
+    parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "elaoms-bench-seeds")
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    if not shutil.which(args.wrk):
+        sys.exit("wrk is not installed: apt-get install wrk (see docs/performance.md)")
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [(100, 10), (10_000, 10)] if args.scale else [(args.callers, args.calls)]
+    print(f"machine: {machine()}")
+    print(f"client: wrk -t1 -c{args.concurrency}, {args.duration:g} s per endpoint")
+    runs = [run_size(args, callers, calls) for callers, calls in sizes]
+    print_summary(runs)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [
+                    {
+                        **{k: v for k, v in vars(run).items() if k != "results"},
+                        "results": [vars(result) for result in run.results],
+                    }
+                    for run in runs
+                ],
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""The seed's build_comprehensive_user_profile.py, kept for its users: it is `elaoms profile --summaries 5` now.
+
+Arguments pass through: `python scripts/build_comprehensive_user_profile.py --help` lists them.
+"""
+
+import sys
+
+from elaoms.cli import app
+
+app(prog_name="elaoms", args=["profile", "--summaries", "5", *sys.argv[1:]])
