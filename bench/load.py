@@ -678,8 +678,20 @@ def run_wrk(
         "once" if once else "cycle",
         str(ids_file or "-"),
     ]
+    profiler = None
+    if args.py_spy and name not in ("warm", "post-warm"):
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        output = args.py_spy / f"{args.size_label}-{name.replace(' ', '-')}.txt"
+        profiler = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
+             "--nonblocking", "-r", "200", "-d", str(max(1, round(seconds))), "-p", str(worker),
+             "-o", str(output)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     cpu_before, began = cpu_seconds(worker), time.monotonic()
     completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    if profiler is not None:
+        profiler.wait(60)
     cpu_share = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - began)
     marker = [line for line in completed.stdout.splitlines() if line.startswith("WRKJSON ")]
     if completed.returncode != 0 or not marker:
@@ -787,6 +799,7 @@ def wait_for_pending(data_dir: Path, timeout: float = 120.0) -> int:
 
 
 def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
+    args.size_label = f"{callers * calls}"
     with tempfile.TemporaryDirectory(prefix="elaoms-load-", dir=args.work_dir) as scratch:
         run_dir = Path(scratch)
         dataset = prepared_store(args, callers, calls, run_dir)
@@ -977,6 +990,9 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "elaoms-bench-seeds")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="profile the worker during each endpoint's run into this folder"
+                        " (collapsed stacks; needs `pip install py-spy`)")
     args = parser.parse_args()
     if not shutil.which(args.wrk):
         sys.exit("wrk is not installed: apt-get install wrk (see docs/performance.md)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
     # Search tool
     search_context_max_chars: int = 3000
     search_timeout_ms: int = 800
+    # auto: fuse sentence embeddings with BM25 when the `embeddings` extra is installed
+    search_embeddings: Literal["auto", "off"] = "auto"
+    search_embeddings_cache_size: int = 50_000  # turn vectors kept per process
 
     # Client data / personalization
     client_data_timeout_ms: int = 500

@@ -119,7 +119,8 @@ def callers(settings: Settings) -> Settings:
 # setup -------------------------------------------------------------------------------------
 def test_setup_writes_a_private_env_with_secrets_and_never_overwrites_it(tmp_path: Path) -> None:
     env_file = tmp_path / "project" / ".env"
-    env_file.parent.mkdir(mode=0o755)
+    env_file.parent.mkdir()
+    env_file.parent.chmod(0o755)  # explicit: an earlier in-process service set a private umask
     result = elaoms("setup", "--non-interactive", "--path", str(env_file))
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600

@@ -21,10 +21,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import snowballstemmer
 
 from elaoms.memory.base import Memory
+
+if TYPE_CHECKING:
+    from elaoms.search.embeddings import VectorCache
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _STEMMER = snowballstemmer.stemmer("english")
@@ -45,6 +49,16 @@ _STOP_WORDS_TEXT = """
 STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
 SEPARATOR = "…"  # stands between two non-adjacent turns of one excerpt
+DEFAULT = object()  # CallerIndex(vectors=DEFAULT): the process's embeddings, if any
+
+# Words that are capitalised without being anyone's name.
+_CALENDAR_WORDS = frozenset(
+    name.lower()
+    for name in (*calendar.day_name, *calendar.month_name, *calendar.month_abbr)
+    if name
+)
+_CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
+_LOWER_WORD = re.compile(r"\b[a-z]+\b")
 
 
 @lru_cache(maxsize=65536)
@@ -152,10 +166,17 @@ class CallerIndex:
     date_boost = 1.0  # x2 for calls in or just after a period the query names
     date_before = timedelta(days=7)
     date_after = timedelta(days=45)
+    speaker_boost = 1.0  # x2 for the turns of the one speaker the query names
+    speaker_name_calls = 0.2  # a name must address a speaker in this share of calls
+    dense_weight = 0.5  # embedding similarity next to BM25 (normalised to 1 at best turn)
+    dense_floor = 0.2  # cosine below which a turn gets no semantic credit
+    dense_power = 2.0
     excerpt_header_chars = 25  # what the context adds per excerpt ("[Call on ...]")
     max_chars = 2800  # excerpt text returned in total; the context's budget minus headers
 
-    def __init__(self, memories: Sequence[Memory]) -> None:
+    def __init__(self, memories: Sequence[Memory], *, vectors: Any = DEFAULT) -> None:
+        """`vectors`: a `VectorCache` to add the semantic signal, None for BM25 alone; by
+        default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed)."""
         self.units: list[_Unit] = []
         self.calls: list[_Call] = []
         turns_by_call: dict[str, list[Memory]] = {}
@@ -194,6 +215,60 @@ class CallerIndex:
             self.call_frequency.update(call.terms.keys())
         self.average_length = sum(unit.length for unit in self.units) / max(1, len(self.units))
         self.average_call_length = sum(call.length for call in self.calls) / max(1, len(self.calls))
+        self.speaker_names = self._speaker_names()
+
+        if vectors is DEFAULT:
+            from elaoms.search.embeddings import default_cache
+
+            vectors = default_cache()
+        self.vector_cache: VectorCache | None = vectors if self.units else None
+        self.vectors = None
+        if self.vector_cache is not None:
+            self.vectors = self.vector_cache.vectors([unit.memory.content for unit in self.units])
+
+    def _speaker_names(self) -> dict[str, str]:
+        """Name (lower-cased) -> role, learnt from how the speakers address each other.
+
+        People say the other's name ("Thanks, Maria!") and rarely their own, so a
+        capitalised word that one role says in many calls, that the other role almost never
+        says, and that never appears lower-cased (not a common word) names the other role.
+        A question about that person ("What did Maria paint?") is then about that role's
+        turns, while the name itself only occurs in the other role's.
+        """
+        calls_saying: dict[str, dict[str, set[int]]] = {}
+        lower: set[str] = set()
+        for unit in self.units:
+            if unit.call < 0:
+                continue
+            role = str(unit.memory.metadata.get("role") or "")
+            said = calls_saying.setdefault(role, {})
+            for word in set(_CAPITALISED.findall(unit.memory.content)):
+                said.setdefault(word.lower(), set()).add(unit.call)
+            lower.update(_LOWER_WORD.findall(unit.memory.content))
+        if len(calls_saying) != 2:
+            return {}
+        needed = max(2, self.speaker_name_calls * len(self.calls))
+        names: dict[str, str] = {}
+        (role_a, said_a), (role_b, said_b) = calls_saying.items()
+        for speaker, said_by_other, said_by_self in (
+            (role_a, said_b, said_a),
+            (role_b, said_a, said_b),
+        ):
+            for word, calls in said_by_other.items():
+                if (
+                    len(calls) >= needed
+                    and len(said_by_self.get(word, ())) <= 0.1 * len(calls)
+                    and word not in lower
+                    and word not in STOP_WORDS
+                    and word not in _CALENDAR_WORDS
+                ):
+                    names[word] = speaker
+        return names
+
+    def _named_speaker(self, query: str) -> str | None:
+        words = {word.removesuffix("'s") for word in _WORD.findall(query.lower())}
+        roles = {self.speaker_names[word] for word in words if word in self.speaker_names}
+        return roles.pop() if len(roles) == 1 else None
 
     def _add(self, memory: Memory, *, call: int = -1, position: int = 0) -> int:
         terms = Counter(tokenize(memory.content))
@@ -268,6 +343,8 @@ class CallerIndex:
         if not query_terms:
             return []
         turn_scores = self._turn_scores(query_terms)
+        if self.vectors is not None and self.vector_cache is not None and self.dense_weight:
+            turn_scores = self._fuse(turn_scores, self.vector_cache.query(query))
         dated = self._dated_calls(query)
         combined: dict[int, float] = {}
         for index, score in turn_scores.items():
@@ -293,10 +370,30 @@ class CallerIndex:
                 call = self.units[index].call
                 if call >= 0:
                     combined[index] *= 1 + self.call_prior * call_scores[call] / best_call
+        speaker = self._named_speaker(query)
+        if speaker is not None and self.speaker_boost:
+            for index in combined:
+                if self.units[index].memory.metadata.get("role") == speaker:
+                    combined[index] *= 1 + self.speaker_boost
         return sorted(
             ((index, score) for index, score in combined.items() if score > 0),
             key=lambda item: (-item[1], item[0]),
         )
+
+    def _fuse(self, turn_scores: dict[int, float], query_vector: Any) -> dict[int, float]:
+        """BM25 scaled to 1 at the best turn, plus `dense_weight` x the cosine similarity
+        scaled from `dense_floor` (0) to the best turn's (1), raised to `dense_power`."""
+        similarity = self.vectors @ query_vector
+        best_similarity = float(similarity.max())
+        best = max(turn_scores.values(), default=0.0)
+        fused = {index: score / best for index, score in turn_scores.items()} if best else {}
+        if best_similarity <= self.dense_floor:
+            return fused
+        scaled = (similarity - self.dense_floor) / (best_similarity - self.dense_floor)
+        for index in (scaled > 0).nonzero()[0].tolist():
+            credit = self.dense_weight * float(scaled[index]) ** self.dense_power
+            fused[index] = fused.get(index, 0.0) + credit
+        return fused
 
     # Selection ---------------------------------------------------------------------------
     def search(self, query: str, limit: int, *, max_chars: int | None = None) -> list[Memory]:

