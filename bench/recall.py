@@ -8,6 +8,12 @@ shared/bench/locomo/README.md. Run by hand:
 
     .venv/bin/python bench/recall.py                  # every file in ../shared/bench/locomo
     .venv/bin/python bench/recall.py --limit 10 locomo-26.json
+    SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py   # BM25 alone (the default install)
+
+With the `embeddings` extra, a caller's first search embeds all their turns (seconds for a
+long history) and can pass the search deadline; `--warm` (default) sends one unmeasured
+search per caller first, retried until it is answered in time, as a post-call hook that
+embeds each call when it is stored would. `--no-warm` measures the cold path as it is.
 """
 
 from __future__ import annotations
@@ -101,6 +107,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, help="send this limit (default: the service's)")
     parser.add_argument("--chars", type=int, default=3000, help="context cut for the measure")
+    parser.add_argument(
+        "--warm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one unmeasured search per caller before the questions (default: on)",
+    )
     args = parser.parse_args()
     paths = [args.data / name for name in args.files] or sorted(args.data.glob("locomo-*.json"))
 
@@ -108,6 +120,7 @@ def main() -> None:
     found: dict[int, list[bool]] = defaultdict(list)
     latencies: list[float] = []
     first_search: list[float] = []
+    timed_out = 0
     with (
         tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
         running_service(Path(tmp), hmac_key, api_key) as url,
@@ -116,6 +129,18 @@ def main() -> None:
         for path in paths:
             bench = json.loads(path.read_text())
             ingest(client, bench, hmac_key)
+            if args.warm:
+                started = time.perf_counter()
+                while True:
+                    response = client.post(
+                        "/webhooks/search-data",
+                        json={"query": "hello", "user_id": bench["caller_id"]},
+                        headers={"X-Api-Key": api_key},
+                    )
+                    response.raise_for_status()
+                    if not response.json().get("timed_out"):
+                        break
+                first_search.append((time.perf_counter() - started) * 1000)
             for number, question in enumerate(bench["questions"]):
                 body: dict[str, Any] = {
                     "query": question["question"],
@@ -130,7 +155,8 @@ def main() -> None:
                 elapsed = (time.perf_counter() - started) * 1000
                 response.raise_for_status()
                 # The first search of a caller builds their index; count it apart.
-                (first_search if number == 0 else latencies).append(elapsed)
+                (first_search if number == 0 and not args.warm else latencies).append(elapsed)
+                timed_out += bool(response.json().get("timed_out"))
                 context = normalize(response.json()["context"][: args.chars])
                 for evidence in question["evidence"]:
                     found[question["category"]].append(normalize(evidence["text"]) in context)
@@ -149,6 +175,7 @@ def main() -> None:
         f" p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms"
     )
     print(f"first search per caller (index build): max {max(first_search):.1f} ms")
+    print(f"searches past the deadline (answered empty): {timed_out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import phonenumbers
 
@@ -13,6 +14,7 @@ DEFAULT_REGION = "US"
 _PHONE_LIKE = re.compile(r"^\+?[\d\s().\-]{7,}$")
 
 
+@lru_cache(maxsize=16384)  # pure, and parsed on every client-data and search request
 def normalize_caller_id(raw: str | None) -> str | None:
     """Return the E.164 form of a phone number, or the trimmed identifier if it is not one.
 

@@ -12,7 +12,6 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
-from elaoms.config import Settings
 from elaoms.dependencies import get_app_settings, get_auth_monitor
 
 API_KEY_HEADER = "X-Api-Key"
@@ -24,9 +23,9 @@ def secret_matches(given: str | None, expected: str) -> bool:
 
 async def require_workspace_secret(
     request: Request,
-    settings: Annotated[Settings, Depends(get_app_settings)],
     x_api_key: Annotated[str | None, Header(alias=API_KEY_HEADER)] = None,
 ) -> None:
+    settings = get_app_settings(request)  # not a Depends: a sync one runs in a thread
     expected = settings.elevenlabs_client_data_workspace_secret
     if not expected and settings.allow_unauthenticated_webhooks:
         return

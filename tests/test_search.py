@@ -244,9 +244,11 @@ class SlowRecordingStore(SQLiteStore):
         self.delay = delay
         self.writes: list[str] = []
 
-    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
+    async def search(
+        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
+    ) -> list[Memory]:
         await asyncio.sleep(self.delay)
-        return await super().search(user_id, query, limit)
+        return await super().search(user_id, query, limit, max_chars=max_chars)
 
     async def add_call(self, user_id: str, payload: dict[str, Any], memories: list[Memory]) -> Any:
         self.writes.append("add_call")

@@ -104,7 +104,7 @@ async def search_as_tool(
     services: Services, user_id: str, query: str, limit: int
 ) -> dict[str, Any]:
     """The body the search-data tool would answer, for this caller and query."""
-    from elaoms.search.schemas import MemoryOut, SearchResponse
+    from elaoms.search.schemas import search_response
     from elaoms.search.service import SearchService
 
     service = SearchService(
@@ -113,16 +113,7 @@ async def search_as_tool(
         timeout_ms=max(services.settings.search_timeout_ms, CLI_SEARCH_TIMEOUT_MS),
     )
     result = await service.search(user_id, query, limit)
-    response = SearchResponse(
-        memories_found=len(result.memories),
-        context=result.context,
-        memories=[
-            MemoryOut(id=memory.id, content=memory.content, metadata=memory.metadata)
-            for memory in result.memories
-        ],
-        timed_out=result.timed_out or None,
-    )
-    return response.model_dump(exclude_none=True)
+    return search_response(result).model_dump(exclude_none=True)
 
 
 def search(

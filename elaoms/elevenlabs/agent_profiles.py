@@ -18,20 +18,13 @@ from typing import Any
 from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
 from elaoms.memory.base import MemoryStore
 from elaoms.operations.cache import TwoLevelCache
+from elaoms.payloads import dig
 
 logger = logging.getLogger(__name__)
 
 AGENT_KEY_PREFIX = "elaoms:agent:"
 
 Scalar = str | int | float | bool
-
-
-def _get(source: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(source, dict):
-            return None
-        source = source.get(key)
-    return source
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,24 +44,24 @@ class AgentProfile:
 
     @classmethod
     def from_api(cls, agent_id: str, raw: dict[str, Any]) -> AgentProfile:
-        agent = _get(raw, "conversation_config", "agent") or {}
-        placeholders = _get(agent, "dynamic_variables", "dynamic_variable_placeholders") or {}
-        overrides = _get(raw, "platform_settings", "overrides", "conversation_config_override")
+        agent = dig(raw, "conversation_config", "agent") or {}
+        placeholders = dig(agent, "dynamic_variables", "dynamic_variable_placeholders") or {}
+        overrides = dig(raw, "platform_settings", "overrides", "conversation_config_override")
         return cls(
             agent_id=str(raw.get("agent_id") or agent_id),
             name=str(raw.get("name") or ""),
             first_message=str(agent.get("first_message") or ""),
             language=str(agent.get("language") or ""),
-            voice_id=str(_get(raw, "conversation_config", "tts", "voice_id") or ""),
+            voice_id=str(dig(raw, "conversation_config", "tts", "voice_id") or ""),
             placeholders={
                 str(name): value if isinstance(value, Scalar) else ""
                 for name, value in placeholders.items()
                 # ElevenLabs fills system__ variables itself and refuses custom ones.
                 if not str(name).startswith("system__")
             },
-            allows_first_message=_get(overrides, "agent", "first_message") is True,
-            allows_language=_get(overrides, "agent", "language") is True,
-            allows_voice_id=_get(overrides, "tts", "voice_id") is True,
+            allows_first_message=dig(overrides, "agent", "first_message") is True,
+            allows_language=dig(overrides, "agent", "language") is True,
+            allows_voice_id=dig(overrides, "tts", "voice_id") is True,
             fetched_at=float(raw.get("_fetched_at") or 0.0),
         )
 

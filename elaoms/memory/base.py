@@ -92,8 +92,13 @@ class MemoryStore(abc.ABC):
         """All of one user's memories in the order they were added (oldest first)."""
 
     @abc.abstractmethod
-    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
-        """The user's memories that best answer `query`, best first. Never another user's."""
+    async def search(
+        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
+    ) -> list[Memory]:
+        """The user's memories that best answer `query`, best first. Never another user's.
+
+        `max_chars`: about how much text the answer may hold in total (the search tool's
+        context budget); None leaves it to the backend's default."""
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str) -> int:

@@ -180,35 +180,10 @@ class Ledger(SQLiteStore):
         self, user_id: str, payload: dict[str, Any], memory_id: str
     ) -> CallReceipt:
         """Index a call whose units are all on the server; a racing twin loses."""
-        data = payload.get("data") or {}
-        event_type = str(payload.get("type") or TRANSCRIPTION)
-        conversation_id = str(data.get("conversation_id") or "")
-        event_timestamp = payload.get("event_timestamp")
-        blob = self.cipher.encrypt(json.dumps(payload, separators=(",", ":")).encode())
 
         def insert() -> CallReceipt:
             with self._write() as connection:
-                existing = connection.execute(
-                    "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
-                    (event_type, conversation_id),
-                ).fetchone()
-                if existing:
-                    return CallReceipt(memory_id=existing[0], created=False)
-                connection.execute(
-                    "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event_type,
-                        conversation_id,
-                        user_id,
-                        data.get("agent_id"),
-                        event_timestamp if isinstance(event_timestamp, int) else None,
-                        call_started_at(data, event_timestamp),
-                        memory_id,
-                        blob,
-                        time.time(),
-                    ),
-                )
-            return CallReceipt(memory_id=memory_id, created=True)
+                return self._insert_call(connection, user_id, payload, memory_id)
 
         return await self._run(insert)
 
@@ -508,11 +483,13 @@ class OpenMemoryStore(MemoryStore):
         memories = (await self._view(user_id)).memories
         return memories[:limit] if limit is not None else list(memories)
 
-    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
+    async def search(
+        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
+    ) -> list[Memory]:
         view = await self._view(user_id)
         if view.index is None:
             view.index = await asyncio.to_thread(CallerIndex, view.memories)
-        return await asyncio.to_thread(view.index.search, query, limit)
+        return await asyncio.to_thread(view.index.search, query, limit, max_chars=max_chars)
 
     async def _view(self, user_id: str) -> _CallerView:
         """The caller's memories, reread when any worker's ledger says they changed or the

@@ -147,39 +147,49 @@ class SQLiteStore(MemoryStore):
     def _add_call(
         self, user_id: str, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
+        with self._write() as connection:
+            receipt = self._insert_call(connection, user_id, payload, f"mem_{uuid.uuid4().hex}")
+            if receipt.created:
+                connection.executemany(
+                    "INSERT OR IGNORE INTO memories"
+                    " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [_memory_row(memory) for memory in memories],
+                )
+        return receipt
+
+    def _insert_call(
+        self,
+        connection: sqlite3.Connection,
+        user_id: str,
+        payload: dict[str, Any],
+        memory_id: str,
+    ) -> CallReceipt:
+        """Insert the call row inside the caller's write transaction, unless the same call
+        (event type, conversation id) is already there: then its first receipt."""
         data = payload.get("data") or {}
         event_type = str(payload.get("type") or TRANSCRIPTION)
         conversation_id = str(data.get("conversation_id") or "")
+        existing = connection.execute(
+            "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
+            (event_type, conversation_id),
+        ).fetchone()
+        if existing:
+            return CallReceipt(memory_id=existing[0], created=False)
         event_timestamp = payload.get("event_timestamp")
-        memory_id = f"mem_{uuid.uuid4().hex}"
-        blob = self.cipher.encrypt(json.dumps(payload, separators=(",", ":")).encode())
-        now = time.time()
-        with self._write() as connection:
-            existing = connection.execute(
-                "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
-                (event_type, conversation_id),
-            ).fetchone()
-            if existing:
-                return CallReceipt(memory_id=existing[0], created=False)
-            connection.execute(
-                "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event_type,
-                    conversation_id,
-                    user_id,
-                    data.get("agent_id"),
-                    event_timestamp if isinstance(event_timestamp, int) else None,
-                    call_started_at(data, event_timestamp),
-                    memory_id,
-                    blob,
-                    now,
-                ),
-            )
-            connection.executemany(
-                "INSERT OR IGNORE INTO memories (id, user_id, kind, content, metadata, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [_memory_row(memory) for memory in memories],
-            )
+        connection.execute(
+            "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event_type,
+                conversation_id,
+                user_id,
+                data.get("agent_id"),
+                event_timestamp if isinstance(event_timestamp, int) else None,
+                call_started_at(data, event_timestamp),
+                memory_id,
+                self.cipher.encrypt(json.dumps(payload, separators=(",", ":")).encode()),
+                time.time(),
+            ),
+        )
         return CallReceipt(memory_id=memory_id, created=True)
 
     async def get_call(
@@ -285,8 +295,12 @@ class SQLiteStore(MemoryStore):
             for row in self._connection().execute(sql, parameters)
         ]
 
-    async def search(self, user_id: str, query: str, limit: int = 5) -> list[Memory]:
-        return await self._run(lambda: self._index(user_id).search(query, limit))
+    async def search(
+        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
+    ) -> list[Memory]:
+        return await self._run(
+            lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
+        )
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index, rebuilt only when their memories changed.

@@ -64,8 +64,11 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     handler._elaoms = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # Uvicorn's access log prints query strings and paths; route it through our filter too.
+    # Uvicorn's access log prints query strings and paths; route it through our filter too,
+    # at LOG_LEVEL: gunicorn's worker sets these loggers to its own level (INFO), which
+    # wrote an access line per request even with LOG_LEVEL=WARNING.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)

@@ -14,6 +14,7 @@ from typing import Any
 
 from elaoms.memory.base import StoredCall
 from elaoms.memory.units import TRANSCRIPTION
+from elaoms.payloads import dig
 from elaoms.phone import normalize_caller_id
 
 RECENT_CALLS = 5
@@ -62,14 +63,6 @@ def caller_identity(raw: str | None) -> str | None:
     return user_id
 
 
-def _get(source: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(source, dict):
-            return None
-        source = source.get(key)
-    return source
-
-
 def clean_value(value: Any) -> str | None:
     """A data-collection or variable value worth repeating, else None."""
     if value is None or isinstance(value, bool):
@@ -80,7 +73,7 @@ def clean_value(value: Any) -> str | None:
 
 def collected(data: dict[str, Any], item_id: str) -> str | None:
     """The value of one data-collection item of a call."""
-    result = _get(data, "analysis", "data_collection_results", item_id)
+    result = dig(data, "analysis", "data_collection_results", item_id)
     return clean_value(result.get("value") if isinstance(result, dict) else result)
 
 
@@ -101,7 +94,7 @@ def find_name(calls: list[StoredCall]) -> tuple[str | None, str | None]:
             if name := collected(data, item):
                 return name, "data_collection"
     for data in datas:
-        variables = _get(data, "conversation_initiation_client_data", "dynamic_variables") or {}
+        variables = dig(data, "conversation_initiation_client_data", "dynamic_variables") or {}
         for variable in NAME_VARIABLES:
             if name := clean_value(variables.get(variable)):
                 return name, "dynamic_variable"
@@ -134,7 +127,7 @@ def build_facts(user_id: str, calls: list[StoredCall]) -> dict[str, Any]:
     name, name_source = find_name(calls)
     recent = []
     for call in calls[:RECENT_CALLS]:
-        analysis = _get(call.payload, "data", "analysis") or {}
+        analysis = dig(call.payload, "data", "analysis") or {}
         recent.append(
             {
                 "conversation_id": call.conversation_id,
@@ -163,14 +156,14 @@ def build_facts(user_id: str, calls: list[StoredCall]) -> dict[str, Any]:
         "open_follow_ups": follow_ups(last_data),
         "last_conversation_id": calls[0].conversation_id if calls else None,
         "agent_id": calls[0].agent_id if calls else None,
-        "language": clean_value(_get(last_data, "metadata", "main_language")),
+        "language": clean_value(dig(last_data, "metadata", "main_language")),
     }
 
 
 def last_agent_greeting(calls: list[StoredCall]) -> str | None:
     """What the agent said first in the caller's last call: the business's own words."""
     for call in transcription_calls(calls)[:1]:
-        for turn in _get(call.payload, "data", "transcript") or []:
+        for turn in dig(call.payload, "data", "transcript") or []:
             if isinstance(turn, dict) and turn.get("role") == "agent" and turn.get("message"):
                 return str(turn["message"])
     return None

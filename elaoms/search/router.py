@@ -11,7 +11,7 @@ from elaoms.dependencies import get_services
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.operations.metrics import STORE_ERRORS
 from elaoms.phone import mask
-from elaoms.search.schemas import MemoryOut, SearchRequest, SearchResponse
+from elaoms.search.schemas import SearchRequest, SearchResponse, search_response
 from elaoms.search.service import CallerConflictError, SearchService, resolve_caller
 from elaoms.security import WorkspaceAuth
 
@@ -76,12 +76,4 @@ async def search_data(
         STORE_ERRORS.labels("search").inc()
         logger.warning("search for %s answered empty: store unavailable (%s)", mask(caller), error)
         return SearchResponse(memories_found=0, context="", memories=[])
-    return SearchResponse(
-        memories_found=len(result.memories),
-        context=result.context,
-        memories=[
-            MemoryOut(id=memory.id, content=memory.content, metadata=memory.metadata)
-            for memory in result.memories
-        ],
-        timed_out=result.timed_out or None,
-    )
+    return search_response(result)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from elaoms.search.service import SearchResult
 
 MAX_LIMIT = 50
 
@@ -35,4 +38,17 @@ class SearchResponse(BaseModel):
     memories: list[MemoryOut]
     timed_out: bool | None = Field(
         default=None, description="Present and true when the deadline cut the search short"
+    )
+
+
+def search_response(result: SearchResult) -> SearchResponse:
+    """The tool's answer for a search result (the endpoint and `elaoms search` share it)."""
+    return SearchResponse(
+        memories_found=len(result.memories),
+        context=result.context,
+        memories=[
+            MemoryOut(id=memory.id, content=memory.content, metadata=memory.metadata)
+            for memory in result.memories
+        ],
+        timed_out=result.timed_out or None,
     )

@@ -66,7 +66,9 @@ class SearchService:
 
     async def search(self, user_id: str, query: str, limit: int) -> SearchResult:
         """Raises StoreUnavailableError when the store fails before the deadline."""
-        task = asyncio.create_task(self.store.search(user_id, query, limit))
+        task = asyncio.create_task(
+            self.store.search(user_id, query, limit, max_chars=self.excerpt_budget)
+        )
         done, _ = await asyncio.wait({task}, timeout=self.timeout_ms / 1000)
         if not done:
             # Not awaited after cancel: a store stuck in a thread must not hold the answer.
@@ -81,6 +83,13 @@ class SearchService:
             return SearchResult(memories=[], context="", timed_out=True)
         memories, context = build_context(task.result(), self.context_max_chars)
         return SearchResult(memories=memories, context=context)
+
+    @property
+    def excerpt_budget(self) -> int:
+        """Excerpt text the store may return: the context less the guard line and the
+        per-call date headers and separators the context adds (the ranker counts 25
+        characters per header; 40 covers the "…" lines it does not count)."""
+        return max(0, self.context_max_chars - len(GUARD_LINE) - 40)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._abandoned.discard(task)

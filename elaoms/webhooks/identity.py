@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from elaoms.payloads import dig
 from elaoms.phone import normalize_caller_id
-
-
-def _get(source: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(source, dict):
-            return None
-        source = source.get(key)
-    return source
-
 
 # The seed's priority order: the caller ID ElevenLabs filled in for the call first,
 # explicit user ids next, the raw phone number after, the conversation itself last.
@@ -32,7 +24,7 @@ _USER_ID_PATHS: tuple[tuple[str, ...], ...] = (
 def extract_user_id(data: dict[str, Any]) -> str | None:
     """The caller of a `post_call_transcription` (or similar) `data` object, normalized."""
     for path in _USER_ID_PATHS:
-        value = _get(data, *path)
+        value = dig(data, *path)
         if value not in (None, "") and isinstance(value, str | int):
             return normalize_caller_id(str(value))
     conversation_id = data.get("conversation_id")
@@ -41,10 +33,10 @@ def extract_user_id(data: dict[str, Any]) -> str | None:
 
 def extract_failed_call_party(data: dict[str, Any]) -> str | None:
     """The other party of a `call_initiation_failure`: who was called, or who called."""
-    body = _get(data, "metadata", "body") or {}
+    body = dig(data, "metadata", "body") or {}
     direction = str(body.get("Direction") or body.get("direction") or "")
     number = body.get("To") if direction.startswith("outbound") else body.get("From")
-    number = number or _get(data, "metadata", "phone_call", "external_number")
+    number = number or dig(data, "metadata", "phone_call", "external_number")
     if number:
         return normalize_caller_id(str(number))
     return extract_user_id(data)

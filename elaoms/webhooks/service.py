@@ -121,7 +121,9 @@ class IngestService:
             return Acknowledgement(status="received", memory_id=known)
         user_id = extract_user_id(envelope.data) or data.conversation_id
         path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
-        self.storage.keep(path, body, pending=True)
+        # In a thread: three fsyncs per delivery on the event loop serialized every
+        # delivery (and every other request) behind the disk.
+        await asyncio.to_thread(self.storage.keep, path, body, pending=True)
         logger.info(
             "post-call transcription %s for caller %s kept", data.conversation_id, mask(user_id)
         )
@@ -136,7 +138,7 @@ class IngestService:
             return self._quarantine(body, _describe(error, prefix="data"))
         user_id = extract_failed_call_party(envelope.data) or data.conversation_id
         path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
-        self.storage.keep(path, body, pending=True)
+        await asyncio.to_thread(self.storage.keep, path, body, pending=True)
         logger.info("call initiation failure %s for %s kept", data.conversation_id, mask(user_id))
         return await self._store_within_deadline(
             data.conversation_id, envelope.type, path.parent.name, path.name
@@ -154,7 +156,9 @@ class IngestService:
             )
             return self._quarantine(body, reason)
         user_id = await self._owner_of(data.conversation_id)
-        path = self.storage.keep_audio(audio, data.conversation_id, user_id)
+        path = await asyncio.to_thread(
+            self.storage.keep_audio, audio, data.conversation_id, user_id
+        )
         logger.info(
             "post-call audio for %s kept (%d bytes, %s)",
             data.conversation_id,
