@@ -721,12 +721,15 @@ def run_wrk(
     return result
 
 
-def client_data_lines(rng: random.Random, numbers: list[str], count: int) -> list[str]:
+def client_data_lines(
+    rng: random.Random, numbers: list[str], count: int, *, each_once: bool = False
+) -> list[str]:
+    """Known callers at random; with `each_once`, each number once (strangers call once)."""
     agent = json.loads((FIXTURES / "client_data_request.json").read_text())["agent_id"]
     lines = []
-    for _ in range(count):
+    for index in range(count):
         body = {
-            "caller_id": rng.choice(numbers),
+            "caller_id": numbers[index % len(numbers)] if each_once else rng.choice(numbers),
             "agent_id": agent,
             "called_number": "+14155550199",
             "call_sid": f"CA{rng.getrandbits(128):032x}",
@@ -736,13 +739,13 @@ def client_data_lines(rng: random.Random, numbers: list[str], count: int) -> lis
 
 
 def unknown_numbers(rng: random.Random, known: set[str], count: int) -> list[str]:
-    numbers: list[str] = []
+    numbers: dict[str, None] = {}
     while len(numbers) < count:
         raw = f"+1{rng.choice(['202', '404', '512', '720'])}{rng.randint(201, 989)}"
         raw += f"{rng.randint(0, 9999):04d}"
-        if raw not in known and normalize_caller_id(raw) == raw:
-            numbers.append(raw)
-    return numbers
+        if raw not in known and raw not in numbers and normalize_caller_id(raw) == raw:
+            numbers[raw] = None
+    return list(numbers)
 
 
 def search_lines(rng: random.Random, dataset: Dataset, count: int) -> list[str]:
@@ -820,12 +823,12 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
                                    worker=worker, **ok))
             print_result(results[-1], None)
 
-        env = {**service_env(run_dir), "PYTHONPATH": str(REPO_ROOT)}
+        env = {**service_env(run_dir), "PYTHONPATH": str(REPO_ROOT), **dict(args.env)}
         with gunicorn("main:app", run_dir, env, run_dir / "service.log") as (url, worker):
             rss_start = proc_status(worker, "VmRSS") / 1024
             known = client_data_lines(rng, numbers, 20000)
-            strangers = unknown_numbers(rng, set(numbers), 5000)
-            unknown = client_data_lines(rng, strangers, 20000)
+            strangers = unknown_numbers(rng, set(numbers), 40000)
+            unknown = client_data_lines(rng, strangers[:30000], 30000, each_once=True)
             searches = search_lines(rng, dataset, 20000)
             run_wrk("warm", url, "/webhooks/client-data", known, run_dir, worker=worker,
                     key=API_KEY, duration=warm, **ok)
@@ -834,9 +837,11 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
                 ("client-data unknown", "/webhooks/client-data", unknown),
                 ("search-data", "/webhooks/search-data", searches),
             ]
+            warm_lines = {"client-data unknown": client_data_lines(
+                rng, strangers[30000:], 10000, each_once=True)}
             for name, path, lines in phases:
-                run_wrk("warm", url, path, lines[::-1], run_dir, worker=worker,
-                        key=API_KEY, duration=warm, **ok)
+                run_wrk("warm", url, path, warm_lines.get(name, lines[::-1]), run_dir,
+                        worker=worker, key=API_KEY, duration=warm, **ok)
                 results.append(run_wrk(name, url, path, lines, run_dir, worker=worker,
                                        key=API_KEY, **ok))
                 print_result(results[-1], results[0])
@@ -990,6 +995,8 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "elaoms-bench-seeds")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--env", action="append", default=[], type=lambda v: v.split("=", 1),
+                        metavar="NAME=VALUE", help="extra setting for the service (repeatable)")
     parser.add_argument("--py-spy", type=Path, default=None,
                         help="profile the worker during each endpoint's run into this folder"
                         " (collapsed stacks; needs `pip install py-spy`)")
@@ -1000,6 +1007,8 @@ def main() -> None:
     sizes = [(100, 10), (10_000, 10)] if args.scale else [(args.callers, args.calls)]
     print(f"machine: {machine()}")
     print(f"client: wrk -t1 -c{args.concurrency}, {args.duration:g} s per endpoint")
+    if args.env:
+        print("service settings: " + " ".join(f"{k}={v}" for k, v in args.env))
     runs = [run_size(args, callers, calls) for callers, calls in sizes]
     print_summary(runs)
     if args.json:

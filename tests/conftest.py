@@ -224,6 +224,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     server.stop()
 
 
+@pytest.fixture
+def client(server: ServiceProcess) -> Iterator[httpx.Client]:
+    """A client of the test module's own `server` fixture."""
+    with server.client() as http:
+        yield http
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -44,12 +44,6 @@ def server(
     service.stop()
 
 
-@pytest.fixture
-def client(server: ServiceProcess) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
-
-
 def call(conversation_id: str, caller: str, **changes: Any) -> dict[str, Any]:
     """The fixture call with a new id and caller; `changes` replace `data` keys."""
     payload = transcription(conversation_id, caller)

@@ -55,12 +55,6 @@ def server(
     service.stop()
 
 
-@pytest.fixture
-def client(server: ServiceProcess) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
-
-
 def placeholders(agent_hours: str) -> dict[str, Any]:
     return {
         "conversation_config.agent.dynamic_variables.dynamic_variable_placeholders": {

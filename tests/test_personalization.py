@@ -91,12 +91,6 @@ def server(
     service.stop()
 
 
-@pytest.fixture
-def client(server: ServiceProcess) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
-
-
 def stored_profile(data_dir: Path, user_id: str) -> dict[str, Any]:
     with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
         (blob,) = connection.execute(
