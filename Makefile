@@ -3,17 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint format bench-recall bench-load clean
+.PHONY: install install-test run test lint format bench-recall bench-load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The service alone: light (no model, no test tools).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# Plus the test tools and the optional embeddings extra, which the tests exercise.
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 ## Install, create a development .env when none exists, and serve on 0.0.0.0:8000.
 run: install
@@ -21,7 +29,7 @@ run: install
 	$(BIN)/python main.py
 
 ## Install everything (Python packages and the Redis server the tests use) and run every test.
-test: install
+test: install-test
 	./scripts/install-test-services.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -34,10 +42,10 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench-recall: install
+bench-recall: install-test
 	$(BIN)/python bench/recall.py
 
-bench-load: install
+bench-load: install-test
 	$(BIN)/python bench/load.py
 
 clean:

@@ -15,6 +15,7 @@ from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.personalization.greeting import LLMGreetingWriter
 from elaoms.personalization.service import PersonalizationService
+from elaoms.search import embeddings
 from elaoms.webhooks.service import IngestService
 from elaoms.webhooks.storage import WebhookStorage
 
@@ -61,6 +62,8 @@ class Services:
             settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)
         )
         ingest.hooks.append(personalization.on_call_stored)
+        if embeddings.default_cache() is not None:
+            ingest.hooks.append(embeddings.warm_after_call)
         return cls(
             settings=settings,
             cipher=cipher,

@@ -28,6 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "elevenlabs"
 
+# Servers under test rank by BM25 alone: deterministic, and no background embedding
+# competing for the CPU. tests/test_embeddings.py turns the semantic path on itself.
+os.environ["SEARCH_EMBEDDINGS"] = "off"
+
 HMAC_KEY = "wsec_test_hmac_key_0123456789abcdef"
 WORKSPACE_SECRET = "test-workspace-secret-0123456789"
 
@@ -88,6 +92,7 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "WEBHOOK_QUARANTINE_PATH": str(data_dir / "webhooks" / "quarantine"),
         "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: no real API
         "LOG_LEVEL": "INFO",
+        "SEARCH_EMBEDDINGS": "off",
     }
     env.update(overrides)
     return env

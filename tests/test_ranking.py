@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from elaoms.memory.base import Memory
+from elaoms.search import embeddings
 from elaoms.search.ranking import SEPARATOR, CallerIndex, query_periods
 
 MAY_2023 = int(datetime(2023, 5, 8, tzinfo=UTC).timestamp())
 AUGUST_2023 = int(datetime(2023, 8, 20, tzinfo=UTC).timestamp())
+
+
+@pytest.fixture(autouse=True)
+def _bm25_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lexical ranker alone, whether or not the embeddings extra is installed
+    (tests/test_embeddings.py covers the fused scorer)."""
+    monkeypatch.setattr(embeddings, "default_cache", lambda: None)
 
 
 def call(conversation_id: str, started: int, *messages: str) -> list[Memory]:
@@ -81,3 +91,43 @@ def test_no_words_no_results() -> None:
     index = CallerIndex(call("c1", MAY_2023, "Hello there."))
     assert index.search("the and of", limit=5) == []
     assert CallerIndex([]).search("anything", limit=5) == []
+
+
+def greeted_calls(*pairs: tuple[str, str]) -> list[Memory]:
+    """Calls in which the agent greets the caller as Maria, then one exchange."""
+    memories: list[Memory] = []
+    for number, (caller_line, agent_line) in enumerate(pairs):
+        memories += call(
+            f"c{number}",
+            MAY_2023 + number * 86400,
+            "Hello, it's me again.",
+            "Hi Maria, good to hear from you!",
+            caller_line,
+            agent_line,
+        )
+    return memories
+
+
+def test_a_question_about_a_named_speaker_favours_that_speakers_turns() -> None:
+    memories = greeted_calls(
+        ("I want to buy a red bike.", "Maria, my brother will buy a boat."),
+        ("The weather is lovely.", "It is, enjoy it."),
+        ("Work is busy this week.", "Take care on Friday."),
+    )
+    index = CallerIndex(memories)
+    # "Maria" is how the agent addresses the caller; "Friday" is capitalised, not a name.
+    assert index.speaker_names == {"maria": "user"}
+    best = index.rank("What will Maria buy?")[0][0]
+    assert index.units[best].memory.content == "I want to buy a red bike."
+    # Words alone prefer the agent's turn, which says both "Maria" and "buy".
+    index.speaker_boost = 0
+    best = index.rank("What will Maria buy?")[0][0]
+    assert index.units[best].memory.content == "Maria, my brother will buy a boat."
+
+
+def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
+    memories = greeted_calls(("Fine.", "Good."))  # one call: not enough to learn a name
+    memories += call("c9", MAY_2023 + 9 * 86400, "Hello.", "Great news, great.")
+    memories += call("c10", MAY_2023 + 10 * 86400, "Hello.", "Great to hear.")
+    # "great" is said lower-cased too; "Maria" in one call of three is below the share.
+    assert CallerIndex(memories).speaker_names == {}

@@ -307,3 +307,26 @@ def test_slow_store_answers_by_the_deadline_and_search_writes_nothing(tmp_path: 
         assert {
             path: path.stat().st_mtime_ns for path in settings.webhook_storage_path.rglob("*")
         } == files
+
+
+def test_the_context_budget_reaches_the_store(tmp_path: Path) -> None:
+    """A budget larger than the ranker's default brings more excerpt text, not just a
+    larger cut of the same ~2,800 characters."""
+    from elaoms.memory.units import call_memories
+    from elaoms.search.service import SearchService
+
+    store = SQLiteStore(tmp_path / "memory.sqlite3")
+    for number in range(8):
+        turns = [
+            ("user" if i % 2 == 0 else "agent", f"Call {number} turn {i}: the garden fence, roses.")
+            for i in range(30)
+        ]
+        payload = transcription(f"conv_wide_{number}", ALICE, turns=turns)
+        asyncio.run(store.add_call(ALICE, payload, call_memories(ALICE, payload)))
+    for budget in (1500, 3000, 6000):
+        service = SearchService(store=store, context_max_chars=budget)
+        result = asyncio.run(service.search(ALICE, "garden fence roses", 10))
+        assert budget - 200 < len(result.context) <= budget
+        assert [memory.content in result.context for memory in result.memories] == [True] * len(
+            result.memories
+        )

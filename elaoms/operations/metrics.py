@@ -38,6 +38,11 @@ STORE_RETRIES = Counter("elaoms_store_retries_total", "Retried attempts to store
 STORE_ERRORS = Counter("elaoms_store_errors_total", "Failed memory-store operations", ["operation"])
 QUARANTINED = Counter("elaoms_quarantined_total", "Signed deliveries moved to quarantine")
 ALERTS = Counter("elaoms_alerts_total", "Alerts raised", ["kind"])
+EMBEDDING_BACKLOG = Gauge(
+    "elaoms_embedding_batches_queued",
+    "Batches of memories waiting to be embedded for search (optional embeddings extra)",
+    multiprocess_mode="livesum",
+)
 FOREIGN_MEMORIES_DROPPED = Counter(
     "elaoms_foreign_memories_dropped_total",
     "Memories a backend returned for another user than the one asked for (dropped)",

@@ -11,6 +11,8 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from functools import lru_cache
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,6 +44,17 @@ def endpoint_label(path: str) -> str:
     if path.startswith(("/docs", "/redoc", "/openapi")):
         return "/docs"
     return "other"
+
+
+# The labelled children, looked up once: `labels()` validates and locks on every call.
+@lru_cache(maxsize=256)
+def _requests(label: str, status: int) -> Any:
+    return REQUESTS.labels(label, str(status))
+
+
+@lru_cache(maxsize=64)
+def _latency(label: str) -> Any:
+    return LATENCY.labels(label)
 
 
 def parse_networks(spec: str) -> list[IPNetwork]:
@@ -88,8 +101,8 @@ class OperationsMiddleware:
                     return
             await self.app(scope, receive, send_with_status)
         finally:
-            REQUESTS.labels(label, str(status_holder["status"])).inc()
-            LATENCY.labels(label).observe(time.perf_counter() - started)
+            _requests(label, status_holder["status"]).inc()
+            _latency(label).observe(time.perf_counter() - started)
 
     def _source_address(self, scope: Scope) -> str:
         # Only a configured proxy header is believed: anyone can send X-Forwarded-For.

@@ -25,14 +25,18 @@ import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from elaoms.memory.units import call_memories
+from elaoms.operations.metrics import EMBEDDING_BACKLOG
+
 if TYPE_CHECKING:  # numpy is only there with the extra
     import numpy as np
 
-    from elaoms.memory.base import Memory
+    from elaoms.memory.base import CallReceipt, Memory
 
 logger = logging.getLogger(__name__)
 
@@ -188,32 +192,72 @@ class MiniLMEmbedder:
 # Vectors, cached ---------------------------------------------------------------------------
 class VectorCache:
     """Text -> vector, process-wide and bounded, so a caller's index rebuilt after a new
-    call embeds only the new turns. One lock: two searches building the same caller's
-    index wait for one computation instead of doing it twice."""
+    call embeds only the new turns.
+
+    Embedding a caller's history takes seconds, so it never runs on a search: an index
+    takes vectors only once all of its texts are cached (`cached`), and missing ones are
+    computed by one background thread (`fill_in_background`), which also keeps the model
+    to one core while the webhooks serve on the other."""
 
     def __init__(self, embedder: Embedder, max_entries: int = 50_000) -> None:
         self.embedder = embedder
         self.max_entries = max_entries
         self._vectors: OrderedDict[bytes, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings")
+        self._queued: set[bytes] = set()
 
     def vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for `texts`, embedding what is missing (slow: not for a search path)."""
+        keys = _keys(texts)
+        with self._lock:
+            missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._vectors}
+        if missing:  # outside the lock: searches keep reading the cache meanwhile
+            fresh = self.embedder.embed(list(missing.values()))
+            with self._lock:
+                for key, vector in zip(missing, fresh, strict=True):
+                    self._vectors[key] = vector.astype("float16")
+        with self._lock:
+            return self._rows(keys)
+
+    def cached(self, texts: Sequence[str]) -> np.ndarray | None:
+        """Vectors for `texts` if every one is cached already, else None. Never embeds."""
+        keys = _keys(texts)
+        with self._lock:
+            if any(key not in self._vectors for key in keys):
+                return None
+            return self._rows(keys)
+
+    def fill_in_background(self, texts: Sequence[str]) -> None:
+        """Queue the embedding of `texts` unless the same batch is already queued."""
+        batch = hashlib.blake2b("\x00".join(texts).encode(), digest_size=16).digest()
+        with self._lock:
+            if batch in self._queued:
+                return
+            self._queued.add(batch)
+        EMBEDDING_BACKLOG.inc()
+
+        def work() -> None:
+            try:
+                self.vectors(texts)
+            except Exception:  # a failed batch leaves that index on BM25 alone
+                logger.exception("search embeddings: background embedding failed")
+            finally:
+                with self._lock:
+                    self._queued.discard(batch)
+                EMBEDDING_BACKLOG.dec()
+
+        self._background.submit(work)
+
+    def _rows(self, keys: list[bytes]) -> np.ndarray:
         import numpy as np
 
-        keys = [hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts]
-        with self._lock:
-            missing = {key: text for key, text in zip(keys, texts, strict=True)}
-            missing = {key: text for key, text in missing.items() if key not in self._vectors}
-            if missing:
-                fresh = self.embedder.embed(list(missing.values()))
-                for key, vector in zip(missing, fresh, strict=True):
-                    self._vectors[key] = vector.astype(np.float16)
-            rows = []
-            for key in keys:
-                self._vectors.move_to_end(key)
-                rows.append(self._vectors[key])
-            while len(self._vectors) > self.max_entries:
-                self._vectors.popitem(last=False)
+        rows = []
+        for key in keys:
+            self._vectors.move_to_end(key)
+            rows.append(self._vectors[key])
+        while len(self._vectors) > self.max_entries:
+            self._vectors.popitem(last=False)
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 384), np.float32)
 
     def query(self, text: str) -> np.ndarray:
@@ -268,10 +312,25 @@ def reset_default() -> None:
         _default, _default_resolved = None, False
 
 
-def warm(memories: Iterable[Memory]) -> None:
-    """Embed memories ahead of the first search that needs them (no-op when off)."""
+def warm(memories: Iterable[Memory], *, wait: bool = False) -> None:
+    """Embed memories ahead of the first search that needs them (no-op when off); in the
+    background unless `wait`."""
     cache = default_cache()
     if cache is not None:
         texts = [memory.content for memory in memories if memory.metadata.get("kind") != "summary"]
-        if texts:
+        if not texts:
+            return
+        if wait:
             cache.vectors(texts)
+        else:
+            cache.fill_in_background(texts)
+
+
+async def warm_after_call(user_id: str, payload: dict[str, Any], receipt: CallReceipt) -> None:
+    """Post-call hook: queue the new call's turns for embedding, so the caller's next
+    search already has their vectors (in this process)."""
+    warm(call_memories(user_id, payload))
+
+
+def _keys(texts: Sequence[str]) -> list[bytes]:
+    return [hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts]

@@ -59,6 +59,7 @@ _CALENDAR_WORDS = frozenset(
 )
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
 _LOWER_WORD = re.compile(r"\b[a-z]+\b")
+_MID_SENTENCE_CAPITALISED = re.compile(r"(?<=[A-Za-z0-9,;:] )[A-Z][a-z]+\b")
 
 
 @lru_cache(maxsize=65536)
@@ -222,21 +223,28 @@ class CallerIndex:
 
             vectors = default_cache()
         self.vector_cache: VectorCache | None = vectors if self.units else None
+        self._texts = [unit.memory.content for unit in self.units]
         self.vectors = None
         if self.vector_cache is not None:
-            self.vectors = self.vector_cache.vectors([unit.memory.content for unit in self.units])
+            # Never embed here: a search is waiting. Until the background fill is done the
+            # index ranks by BM25 alone, then picks the vectors up (see `rank`).
+            self.vectors = self.vector_cache.cached(self._texts)
+            if self.vectors is None:
+                self.vector_cache.fill_in_background(self._texts)
 
     def _speaker_names(self) -> dict[str, str]:
         """Name (lower-cased) -> role, learnt from how the speakers address each other.
 
         People say the other's name ("Thanks, Maria!") and rarely their own, so a
         capitalised word that one role says in many calls, that the other role almost never
-        says, and that never appears lower-cased (not a common word) names the other role.
+        says, that never appears lower-cased (not a common word) and that is capitalised
+        inside a sentence at least once (not "Hello.") names the other role.
         A question about that person ("What did Maria paint?") is then about that role's
         turns, while the name itself only occurs in the other role's.
         """
         calls_saying: dict[str, dict[str, set[int]]] = {}
         lower: set[str] = set()
+        mid_sentence: set[str] = set()  # "Hi Maria": a name; "Hello." opens a sentence
         for unit in self.units:
             if unit.call < 0:
                 continue
@@ -245,6 +253,9 @@ class CallerIndex:
             for word in set(_CAPITALISED.findall(unit.memory.content)):
                 said.setdefault(word.lower(), set()).add(unit.call)
             lower.update(_LOWER_WORD.findall(unit.memory.content))
+            mid_sentence.update(
+                word.lower() for word in _MID_SENTENCE_CAPITALISED.findall(unit.memory.content)
+            )
         if len(calls_saying) != 2:
             return {}
         needed = max(2, self.speaker_name_calls * len(self.calls))
@@ -259,6 +270,7 @@ class CallerIndex:
                     len(calls) >= needed
                     and len(said_by_self.get(word, ())) <= 0.1 * len(calls)
                     and word not in lower
+                    and word in mid_sentence
                     and word not in STOP_WORDS
                     and word not in _CALENDAR_WORDS
                 ):
@@ -343,6 +355,8 @@ class CallerIndex:
         if not query_terms:
             return []
         turn_scores = self._turn_scores(query_terms)
+        if self.vectors is None and self.vector_cache is not None:
+            self.vectors = self.vector_cache.cached(self._texts)
         if self.vectors is not None and self.vector_cache is not None and self.dense_weight:
             turn_scores = self._fuse(turn_scores, self.vector_cache.query(query))
         dated = self._dated_calls(query)
