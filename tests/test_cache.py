@@ -13,7 +13,7 @@ import redis
 
 from elaoms.operations.cache import TwoLevelCache, caller_key
 
-from conftest import ServiceProcess, transcription
+from conftest import ServiceProcess, transcription, wait_until
 from standins import ElevenLabsStandIn, RedisServer, ask, deliver_and_wait, first_message
 
 
@@ -125,9 +125,15 @@ def test_two_services_share_prepared_profiles_through_redis(
         try:
             with first.client() as client_a, second.client() as client_b:
                 expected = deliver_and_wait(client_a, transcription("conv_shared", caller), caller)
-                answer, elapsed = ask(client_b, caller)
+
+                def shared_answer() -> tuple[dict, float] | None:
+                    # A Redis call slower than its 50 ms budget (a loaded CI machine) sends B
+                    # to its local cache for a few seconds, by design: ask until it is back.
+                    answer, elapsed = ask(client_b, caller)
+                    return (answer, elapsed) if answer == expected else None
+
+                answer, elapsed = wait_until(shared_answer, timeout=20, interval=0.5)
                 assert elapsed < 0.5
-                assert answer == expected
                 assert first_message(answer).startswith("Hi Maria, welcome back")
         finally:
             first.stop()

@@ -75,6 +75,8 @@ def test_metrics_count_requests_refusals_and_quarantine(service: ServiceProcess)
         post(client, transcription("conv_metrics", caller="+14155550701"))
         client.post("/webhooks/post-call", content=b"{}", headers={"ElevenLabs-Signature": "bad"})
         post(client, b"not json")
+        # The call leaves the queue once its profile is prepared, after the answer.
+        wait_until(lambda: not list((service.data_dir / "webhooks" / "_pending").iterdir()))
         text = client.get("/metrics").text
     assert 'elaoms_requests_total{endpoint="/webhooks/post-call",status="200"}' in text
     assert 'elaoms_requests_total{endpoint="/webhooks/post-call",status="401"}' in text
