@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -152,3 +155,34 @@ def test_client_data_never_answers_500(
     service: ServiceProcess, body: Any, api_key: str | None
 ) -> None:
     _api_key_fuzz(service, "/webhooks/client-data", body, api_key)
+
+
+ADMIN_KEY = "fuzz-admin-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def admin_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    server = ServiceProcess(
+        tmp_path_factory.mktemp("admin-fuzz"), env={"ADMIN_API_KEY": ADMIN_KEY}
+    ).start()
+    yield server
+    server.stop()
+
+
+@FUZZ
+@given(
+    caller=st.text(min_size=1, max_size=30),
+    key=st.one_of(st.none(), st.text(max_size=40), st.just(ADMIN_KEY)),
+    method=st.sampled_from(["GET", "DELETE"]),
+)
+def test_admin_endpoints_never_answer_500(
+    admin_service: ServiceProcess, caller: str, key: str | None, method: str
+) -> None:
+    path = f"/admin/callers/{quote(caller, safe='')}" + ("/export" if method == "GET" else "")
+    headers = {} if key is None else {"X-Admin-Key": header_value(key)}
+    with httpx.Client(base_url=admin_service.url, timeout=30) as client:
+        response = client.request(method, path, headers=headers)
+    if key != ADMIN_KEY:
+        assert response.status_code in {401, 404}, response.text  # 404: not a caller route
+    else:
+        assert response.status_code in {200, 400, 404}, response.text  # 400: blank caller
