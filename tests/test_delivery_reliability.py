@@ -270,8 +270,9 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_call(tmp_path: Path) -> No
             "-k",
             "uvicorn.workers.UvicornWorker",
         ],
+        [sys.executable, "-m", "elaoms.cli", "serve"],
     ],
-    ids=["python-main", "uvicorn", "gunicorn"],
+    ids=["python-main", "uvicorn", "gunicorn", "elaoms-serve"],
 )
 def test_every_documented_start_command_serves(tmp_path: Path, command: list[str]) -> None:
     from conftest import REPO_ROOT

@@ -197,7 +197,7 @@ class IngestService:
             receipt = await asyncio.wait_for(
                 asyncio.shield(stored), timeout=self.settings.post_call_store_timeout_ms / 1000
             )
-        except (TimeoutError, Exception):
+        except Exception:  # timed out, or the store failed: the retries go on
             return Acknowledgement(status="queued")
         if receipt is None:  # another worker holds this delivery: it was a duplicate
             existing = await self._existing_receipt(conversation_id, event_type)
