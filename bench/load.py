@@ -50,9 +50,11 @@ from elaoms.phone import normalize_caller_id  # noqa: E402
 from elaoms.services import Services  # noqa: E402
 from elaoms.webhooks.signature import sign  # noqa: E402
 
-FIXTURES = Path(
-    os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared")
-) / "fixtures" / "elevenlabs"
+FIXTURES = (
+    Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+    / "fixtures"
+    / "elevenlabs"
+)
 HMAC_KEY = "wsec_bench_hmac_key_0123456789abcdef"
 API_KEY = "bench-workspace-secret-0123456789"
 SEED_FORMAT = 1  # bump when the synthetic data changes, so cached stores are rebuilt
@@ -61,21 +63,109 @@ START = 1_704_067_200  # 2024-01-01T00:00:00Z: the first seeded call
 # --------------------------------------------------------------------------------------
 # Synthetic, deterministic calls to a dental front desk (the shared fixture's agent)
 # --------------------------------------------------------------------------------------
-FIRST = (
-    "Maria James Aisha Tom Priya Chen Lucas Emma Omar Sofia Daniel Grace Ivan Fatima Noah "
-    "Hannah Mateo Yuki Samuel Olivia Kwame Elena Ravi Chloe Diego Nina Pedro Laura Ahmed Zoe"
-).split()
-LAST = (
-    "Lopez Smith Khan Nguyen Patel Garcia Kim Brown Rossi Silva Cohen Okafor Muller Tanaka "
-    "Novak Haddad Jensen Moreau Singh Walker Costa Ibrahim Schmidt Park Fischer Reyes"
-).split()
-RELATIONS = "daughter son husband wife mother father grandson granddaughter partner".split()
-KIDS = "Sofia Leo Mia Ben Ava Sam Lily Max Ella Jack Ruby Theo Isla Finn".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday".split()
-TIMES = "8 am|9 am|10 am|11:30|noon|1 pm|2:15|3 pm|4:30|5 pm".split("|")
-DOCTORS = "Dr. Chen|Dr. Alvarez|Dr. Osei|Dr. Brennan|Dr. Kaur".split("|")
-INSURERS = "Delta Dental|Cigna|MetLife|Aetna|Guardian|Humana".split("|")
-MONTHS = "January February March April May June July August September October".split()
+FIRST = [
+    "Maria",
+    "James",
+    "Aisha",
+    "Tom",
+    "Priya",
+    "Chen",
+    "Lucas",
+    "Emma",
+    "Omar",
+    "Sofia",
+    "Daniel",
+    "Grace",
+    "Ivan",
+    "Fatima",
+    "Noah",
+    "Hannah",
+    "Mateo",
+    "Yuki",
+    "Samuel",
+    "Olivia",
+    "Kwame",
+    "Elena",
+    "Ravi",
+    "Chloe",
+    "Diego",
+    "Nina",
+    "Pedro",
+    "Laura",
+    "Ahmed",
+    "Zoe",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Nguyen",
+    "Patel",
+    "Garcia",
+    "Kim",
+    "Brown",
+    "Rossi",
+    "Silva",
+    "Cohen",
+    "Okafor",
+    "Muller",
+    "Tanaka",
+    "Novak",
+    "Haddad",
+    "Jensen",
+    "Moreau",
+    "Singh",
+    "Walker",
+    "Costa",
+    "Ibrahim",
+    "Schmidt",
+    "Park",
+    "Fischer",
+    "Reyes",
+]
+RELATIONS = [
+    "daughter",
+    "son",
+    "husband",
+    "wife",
+    "mother",
+    "father",
+    "grandson",
+    "granddaughter",
+    "partner",
+]
+KIDS = [
+    "Sofia",
+    "Leo",
+    "Mia",
+    "Ben",
+    "Ava",
+    "Sam",
+    "Lily",
+    "Max",
+    "Ella",
+    "Jack",
+    "Ruby",
+    "Theo",
+    "Isla",
+    "Finn",
+]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+TIMES = ["8 am", "9 am", "10 am", "11:30", "noon", "1 pm", "2:15", "3 pm", "4:30", "5 pm"]
+DOCTORS = ["Dr. Chen", "Dr. Alvarez", "Dr. Osei", "Dr. Brennan", "Dr. Kaur"]
+INSURERS = ["Delta Dental", "Cigna", "MetLife", "Aetna", "Guardian", "Humana"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+]
 
 # topic: (title, caller lines, agent lines); {slots} are filled per call
 TOPICS: dict[str, tuple[str, list[str], list[str]]] = {
@@ -232,8 +322,8 @@ SEARCH_WORDS = {
     "cancel": ["cancel flu", "cancelled appointment {day}"],
     "results": ["x-ray cavity molar", "filling before {month2}", "afternoon appointments"],
 }
-CITIES = "Oakland Fresno Denver Austin Portland Boston Tucson Madison".split()
-STREETS = "Elm Oak Maple Cedar Pine Market Mission Valencia".split()
+CITIES = ["Oakland", "Fresno", "Denver", "Austin", "Portland", "Boston", "Tucson", "Madison"]
+STREETS = ["Elm", "Oak", "Maple", "Cedar", "Pine", "Market", "Mission", "Valencia"]
 
 TURN_FIELDS = {  # every turn carries these in real deliveries (see the shared fixture)
     "tool_calls": [],
@@ -358,16 +448,13 @@ def make_call(
     variables["system__conversation_id"] = conversation_id
     variables["system__call_duration_secs"] = offset
     analysis = data["analysis"]
-    analysis["transcript_summary"] = (
-        f"{caller.name} called about: {title.lower()}. "
-        + " ".join(line.format(**slots) for line in agent_lines[:2])
+    analysis["transcript_summary"] = f"{caller.name} called about: {title.lower()}. " + " ".join(
+        line.format(**slots) for line in agent_lines[:2]
     )
     analysis["call_summary_title"] = title
     results = analysis["data_collection_results"]
     results["caller_name"]["value"] = caller.name
-    results["follow_up"]["value"] = (
-        agent_lines[-1].format(**slots) if rng.random() < 0.5 else None
-    )
+    results["follow_up"]["value"] = agent_lines[-1].format(**slots) if rng.random() < 0.5 else None
     return payload, topic
 
 
@@ -442,15 +529,13 @@ async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dat
     await store.put_agent_profile(agent["agent_id"], agent, time.time())
     dataset, stream = build_dataset(callers, calls, seed)
     started = time.monotonic()
-    done = 0
     previous: str | None = None
-    for caller, payload in stream:
+    for done, (_, payload) in enumerate(stream, start=1):
         user_id, memories = services.ingest._memories_of(payload)
         await store.add_call(user_id, payload, memories)
         if previous not in (None, user_id):
             await services.personalization.prepare_caller(previous)
         previous = user_id
-        done += 1
         if done % 5000 == 0:
             rate = done / (time.monotonic() - started)
             print(f"  seeded {done:,}/{callers * calls:,} calls ({rate:,.0f}/s)", flush=True)
@@ -815,12 +900,13 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
         print(f"\n== {callers * calls:,} stored calls ({callers:,} callers x {calls})", flush=True)
         # The floor: same command, same client, same concurrency, same size of request.
         floor_lines = client_data_lines(rng, numbers, 2000)
-        with gunicorn("floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)},
-                      run_dir / "floor.log") as (url, worker):
-            run_wrk("warm", url, "/floor", floor_lines, run_dir, worker=worker,
-                    duration=warm, **ok)
-            results.append(run_wrk("floor", url, "/floor", floor_lines, run_dir,
-                                   worker=worker, **ok))
+        with gunicorn(
+            "floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)}, run_dir / "floor.log"
+        ) as (url, worker):
+            run_wrk("warm", url, "/floor", floor_lines, run_dir, worker=worker, duration=warm, **ok)
+            results.append(
+                run_wrk("floor", url, "/floor", floor_lines, run_dir, worker=worker, **ok)
+            )
             print_result(results[-1], None)
 
         env = {**service_env(run_dir), "PYTHONPATH": str(REPO_ROOT), **dict(args.env)}
@@ -830,29 +916,68 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
             strangers = unknown_numbers(rng, set(numbers), 40000)
             unknown = client_data_lines(rng, strangers[:30000], 30000, each_once=True)
             searches = search_lines(rng, dataset, 20000)
-            run_wrk("warm", url, "/webhooks/client-data", known, run_dir, worker=worker,
-                    key=API_KEY, duration=warm, **ok)
+            run_wrk(
+                "warm",
+                url,
+                "/webhooks/client-data",
+                known,
+                run_dir,
+                worker=worker,
+                key=API_KEY,
+                duration=warm,
+                **ok,
+            )
             phases = [
                 ("client-data known", "/webhooks/client-data", known),
                 ("client-data unknown", "/webhooks/client-data", unknown),
                 ("search-data", "/webhooks/search-data", searches),
             ]
-            warm_lines = {"client-data unknown": client_data_lines(
-                rng, strangers[30000:], 10000, each_once=True)}
+            warm_lines = {
+                "client-data unknown": client_data_lines(
+                    rng, strangers[30000:], 10000, each_once=True
+                )
+            }
             for name, path, lines in phases:
-                run_wrk("warm", url, path, warm_lines.get(name, lines[::-1]), run_dir,
-                        worker=worker, key=API_KEY, duration=warm, **ok)
-                results.append(run_wrk(name, url, path, lines, run_dir, worker=worker,
-                                       key=API_KEY, **ok))
+                run_wrk(
+                    "warm",
+                    url,
+                    path,
+                    warm_lines.get(name, lines[::-1]),
+                    run_dir,
+                    worker=worker,
+                    key=API_KEY,
+                    duration=warm,
+                    **ok,
+                )
+                results.append(
+                    run_wrk(name, url, path, lines, run_dir, worker=worker, key=API_KEY, **ok)
+                )
                 print_result(results[-1], results[0])
 
             count = int(args.post_call_max)
-            warm_lines, warm_ids = post_call_lines(rng, dataset, 300, "w")
+            warm_lines, _ = post_call_lines(rng, dataset, 300, "w")
             lines, sent_ids = post_call_lines(rng, dataset, count, "m")
-            run_wrk("post-warm", url, "/webhooks/post-call", warm_lines, run_dir,
-                    worker=worker, once=True, duration=warm, **ok)
-            post = run_wrk("post-call", url, "/webhooks/post-call", lines, run_dir,
-                           worker=worker, once=True, **ok)
+            run_wrk(
+                "post-warm",
+                url,
+                "/webhooks/post-call",
+                warm_lines,
+                run_dir,
+                worker=worker,
+                once=True,
+                duration=warm,
+                **ok,
+            )
+            post = run_wrk(
+                "post-call",
+                url,
+                "/webhooks/post-call",
+                lines,
+                run_dir,
+                worker=worker,
+                once=True,
+                **ok,
+            )
             results.append(post)
             print_result(post, results[0])
             left = wait_for_pending(run_dir)
@@ -860,6 +985,9 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
             master = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
             master_hwm = proc_status(int(master), "VmHWM") / 1024
 
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        for log in ("floor.log", "service.log"):
+            shutil.copyfile(run_dir / log, args.log_dir / f"{args.size_label}-{log}")
         verified, all_stored = verify_post_calls(run_dir, post, sent_ids, left)
         print(f"  post-call check: {verified}", flush=True)
         print(f"  server worker peak memory (VmHWM): {hwm:.0f} MB", flush=True)
@@ -983,23 +1111,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--callers", type=int, default=10_000)
     parser.add_argument("--calls", type=int, default=10, help="calls per caller")
-    parser.add_argument("--scale", action="store_true",
-                        help="run 100 x 10 then 10,000 x 10 calls and show how figures move")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="run 100 x 10 then 10,000 x 10 calls and show how figures move",
+    )
     parser.add_argument("--seed", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
-    parser.add_argument("--post-call-max", type=int, default=15_000,
-                        help="signed deliveries prepared: the post-call run sends each once")
+    parser.add_argument(
+        "--post-call-max",
+        type=int,
+        default=15_000,
+        help="signed deliveries prepared: the post-call run sends each once",
+    )
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "elaoms-bench-seeds")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "elaoms-bench-seeds"
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "elaoms-bench-logs",
+        help="where the servers' logs are kept after the run",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--env", action="append", default=[], type=lambda v: v.split("=", 1),
-                        metavar="NAME=VALUE", help="extra setting for the service (repeatable)")
-    parser.add_argument("--py-spy", type=Path, default=None,
-                        help="profile the worker during each endpoint's run into this folder"
-                        " (collapsed stacks; needs `pip install py-spy`)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=lambda v: v.split("=", 1),
+        metavar="NAME=VALUE",
+        help="extra setting for the service (repeatable)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        help="profile the worker during each endpoint's run into this folder"
+        " (collapsed stacks; needs `pip install py-spy`)",
+    )
     args = parser.parse_args()
     if not shutil.which(args.wrk):
         sys.exit("wrk is not installed: apt-get install wrk (see docs/performance.md)")

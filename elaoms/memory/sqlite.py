@@ -90,10 +90,6 @@ class SQLiteStore(MemoryStore):
         self._connections_lock = threading.Lock()
         self._indexes: OrderedDict[str, tuple[tuple[int, int], CallerIndex]] = OrderedDict()
         self._indexes_lock = threading.Lock()
-        # This process's writers queue here instead of in SQLite's busy handler, which
-        # sleeps 1 to 100 ms between tries: under concurrent post-calls that sleeping, not
-        # the writing, bounded throughput. Other processes still meet the busy timeout.
-        self._write_lock = threading.RLock()
         self._index_cache_size = index_cache_size
         self._initialize()
 
@@ -127,15 +123,14 @@ class SQLiteStore(MemoryStore):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         connection = self._connection()
-        with self._write_lock:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            else:
-                connection.execute("COMMIT")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        else:
+            connection.execute("COMMIT")
 
     async def _run(self, function: Callable[[], T]) -> T:
         try:
