@@ -21,7 +21,7 @@ import uvicorn
 
 from elaoms.app import create_app
 from elaoms.config import Settings
-from elaoms.memory.base import MemoryStore
+from elaoms.memory.base import Memory, MemoryStore
 from elaoms.webhooks.signature import sign
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,25 @@ def transcription(
         ]
     data["analysis"].update(analysis)
     return payload
+
+
+def turn_memories(conversation_id: str, started: int, *messages: str) -> list[Memory]:
+    """One call's transcript turns as the store keeps them, caller and agent in turn."""
+    return [
+        Memory(
+            id=f"{conversation_id}#t{index}",
+            user_id="+14155550123",
+            content=message,
+            metadata={
+                "kind": "turn",
+                "conversation_id": conversation_id,
+                "call_started_at": started,
+                "role": "user" if index % 2 == 0 else "agent",
+                "turn_index": index,
+            },
+        )
+        for index, message in enumerate(messages)
+    ]
 
 
 def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from elaoms.search import embeddings
 from elaoms.search.embeddings import VectorCache, WordPieceTokenizer
 from elaoms.search.ranking import CallerIndex
 
-from conftest import wait_until
+from conftest import turn_memories, wait_until
 
 np = pytest.importorskip("numpy")  # the fused scorer's arithmetic is numpy's
 
@@ -24,21 +24,7 @@ STARTED = int(datetime(2023, 5, 8, tzinfo=UTC).timestamp())
 
 
 def call(conversation_id: str, *messages: str) -> list[Memory]:
-    return [
-        Memory(
-            id=f"{conversation_id}#t{index}",
-            user_id="+14155550123",
-            content=message,
-            metadata={
-                "kind": "turn",
-                "conversation_id": conversation_id,
-                "call_started_at": STARTED,
-                "role": "user" if index % 2 == 0 else "agent",
-                "turn_index": index,
-            },
-        )
-        for index, message in enumerate(messages)
-    ]
+    return turn_memories(conversation_id, STARTED, *messages)
 
 
 class ConceptEmbedder:

@@ -10,6 +10,8 @@ from elaoms.memory.base import Memory
 from elaoms.search import embeddings
 from elaoms.search.ranking import SEPARATOR, CallerIndex, query_periods
 
+from conftest import turn_memories
+
 MAY_2023 = int(datetime(2023, 5, 8, tzinfo=UTC).timestamp())
 AUGUST_2023 = int(datetime(2023, 8, 20, tzinfo=UTC).timestamp())
 
@@ -21,22 +23,7 @@ def _bm25_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embeddings, "default_cache", lambda: None)
 
 
-def call(conversation_id: str, started: int, *messages: str) -> list[Memory]:
-    return [
-        Memory(
-            id=f"{conversation_id}#t{index}",
-            user_id="+14155550123",
-            content=message,
-            metadata={
-                "kind": "turn",
-                "conversation_id": conversation_id,
-                "call_started_at": started,
-                "role": "user" if index % 2 == 0 else "agent",
-                "turn_index": index,
-            },
-        )
-        for index, message in enumerate(messages)
-    ]
+call = turn_memories  # (conversation_id, started, *messages)
 
 
 def test_the_answer_next_to_the_question_is_found() -> None:
