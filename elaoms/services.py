@@ -16,6 +16,7 @@ from elaoms.operations.crypto import PayloadCipher
 from elaoms.personalization.greeting import LLMGreetingWriter
 from elaoms.personalization.service import PersonalizationService
 from elaoms.search import embeddings
+from elaoms.search.service import SearchService
 from elaoms.webhooks.service import IngestService
 from elaoms.webhooks.storage import WebhookStorage
 
@@ -33,6 +34,7 @@ class Services:
     elevenlabs: ElevenLabsClient
     agents: AgentProfiles
     personalization: PersonalizationService
+    search: SearchService
 
     @classmethod
     def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
@@ -64,6 +66,11 @@ class Services:
         ingest.hooks.append(personalization.on_call_stored)
         if embeddings.default_cache() is not None:
             ingest.hooks.append(embeddings.warm_after_call)
+        search = SearchService(
+            store,
+            context_max_chars=settings.search_context_max_chars,
+            timeout_ms=settings.search_timeout_ms,
+        )
         return cls(
             settings=settings,
             cipher=cipher,
@@ -76,6 +83,7 @@ class Services:
             elevenlabs=elevenlabs,
             agents=agents,
             personalization=personalization,
+            search=search,
         )
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -105,12 +106,10 @@ async def search_as_tool(
 ) -> dict[str, Any]:
     """The body the search-data tool would answer, for this caller and query."""
     from elaoms.search.schemas import search_response
-    from elaoms.search.service import SearchService
 
-    service = SearchService(
-        services.store,
-        context_max_chars=services.settings.search_context_max_chars,
-        timeout_ms=max(services.settings.search_timeout_ms, CLI_SEARCH_TIMEOUT_MS),
+    # The tool's own service, with only the deadline an operator can afford.
+    service = dataclasses.replace(
+        services.search, timeout_ms=max(services.search.timeout_ms, CLI_SEARCH_TIMEOUT_MS)
     )
     result = await service.search(user_id, query, limit)
     return search_response(result).model_dump(exclude_none=True)

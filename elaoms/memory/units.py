@@ -11,6 +11,7 @@ from typing import Any
 from elaoms.memory.base import Memory
 
 TRANSCRIPTION = "post_call_transcription"
+INITIATION_FAILURE = "call_initiation_failure"
 
 
 def call_started_at(data: dict[str, Any], event_timestamp: int | None) -> int | None:
@@ -84,3 +85,25 @@ def call_memories(user_id: str, payload: dict[str, Any]) -> list[Memory]:
             )
         )
     return memories
+
+
+def failure_memories(user_id: str, payload: dict[str, Any]) -> list[Memory]:
+    """The one unit of a `call_initiation_failure`: that a call did not connect, and why."""
+    data = payload.get("data") or {}
+    reason = data.get("failure_reason") or "unknown"
+    return [
+        Memory(
+            id=f"{data.get('conversation_id')}#failure",
+            user_id=user_id,
+            content=f"A call could not be connected ({reason}).",
+            metadata={
+                "kind": "call_failure",
+                "conversation_id": data.get("conversation_id"),
+                "agent_id": data.get("agent_id"),
+                "event_type": INITIATION_FAILURE,
+                "event_timestamp": payload.get("event_timestamp"),
+                "failure_reason": reason,
+            },
+            created_at=float(payload.get("event_timestamp") or 0),
+        )
+    ]

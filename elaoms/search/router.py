@@ -5,33 +5,19 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, Request, status
+from fastapi import APIRouter, Body, Header, HTTPException, status
 
-from elaoms.dependencies import get_services
+from elaoms.dependencies import ServicesDep
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.operations.metrics import STORE_ERRORS
 from elaoms.phone import mask
 from elaoms.search.schemas import SearchRequest, SearchResponse, search_response
-from elaoms.search.service import CallerConflictError, SearchService, resolve_caller
+from elaoms.search.service import CallerConflictError, resolve_caller
 from elaoms.security import WorkspaceAuth
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-
-def _search_service(request: Request) -> SearchService:
-    # One per app, made on first use: it owns the searches abandoned at the deadline.
-    service: SearchService | None = getattr(request.app.state, "search_service", None)
-    if service is None:
-        services = get_services(request)
-        service = SearchService(
-            services.store,
-            context_max_chars=services.settings.search_context_max_chars,
-            timeout_ms=services.settings.search_timeout_ms,
-        )
-        request.app.state.search_service = service
-    return service
 
 
 @router.post(
@@ -46,7 +32,7 @@ def _search_service(request: Request) -> SearchService:
     },
 )
 async def search_data(
-    request: Request,
+    services: ServicesDep,
     body: Annotated[SearchRequest | None, Body()] = None,
     x_caller_id: Annotated[str | None, Header(alias="X-Caller-Id")] = None,
 ) -> SearchResponse:
@@ -69,7 +55,7 @@ async def search_data(
             detail="Missing caller: send user_id or caller_id (from system__caller_id)",
         )
     try:
-        result = await _search_service(request).search(caller, query, body.limit)
+        result = await services.search.search(caller, query, body.limit)
     except StoreUnavailableError as error:
         # The agent is mid-sentence: an empty answer lets the call go on; operators get
         # the log line and elaoms_store_errors_total.

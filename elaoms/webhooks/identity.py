@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from elaoms.memory.units import INITIATION_FAILURE
 from elaoms.payloads import dig
 from elaoms.phone import normalize_caller_id
 
@@ -39,4 +40,11 @@ def extract_failed_call_party(data: dict[str, Any]) -> str | None:
     number = number or dig(data, "metadata", "phone_call", "external_number")
     if number:
         return normalize_caller_id(str(number))
+    return extract_user_id(data)
+
+
+def caller_of(event_type: str | None, data: dict[str, Any]) -> str | None:
+    """Whom a delivery of `event_type` is about (the other party of a failed call)."""
+    if event_type == INITIATION_FAILURE:
+        return extract_failed_call_party(data)
     return extract_user_id(data)

@@ -11,7 +11,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 AUDIO = "post_call_audio"
-INITIATION_FAILURE = "call_initiation_failure"
 
 
 class _Open(BaseModel):

@@ -21,16 +21,15 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
 
 from elaoms.config import Settings
-from elaoms.memory.base import CallReceipt, Memory, MemoryStore
-from elaoms.memory.units import TRANSCRIPTION, call_memories
+from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall
+from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, call_memories, failure_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.phone import mask
-from elaoms.webhooks.identity import extract_failed_call_party, extract_user_id
+from elaoms.webhooks.identity import caller_of
 from elaoms.webhooks.schemas import (
     AUDIO,
-    INITIATION_FAILURE,
     AudioData,
     Envelope,
     InitiationFailureData,
@@ -90,12 +89,12 @@ class IngestService:
         except ValidationError as error:
             return self._quarantine(body, _describe(error))
         if envelope.type == TRANSCRIPTION:
-            return await self._receive_transcription(body, envelope)
+            return await self._receive_call(body, envelope, TranscriptionData)
         if envelope.type == AUDIO:
             return await self._receive_audio(body, envelope)
         if envelope.type == INITIATION_FAILURE:
-            return await self._receive_initiation_failure(body, envelope)
-        return self._receive_other(body, envelope)
+            return await self._receive_call(body, envelope, InitiationFailureData)
+        return await self._receive_other(body, envelope)
 
     def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
         try:
@@ -112,36 +111,27 @@ class IngestService:
         logger.warning("post-call delivery quarantined (%s): %s", path.name, reason)
         return Acknowledgement(status="quarantined", detail=reason)
 
-    async def _receive_transcription(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+    async def _receive_call(
+        self,
+        body: bytes,
+        envelope: Envelope,
+        shape: type[TranscriptionData] | type[InitiationFailureData],
+    ) -> Acknowledgement:
+        """A delivery that becomes a stored call: kept and queued, then stored."""
         try:
-            data = TranscriptionData.model_validate(envelope.data)
+            data = shape.model_validate(envelope.data)
         except ValidationError as error:
             return self._quarantine(body, _describe(error, prefix="data"))
         if known := await self.receipts.get(_receipt_key(envelope.type, data.conversation_id)):
             return Acknowledgement(status="received", memory_id=known)
-        user_id = extract_user_id(envelope.data) or data.conversation_id
+        user_id = caller_of(envelope.type, envelope.data) or data.conversation_id
         path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
         # In a thread: three fsyncs per delivery on the event loop serialized every
         # delivery (and every other request) behind the disk.
         await asyncio.to_thread(self.storage.keep, path, body, pending=True)
-        logger.info(
-            "post-call transcription %s for caller %s kept", data.conversation_id, mask(user_id)
-        )
+        logger.info("%s %s for %s kept", envelope.type, data.conversation_id, mask(user_id))
         return await self._store_within_deadline(
-            data.conversation_id, envelope.type, path.parent.name, path.name
-        )
-
-    async def _receive_initiation_failure(self, body: bytes, envelope: Envelope) -> Acknowledgement:
-        try:
-            data = InitiationFailureData.model_validate(envelope.data)
-        except ValidationError as error:
-            return self._quarantine(body, _describe(error, prefix="data"))
-        user_id = extract_failed_call_party(envelope.data) or data.conversation_id
-        path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
-        await asyncio.to_thread(self.storage.keep, path, body, pending=True)
-        logger.info("call initiation failure %s for %s kept", data.conversation_id, mask(user_id))
-        return await self._store_within_deadline(
-            data.conversation_id, envelope.type, path.parent.name, path.name
+            self.storage.pending_entry(path), data.conversation_id, envelope.type
         )
 
     async def _receive_audio(self, body: bytes, envelope: Envelope) -> Acknowledgement:
@@ -155,7 +145,8 @@ class IngestService:
                 else (f"data.full_audio is not valid base64: {error}")
             )
             return self._quarantine(body, reason)
-        user_id = await self._owner_of(data.conversation_id)
+        call = await self._stored_call(data.conversation_id)
+        user_id = call.user_id if call else None
         path = await asyncio.to_thread(
             self.storage.keep_audio, audio, data.conversation_id, user_id
         )
@@ -167,20 +158,24 @@ class IngestService:
         )
         return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
 
-    async def _owner_of(self, conversation_id: str) -> str | None:
-        """The caller of an already stored transcription, if the store answers quickly."""
+    async def _stored_call(
+        self, conversation_id: str, event_type: str = TRANSCRIPTION
+    ) -> StoredCall | None:
+        """The stored call if the store answers quickly; None otherwise. Answers that use
+        it can do without (audio is claimed by the sweep, a duplicate answers `queued`)."""
         try:
-            call = await asyncio.wait_for(self.store.get_call(conversation_id), timeout=0.5)
-        except Exception:  # a slow or broken store only delays the claim to the sweep
+            return await asyncio.wait_for(
+                self.store.get_call(conversation_id, event_type), timeout=0.5
+            )
+        except Exception:
             return None
-        return call.user_id if call else None
 
-    def _receive_other(self, body: bytes, envelope: Envelope) -> Acknowledgement:
+    async def _receive_other(self, body: bytes, envelope: Envelope) -> Acknowledgement:
         data = envelope.data if isinstance(envelope.data, dict) else {}
-        user_id = extract_user_id(data) if data else None
+        user_id = caller_of(envelope.type, data) if data else None
         delivery_id = str(data.get("conversation_id") or envelope.event_timestamp or "unknown")
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
-        self.storage.keep(path, body, pending=False)
+        await asyncio.to_thread(self.storage.keep, path, body, pending=False)
         logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
         return Acknowledgement(
             status="received", detail=f"event type {envelope.type!r} kept, not processed"
@@ -188,9 +183,8 @@ class IngestService:
 
     # Storing -----------------------------------------------------------------------------
     async def _store_within_deadline(
-        self, conversation_id: str, event_type: str, directory: str, name: str
+        self, entry: PendingDelivery, conversation_id: str, event_type: str
     ) -> Acknowledgement:
-        entry = PendingDelivery(self.storage.pending_root / f"{directory}__{name}")
         stored: asyncio.Future[CallReceipt | None] = asyncio.get_running_loop().create_future()
         self._spawn(self._process_with_retries(entry, stored))
         try:
@@ -200,22 +194,11 @@ class IngestService:
         except Exception:  # timed out, or the store failed: the retries go on
             return Acknowledgement(status="queued")
         if receipt is None:  # another worker holds this delivery: it was a duplicate
-            existing = await self._existing_receipt(conversation_id, event_type)
-            return (
-                Acknowledgement(status="received", memory_id=existing)
-                if existing
-                else (Acknowledgement(status="queued"))
-            )
+            call = await self._stored_call(conversation_id, event_type)
+            if call is None:
+                return Acknowledgement(status="queued")
+            return Acknowledgement(status="received", memory_id=call.memory_id)
         return Acknowledgement(status="received", memory_id=receipt.memory_id)
-
-    async def _existing_receipt(self, conversation_id: str, event_type: str) -> str | None:
-        try:
-            call = await asyncio.wait_for(
-                self.store.get_call(conversation_id, event_type), timeout=0.5
-            )
-        except Exception:
-            return None
-        return call.memory_id if call else None
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -282,26 +265,10 @@ class IngestService:
 
     def _memories_of(self, payload: dict[str, Any]) -> tuple[str, list[Memory]]:
         data = payload.get("data") or {}
-        if payload.get("type") == INITIATION_FAILURE:
-            user_id = extract_failed_call_party(data) or str(data.get("conversation_id"))
-            reason = data.get("failure_reason") or "unknown"
-            memory = Memory(
-                id=f"{data.get('conversation_id')}#failure",
-                user_id=user_id,
-                content=f"A call could not be connected ({reason}).",
-                metadata={
-                    "kind": "call_failure",
-                    "conversation_id": data.get("conversation_id"),
-                    "agent_id": data.get("agent_id"),
-                    "event_type": INITIATION_FAILURE,
-                    "event_timestamp": payload.get("event_timestamp"),
-                    "failure_reason": reason,
-                },
-                created_at=float(payload.get("event_timestamp") or 0),
-            )
-            return user_id, [memory]
-        user_id = extract_user_id(data) or str(data.get("conversation_id"))
-        return user_id, call_memories(user_id, payload)
+        event_type = payload.get("type")
+        user_id = caller_of(event_type, data) or str(data.get("conversation_id"))
+        units = failure_memories if event_type == INITIATION_FAILURE else call_memories
+        return user_id, units(user_id, payload)
 
     async def sweep(self) -> int:
         """Try every pending delivery once more; return how many were stored."""

@@ -83,12 +83,15 @@ class WebhookStorage:
         """Write a delivery durably; with `pending`, also queue it for the memory store."""
         self._write(path, body)
         if pending:
-            link = self.pending_root / f"{path.parent.name}__{path.name}"
             ensure_private_dir(self.pending_root, self.dir_mode)
             with contextlib.suppress(FileExistsError):  # the same delivery is already queued
-                os.link(path, link)
+                os.link(path, self.pending_entry(path).path)
             fsync_dir(self.pending_root)
         return path
+
+    def pending_entry(self, path: Path) -> PendingDelivery:
+        """The queue entry of the delivery kept at `path` (whether it exists or not)."""
+        return PendingDelivery(self.pending_root / f"{path.parent.name}__{path.name}")
 
     def pending(self) -> list[PendingDelivery]:
         if not self.pending_root.exists():
