@@ -20,10 +20,9 @@ from tenacity import (
 
 from elaoms import __version__
 from elaoms.config import Settings
+from elaoms.retries import retryable_status
 
 logger = logging.getLogger(__name__)
-
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class ElevenLabsError(RuntimeError):
@@ -38,7 +37,7 @@ class ElevenLabsError(RuntimeError):
         self.retryable = (
             retryable
             if retryable is not None
-            else (status_code is None or status_code in RETRYABLE_STATUSES)
+            else (status_code is None or retryable_status(status_code))
         )
 
 

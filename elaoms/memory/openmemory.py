@@ -60,6 +60,7 @@ from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.metrics import FOREIGN_MEMORIES_DROPPED
 from elaoms.phone import mask
+from elaoms.retries import retryable_status
 from elaoms.search.ranking import CallerIndex
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class OpenMemoryError(StoreUnavailableError):
 
 
 class _Retryable(Exception):
-    """A 5xx or 429 answer: worth asking again after a pause."""
+    """An answer `retryable_status` says is worth asking again after a pause."""
 
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
@@ -307,7 +308,7 @@ class OpenMemoryStore(MemoryStore):
                     response = await self._client.request(
                         method, path, json=json_body, params=params
                     )
-                    if response.status_code == 429 or response.status_code >= 500:
+                    if retryable_status(response.status_code):
                         raise _Retryable(response)
         except _Retryable as error:
             raise OpenMemoryError(
