@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -46,7 +47,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from elaoms.config import Settings  # noqa: E402
+from elaoms.memory.sqlite import SCHEMA  # noqa: E402
 from elaoms.phone import normalize_caller_id  # noqa: E402
+from elaoms.search.ranking import INDEX_FORMAT  # noqa: E402
 from elaoms.services import Services  # noqa: E402
 from elaoms.webhooks.signature import sign  # noqa: E402
 
@@ -547,9 +550,15 @@ async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dat
     return dataset
 
 
+def store_format() -> str:
+    """What a cached store depends on besides the synthetic data: the schema and the saved
+    search index's format. A change in either seeds a new store."""
+    return hashlib.sha256(f"{SCHEMA}{INDEX_FORMAT}".encode()).hexdigest()[:8]
+
+
 def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> Dataset:
     """Copy a cached seeded store into `run_dir` (seeding it first when not cached)."""
-    name = f"seed{SEED_FORMAT}-{callers}x{calls}-s{args.seed}.sqlite3"
+    name = f"seed{SEED_FORMAT}-{store_format()}-{callers}x{calls}-s{args.seed}.sqlite3"
     cached = args.cache_dir / name
     if not cached.exists():
         print(f"seeding {callers:,} callers x {calls} calls (seed {args.seed}) ...", flush=True)

@@ -74,7 +74,7 @@ def test_semantic_signal_finds_a_turn_that_shares_no_word_with_the_query() -> No
     cache = VectorCache(ConceptEmbedder())
     index = ready(CallerIndex(HISTORY, vectors=cache))
     best = index.rank(query)[0][0]
-    assert index.units[best].memory.content.startswith("The transgender stories")
+    assert index.texts[best].startswith("The transgender stories")
     (excerpt,) = index.search(query, limit=5, max_chars=120)
     assert "transgender" in excerpt.content and "puppy" not in excerpt.content
 
@@ -83,7 +83,7 @@ def test_words_still_lead_when_they_match() -> None:
     # "puppy" matches one turn by its words; the semantic signal must not outweigh it.
     index = ready(CallerIndex(HISTORY, vectors=VectorCache(ConceptEmbedder())))
     best = index.rank("the puppy and the weather")[0][0]
-    assert index.units[best].memory.content == "We got a puppy last week."
+    assert index.texts[best] == "We got a puppy last week."
 
 
 def test_unrelated_query_gets_no_semantic_credit_below_the_floor() -> None:
@@ -166,7 +166,7 @@ def test_missing_extra_falls_back_to_bm25(monkeypatch: pytest.MonkeyPatch) -> No
 def ready(index: CallerIndex) -> CallerIndex:
     """Wait for the background embedding of the index's turns, as a later search would."""
     assert index.vector_cache is not None
-    wait_until(lambda: index.vector_cache.cached(index._texts) is not None)
+    wait_until(lambda: index.vector_cache.cached(index.texts) is not None)
     return index
 
 
@@ -202,4 +202,4 @@ def test_real_model_when_the_extra_is_installed() -> None:
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
     index = ready(CallerIndex(HISTORY, vectors=VectorCache(model)))
     best = index.rank("What is her gender identity?")[0][0]
-    assert index.units[best].memory.content.startswith("The transgender stories")
+    assert index.texts[best].startswith("The transgender stories")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -105,11 +106,11 @@ def test_a_question_about_a_named_speaker_favours_that_speakers_turns() -> None:
     # "Maria" is how the agent addresses the caller; "Friday" is capitalised, not a name.
     assert index.speaker_names == {"maria": "user"}
     best = index.rank("What will Maria buy?")[0][0]
-    assert index.units[best].memory.content == "I want to buy a red bike."
+    assert index.texts[best] == "I want to buy a red bike."
     # Words alone prefer the agent's turn, which says both "Maria" and "buy".
     index.speaker_boost = 0
     best = index.rank("What will Maria buy?")[0][0]
-    assert index.units[best].memory.content == "Maria, my brother will buy a boat."
+    assert index.texts[best] == "Maria, my brother will buy a boat."
 
 
 def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
@@ -118,3 +119,62 @@ def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
     memories += call("c10", MAY_2023 + 10 * 86400, "Hello.", "Great to hear.")
     # "great" is said lower-cased too; "Maria" in one call of three is below the share.
     assert CallerIndex(memories).speaker_names == {}
+
+
+QUERIES = ("What will Maria buy?", "weather", "busy Friday", "red bike in May 2023", "boat")
+
+
+def answers(index: CallerIndex) -> list[list[tuple[str, str, dict[str, object]]]]:
+    return [
+        [(m.id, m.content, m.metadata) for m in index.search(query, limit=3)] for query in QUERIES
+    ]
+
+
+def test_an_index_grown_call_by_call_ranks_like_one_built_at_once() -> None:
+    memories = greeted_calls(
+        ("I want to buy a red bike.", "Maria, my brother will buy a boat."),
+        ("The weather is lovely.", "It is, enjoy it."),
+        ("Work is busy this week.", "Take care on Friday."),
+    )
+    memories.append(
+        Memory(id="note", user_id="+14155550123", content="Prefers a boat trip on Friday.")
+    )
+    whole = CallerIndex(memories)
+    grown = CallerIndex([])
+    for start in range(0, 12, 4):  # one call (four turns) at a time, then the note
+        grown.extend(memories[start : start + 4], keep=True)
+    grown.extend(memories[12:], keep=True)
+
+    assert grown.speaker_names == whole.speaker_names == {"maria": "user"}
+    assert answers(grown) == answers(whole)
+    assert any(answer for answer in answers(whole))
+
+
+def test_a_saved_index_answers_like_the_one_saved_quoting_fetched_memories() -> None:
+    memories = greeted_calls(
+        ("I want to buy a red bike.", "Maria, my brother will buy a boat."),
+        ("The weather is lovely.", "It is, enjoy it."),
+    )
+    original = CallerIndex(memories)
+    asked: list[list[str]] = []
+
+    def fetch(ids: Sequence[str]) -> dict[str, Memory]:
+        asked.append(list(ids))
+        return {memory.id: memory for memory in memories if memory.id in ids}
+
+    loaded = CallerIndex.from_bytes(original.to_bytes(), fetch)
+
+    assert answers(loaded) == answers(original)
+    # Only the first turn of each excerpt is read back, never the whole history.
+    assert asked and all(len(ids) <= 3 for ids in asked)
+
+
+def test_an_excerpt_whose_memory_is_gone_is_left_out() -> None:
+    memories = call("c1", MAY_2023, "My daughter broke her tooth.", "Sorry to hear that.")
+    loaded = CallerIndex.from_bytes(CallerIndex(memories).to_bytes(), lambda ids: {})
+    assert loaded.search("daughter tooth", limit=3) == []
+
+
+def test_data_of_another_format_is_refused() -> None:
+    with pytest.raises(ValueError):
+        CallerIndex.from_bytes(b'{"format": 0}', lambda ids: {})

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +30,7 @@ from elaoms.memory.base import (
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.files import ensure_private_dir
-from elaoms.search.ranking import CallerIndex
+from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")
 
@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS memories (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS memories_by_user ON memories (user_id, seq);
+CREATE TABLE IF NOT EXISTS caller_indexes (
+    user_id TEXT PRIMARY KEY,
+    memories INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS caller_profiles (
     user_id TEXT PRIMARY KEY,
     profile BLOB NOT NULL,
@@ -79,7 +85,7 @@ class SQLiteStore(MemoryStore):
         file_mode: int = 0o600,
         dir_mode: int = 0o700,
         cipher: PayloadCipher | None = None,
-        index_cache_size: int = 256,
+        index_cache_size: int = 128,
     ) -> None:
         self.path = Path(path)
         self.file_mode = file_mode
@@ -150,12 +156,33 @@ class SQLiteStore(MemoryStore):
         with self._write() as connection:
             receipt = self._insert_call(connection, user_id, payload, f"mem_{uuid.uuid4().hex}")
             if receipt.created:
-                connection.executemany(
-                    "INSERT OR IGNORE INTO memories"
-                    " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [_memory_row(memory) for memory in memories],
-                )
+                self._insert_memories(connection, user_id, memories)
         return receipt
+
+    def _insert_memories(
+        self, connection: sqlite3.Connection, user_id: str, memories: list[Memory]
+    ) -> None:
+        """Insert a caller's new memories and bring their saved search index up to date,
+        in the writer's transaction: every worker then loads a current index."""
+        before = _version(connection, user_id)
+        connection.executemany(
+            "INSERT OR IGNORE INTO memories"
+            " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [_memory_row(memory) for memory in memories],
+        )
+        after = _version(connection, user_id)
+        index = None
+        if after[0] - before[0] == len(memories):  # none was there already
+            index = self._saved_index(connection, user_id, before, vectors=None)
+        if index is None:
+            index = CallerIndex(self._list_memories(user_id), vectors=None)
+        else:
+            index.extend(memories)
+        connection.execute(
+            "INSERT INTO caller_indexes VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+            " memories = excluded.memories, last_seq = excluded.last_seq, data = excluded.data",
+            (user_id, *after, self.cipher.encrypt(index.to_bytes())),
+        )
 
     def _insert_call(
         self,
@@ -263,11 +290,7 @@ class SQLiteStore(MemoryStore):
 
         def insert() -> None:
             with self._write() as connection:
-                connection.execute(
-                    "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    _memory_row(memory),
-                )
+                self._insert_memories(connection, user_id, [memory])
 
         await self._run(insert)
         return memory
@@ -284,16 +307,22 @@ class SQLiteStore(MemoryStore):
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        return [
-            Memory(
-                id=row[0],
-                user_id=row[1],
-                content=row[2],
-                metadata=json.loads(row[3]),
-                created_at=row[4],
+        return [_memory(row) for row in self._connection().execute(sql, parameters)]
+
+    def _memories_of(self, user_id: str) -> Callable[[Sequence[str]], dict[str, Memory]]:
+        """Fetches the caller's memories by id, for the excerpts a loaded index quotes."""
+
+        def fetch(ids: Sequence[str]) -> dict[str, Memory]:
+            if not ids:
+                return {}
+            rows = self._connection().execute(
+                "SELECT id, user_id, content, metadata, created_at FROM memories"
+                f" WHERE user_id = ? AND id IN ({', '.join('?' * len(ids))})",
+                (user_id, *ids),
             )
-            for row in self._connection().execute(sql, parameters)
-        ]
+            return {row[0]: _memory(row) for row in rows}
+
+        return fetch
 
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
@@ -303,30 +332,50 @@ class SQLiteStore(MemoryStore):
         )
 
     def _index(self, user_id: str) -> CallerIndex:
-        """The caller's ranking index, rebuilt only when their memories changed.
+        """The caller's ranking index: kept in this process while their memories are
+        unchanged, else loaded as saved by the last write, else built from the memories.
 
         The version check is one indexed aggregate over the caller's own rows, so a worker
         sees another worker's writes without any shared cache.
         """
-        version = tuple(
-            self._connection()
-            .execute(
-                "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
-            )
-            .fetchone()
-        )
+        connection = self._connection()
+        version = _version(connection, user_id)
         with self._indexes_lock:
             cached = self._indexes.get(user_id)
             if cached and cached[0] == version:
                 self._indexes.move_to_end(user_id)
                 return cached[1]
-        index = CallerIndex(self._list_memories(user_id))
+        index = self._saved_index(connection, user_id, version)
+        if index is None:  # saved before this format, or by a store without saved indexes
+            index = CallerIndex(self._list_memories(user_id))
         with self._indexes_lock:
-            self._indexes[user_id] = (version, index)  # type: ignore[assignment]
+            self._indexes[user_id] = (version, index)
             self._indexes.move_to_end(user_id)
             while len(self._indexes) > self._index_cache_size:
                 self._indexes.popitem(last=False)
         return index
+
+    def _saved_index(
+        self,
+        connection: sqlite3.Connection,
+        user_id: str,
+        version: tuple[int, int],
+        *,
+        vectors: Any = DEFAULT,
+    ) -> CallerIndex | None:
+        """The index saved for `version` of the caller's memories, if there is one.
+        `vectors`: as for `CallerIndex`; None where nothing ranks (writing)."""
+        row = connection.execute(
+            "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        if row is None or (row[0], row[1]) != version:
+            return None
+        try:
+            return CallerIndex.from_bytes(
+                self.cipher.decrypt(bytes(row[2])), self._memories_of(user_id), vectors=vectors
+            )
+        except ValueError:
+            return None
 
     async def delete_user(self, user_id: str) -> int:
         def delete() -> int:
@@ -336,6 +385,8 @@ class SQLiteStore(MemoryStore):
                     deleted += connection.execute(
                         f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
                     ).rowcount
+                # Derived from the memories (their words): gone with them, not counted.
+                connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (user_id,))
             with self._indexes_lock:
                 self._indexes.pop(user_id, None)
             return deleted
@@ -428,6 +479,20 @@ class SQLiteStore(MemoryStore):
 
 def _agent_memory_id(agent_id: str) -> str:
     return f"agent_profile:{agent_id}"
+
+
+def _version(connection: sqlite3.Connection, user_id: str) -> tuple[int, int]:
+    """(count, last seq) of the caller's memories: changes with every insert or delete."""
+    count, last = connection.execute(
+        "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return count, last
+
+
+def _memory(row: tuple[Any, ...]) -> Memory:
+    return Memory(
+        id=row[0], user_id=row[1], content=row[2], metadata=json.loads(row[3]), created_at=row[4]
+    )
 
 
 def _memory_row(memory: Memory) -> tuple[Any, ...]:

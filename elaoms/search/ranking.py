@@ -17,12 +17,13 @@ import calendar
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import snowballstemmer
 
 from elaoms.memory.base import Memory
@@ -122,27 +123,10 @@ def query_periods(query: str) -> list[_Period]:
     return periods
 
 
-@dataclass(slots=True)
-class _Unit:
-    """One scored memory: a transcript turn (in a call) or a standalone memory."""
+Fetch = Callable[[Sequence[str]], Mapping[str, Memory]]
 
-    memory: Memory
-    terms: Counter[str]
-    length: int
-    chars: int  # rendered size in an excerpt, newline included
-    call: int = -1  # index into CallerIndex.calls; -1 for standalone memories
-    position: int = 0  # index of the turn within its call
-
-
-@dataclass(slots=True)
-class _Call:
-    turns: list[int]
-    terms: Counter[str] = field(default_factory=Counter)
-    started: datetime | None = None
-
-    @property
-    def length(self) -> int:
-        return sum(self.terms.values()) or 1
+# Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
+INDEX_FORMAT = 1
 
 
 @dataclass(slots=True)
@@ -157,6 +141,12 @@ class CallerIndex:
 
     The parameters below are generic retrieval knobs; they were set by measuring on the
     LoCoMo bench (docs/search.md), so treat the exact values as tuned, not derived.
+
+    Everything the ranking needs is plain lists and dicts, so an index is saved with
+    `to_bytes` when a call is stored and loaded with `from_bytes` by a search in a fraction
+    of a millisecond, instead of re-reading and re-tokenizing the caller's history, and
+    `extend` adds one call to it in time proportional to that call alone. The memories
+    themselves are not part of it: `fetch` brings back the few an answer quotes.
     """
 
     k1 = 1.2
@@ -175,15 +165,94 @@ class CallerIndex:
     excerpt_header_chars = 25  # what the context adds per excerpt ("[Call on ...]")
     max_chars = 2800  # excerpt text returned in total; the context's budget minus headers
 
-    def __init__(self, memories: Sequence[Memory], *, vectors: Any = DEFAULT) -> None:
+    # The saved state. Units (turns, and memories outside any call) are parallel lists.
+    _STATE = (
+        "ids", "texts", "roles", "turn_numbers", "lengths", "chars", "unit_calls",
+        "positions", "postings", "total_length", "call_keys", "call_turns",
+        "call_started", "call_terms", "call_lengths", "call_frequency", "speaker_names",
+        "_words_said", "_lower_words", "_mid_sentence_words",
+    )  # fmt: skip
+
+    def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
         """`vectors`: a `VectorCache` to add the semantic signal, None for BM25 alone; by
         default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed)."""
-        self.units: list[_Unit] = []
-        self.calls: list[_Call] = []
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.roles: list[str | None] = []
+        self.turn_numbers: list[int | None] = []  # the turn's `turn_index` in its call
+        self.lengths: list[int] = []  # terms
+        self.chars: list[int] = []  # rendered size in an excerpt, newline included
+        self.unit_calls: list[int] = []  # index into the call lists; -1 outside any call
+        self.positions: list[int] = []  # order of the turn within its call
+        self.postings: dict[str, list[int]] = {}  # term -> unit, frequency, unit, ...
+        self.total_length = 0
+        self.call_keys: list[str] = []  # conversation ids
+        self.call_turns: list[list[int]] = []
+        self.call_started: list[float | None] = []
+        self.call_terms: list[dict[str, int]] = []  # its turns' and summary's terms
+        self.call_lengths: list[int] = []
+        self.call_frequency: dict[str, int] = {}  # term -> calls using it
+        self.speaker_names: dict[str, str] = {}
+        # What `_speaker_names` learns from, kept so that `extend` need not reread turns.
+        self._words_said: dict[str, dict[str, list[int]]] = {}  # role -> word -> calls
+        self._lower_words: list[str] = []
+        self._mid_sentence_words: list[str] = []
+        self._kept: dict[str, Memory] = {}
+        self.fetch: Fetch = self._fetch_kept
+        self.vector_cache: VectorCache | None = None
+        self.vectors: Any = None
+        self.extend(memories, keep=True)
+        self._attach_vectors(vectors)
+
+    # Saving and loading ------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        state = {name: getattr(self, name) for name in self._STATE}
+        return orjson.dumps({"format": INDEX_FORMAT, **state})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fetch: Fetch, *, vectors: Any = DEFAULT) -> CallerIndex:
+        """An index saved by `to_bytes`; `fetch` returns the memories of the given ids
+        (those that still exist). Raises ValueError for data of another format."""
+        state = orjson.loads(data)
+        if not isinstance(state, dict) or state.get("format") != INDEX_FORMAT:
+            raise ValueError("not a caller index of this format")
+        index = cls.__new__(cls)
+        for name in cls._STATE:
+            setattr(index, name, state[name])
+        index._kept = {}
+        index.fetch = fetch
+        index._attach_vectors(vectors)
+        return index
+
+    def _fetch_kept(self, ids: Sequence[str]) -> Mapping[str, Memory]:
+        return {id_: self._kept[id_] for id_ in ids if id_ in self._kept}
+
+    def _attach_vectors(self, vectors: Any) -> None:
+        if vectors is DEFAULT:
+            from elaoms.search.embeddings import default_cache
+
+            vectors = default_cache()
+        self.vector_cache = vectors if self.ids else None
+        self.vectors = None
+        if self.vector_cache is not None:
+            # Never embed here: a search is waiting. Until the background fill is done the
+            # index ranks by BM25 alone, then picks the vectors up (see `rank`).
+            self.vectors = self.vector_cache.cached(self.texts)
+            if self.vectors is None:
+                self.vector_cache.fill_in_background(self.texts)
+
+    # Building ----------------------------------------------------------------------------
+    def extend(self, memories: Iterable[Memory], *, keep: bool = False) -> None:
+        """Add memories, in the order they were stored. Adding a caller's memories in any
+        number of batches gives the index built from all of them at once, as long as a
+        call's turns and summary come in one batch (a stored call always does).
+        `keep`: hold the memories for `fetch` (an index not saved, and so not loaded)."""
         turns_by_call: dict[str, list[Memory]] = {}
         summaries: dict[str, Memory] = {}
         standalone: list[Memory] = []
         for memory in memories:
+            if keep:
+                self._kept[memory.id] = memory
             kind = memory.metadata.get("kind")
             conversation = str(memory.metadata.get("conversation_id", ""))
             if kind == "turn":
@@ -193,46 +262,61 @@ class CallerIndex:
                 summaries[conversation] = memory
             else:
                 standalone.append(memory)
+        first_new_unit = len(self.ids)
+        call_of = {key: call for call, key in enumerate(self.call_keys)}
+        added: dict[int, Counter[str]] = {}  # call -> terms it gains
         for conversation, turns in turns_by_call.items():
             turns.sort(key=lambda memory: memory.metadata.get("turn_index", 0))
-            call = _Call(turns=[], started=_started(turns[0]))
-            for position, memory in enumerate(turns):
-                unit = self._add(memory, call=len(self.calls), position=position)
-                call.turns.append(unit)
-                call.terms.update(self.units[unit].terms)
-            if conversation in summaries:
-                call.terms.update(tokenize(summaries[conversation].content))
-            self.calls.append(call)
-        standalone += [memory for key, memory in summaries.items() if key not in turns_by_call]
+            call = call_of.get(conversation)
+            if call is None:
+                call = call_of[conversation] = len(self.call_keys)
+                self.call_keys.append(conversation)
+                self.call_turns.append([])
+                self.call_started.append(_started(turns[0]))
+                self.call_terms.append({})
+                self.call_lengths.append(1)
+            gained = added.setdefault(call, Counter())
+            for memory in turns:
+                terms = self._add(memory, call=call, position=len(self.call_turns[call]))
+                self.call_turns[call].append(len(self.ids) - 1)
+                gained.update(terms)
+        for conversation, summary in summaries.items():
+            if conversation in call_of:
+                added.setdefault(call_of[conversation], Counter()).update(tokenize(summary.content))
+            else:
+                standalone.append(summary)
+        for call, gained in added.items():
+            terms = self.call_terms[call]
+            for term, count in gained.items():
+                if term not in terms:
+                    self.call_frequency[term] = self.call_frequency.get(term, 0) + 1
+                terms[term] = terms.get(term, 0) + count
+            self.call_lengths[call] = sum(terms.values()) or 1
         for memory in standalone:
-            self._add(memory)
-
-        self.postings: dict[str, list[tuple[int, int]]] = {}
-        for index, unit in enumerate(self.units):
-            for term, frequency in unit.terms.items():
-                self.postings.setdefault(term, []).append((index, frequency))
-        self.call_frequency: Counter[str] = Counter()
-        for call in self.calls:
-            self.call_frequency.update(call.terms.keys())
-        self.average_length = sum(unit.length for unit in self.units) / max(1, len(self.units))
-        self.average_call_length = sum(call.length for call in self.calls) / max(1, len(self.calls))
-        self.speaker_names = self._speaker_names()
-
-        if vectors is DEFAULT:
-            from elaoms.search.embeddings import default_cache
-
-            vectors = default_cache()
-        self.vector_cache: VectorCache | None = vectors if self.units else None
-        self._texts = [unit.memory.content for unit in self.units]
-        self.vectors = None
+            self._add(memory, call=-1, position=0)
+        self._learn_speaker_names(first_new_unit)
         if self.vector_cache is not None:
-            # Never embed here: a search is waiting. Until the background fill is done the
-            # index ranks by BM25 alone, then picks the vectors up (see `rank`).
-            self.vectors = self.vector_cache.cached(self._texts)
-            if self.vectors is None:
-                self.vector_cache.fill_in_background(self._texts)
+            self._attach_vectors(self.vector_cache)  # the texts changed: so do the vectors
 
-    def _speaker_names(self) -> dict[str, str]:
+    def _add(self, memory: Memory, *, call: int, position: int) -> Counter[str]:
+        terms = Counter(tokenize(memory.content))
+        unit = len(self.ids)
+        role = memory.metadata.get("role")
+        turn_number = memory.metadata.get("turn_index")
+        self.ids.append(memory.id)
+        self.texts.append(memory.content)
+        self.roles.append(role if isinstance(role, str) else None)
+        self.turn_numbers.append(turn_number if isinstance(turn_number, int) else None)
+        self.lengths.append(sum(terms.values()) or 1)
+        self.chars.append(len(_speaker_line(self.roles[unit], memory.content)) + 1)
+        self.unit_calls.append(call)
+        self.positions.append(position)
+        self.total_length += self.lengths[unit]
+        for term, frequency in terms.items():
+            self.postings.setdefault(term, []).extend((unit, frequency))
+        return terms
+
+    def _learn_speaker_names(self, first_new_unit: int) -> None:
         """Name (lower-cased) -> role, learnt from how the speakers address each other.
 
         People say the other's name ("Thanks, Maria!") and rarely their own, so a
@@ -242,25 +326,27 @@ class CallerIndex:
         A question about that person ("What did Maria paint?") is then about that role's
         turns, while the name itself only occurs in the other role's.
         """
-        calls_saying: dict[str, dict[str, set[int]]] = {}
-        lower: set[str] = set()
-        mid_sentence: set[str] = set()  # "Hi Maria": a name; "Hello." opens a sentence
-        for unit in self.units:
-            if unit.call < 0:
+        lower = set(self._lower_words)
+        mid_sentence = set(self._mid_sentence_words)
+        for unit in range(first_new_unit, len(self.ids)):
+            call = self.unit_calls[unit]
+            if call < 0:
                 continue
-            role = str(unit.memory.metadata.get("role") or "")
-            said = calls_saying.setdefault(role, {})
-            for word in set(_CAPITALISED.findall(unit.memory.content)):
-                said.setdefault(word.lower(), set()).add(unit.call)
-            lower.update(_LOWER_WORD.findall(unit.memory.content))
-            mid_sentence.update(
-                word.lower() for word in _MID_SENTENCE_CAPITALISED.findall(unit.memory.content)
-            )
-        if len(calls_saying) != 2:
-            return {}
-        needed = max(2, self.speaker_name_calls * len(self.calls))
-        names: dict[str, str] = {}
-        (role_a, said_a), (role_b, said_b) = calls_saying.items()
+            text = self.texts[unit]
+            said = self._words_said.setdefault(self.roles[unit] or "", {})
+            for word in set(_CAPITALISED.findall(text)):
+                calls = said.setdefault(word.lower(), [])
+                if call not in calls:
+                    calls.append(call)
+            lower.update(_LOWER_WORD.findall(text))
+            mid_sentence.update(word.lower() for word in _MID_SENTENCE_CAPITALISED.findall(text))
+        self._lower_words = list(lower)
+        self._mid_sentence_words = list(mid_sentence)
+        self.speaker_names = {}
+        if len(self._words_said) != 2:
+            return
+        needed = max(2, self.speaker_name_calls * len(self.call_keys))
+        (role_a, said_a), (role_b, said_b) = self._words_said.items()
         for speaker, said_by_other, said_by_self in (
             (role_a, said_b, said_a),
             (role_b, said_a, said_b),
@@ -274,33 +360,18 @@ class CallerIndex:
                     and word not in STOP_WORDS
                     and word not in _CALENDAR_WORDS
                 ):
-                    names[word] = speaker
-        return names
+                    self.speaker_names[word] = speaker
 
     def _named_speaker(self, query: str) -> str | None:
         words = {word.removesuffix("'s") for word in _WORD.findall(query.lower())}
         roles = {self.speaker_names[word] for word in words if word in self.speaker_names}
         return roles.pop() if len(roles) == 1 else None
 
-    def _add(self, memory: Memory, *, call: int = -1, position: int = 0) -> int:
-        terms = Counter(tokenize(memory.content))
-        self.units.append(
-            _Unit(
-                memory=memory,
-                terms=terms,
-                length=sum(terms.values()) or 1,
-                chars=len(_speaker_line(memory)) + 1,
-                call=call,
-                position=position,
-            )
-        )
-        return len(self.units) - 1
-
     # Scoring -----------------------------------------------------------------------------
     def _idf(self, term: str) -> float:
-        n, df = len(self.units), len(self.postings.get(term, ()))
+        n, df = len(self.ids), len(self.postings.get(term, ())) // 2
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-        calls = len(self.calls)
+        calls = len(self.call_keys)
         if calls > 1 and self.call_idf_power:
             in_calls = self.call_frequency.get(term, 0)
             spread = _bm25_idf(calls, in_calls) / _bm25_idf(calls, 1)
@@ -309,29 +380,32 @@ class CallerIndex:
 
     def _turn_scores(self, query_terms: Iterable[str]) -> dict[int, float]:
         scores: dict[int, float] = {}
+        average_length = self.total_length / max(1, len(self.ids))
+        lengths = self.lengths
         for term in query_terms:
             postings = self.postings.get(term)
             if not postings:
                 continue
             idf = self._idf(term)
-            for index, frequency in postings:
-                unit = self.units[index]
-                norm = self.k1 * (1 - self.b + self.b * unit.length / self.average_length)
+            for index, frequency in zip(postings[::2], postings[1::2], strict=True):
+                norm = self.k1 * (1 - self.b + self.b * lengths[index] / average_length)
                 scores[index] = scores.get(index, 0.0) + idf * _saturate(frequency, norm, self.k1)
         return scores
 
     def _call_scores(self, query_terms: Iterable[str]) -> list[float]:
         """BM25 of each whole call (its turns and summary) against the query."""
         terms = list(query_terms)
+        calls = len(self.call_keys)
+        average_call_length = sum(self.call_lengths) / max(1, calls)
         scores = []
-        for call in self.calls:
-            norm = self.k1 * (1 - 0.75 + 0.75 * call.length / self.average_call_length)
+        for call_terms, length in zip(self.call_terms, self.call_lengths, strict=True):
+            norm = self.k1 * (1 - 0.75 + 0.75 * length / average_call_length)
             scores.append(
                 sum(
-                    _bm25_idf(len(self.calls), self.call_frequency[term])
-                    * _saturate(call.terms[term], norm, self.k1)
+                    _bm25_idf(calls, self.call_frequency[term])
+                    * _saturate(call_terms[term], norm, self.k1)
                     for term in terms
-                    if call.terms.get(term)
+                    if call_terms.get(term)
                 )
             )
         return scores
@@ -341,13 +415,18 @@ class CallerIndex:
         if not periods:
             return set()
         dated = {
-            index
-            for index, call in enumerate(self.calls)
-            if call.started
-            and any(p.contains(call.started, self.date_before, self.date_after) for p in periods)
+            call
+            for call, started in enumerate(self.call_started)
+            if started is not None
+            and any(
+                period.contains(
+                    datetime.fromtimestamp(started, UTC), self.date_before, self.date_after
+                )
+                for period in periods
+            )
         }
         # A period that covers every call (or none) tells nothing about which one.
-        return dated if len(dated) < len(self.calls) else set()
+        return dated if len(dated) < len(self.call_keys) else set()
 
     def rank(self, query: str) -> list[tuple[int, float]]:
         """Every unit with a positive score, best first, as (unit index, score)."""
@@ -356,38 +435,39 @@ class CallerIndex:
             return []
         turn_scores = self._turn_scores(query_terms)
         if self.vectors is None and self.vector_cache is not None:
-            self.vectors = self.vector_cache.cached(self._texts)
+            self.vectors = self.vector_cache.cached(self.texts)
         if self.vectors is not None and self.vector_cache is not None and self.dense_weight:
             turn_scores = self._fuse(turn_scores, self.vector_cache.query(query))
         dated = self._dated_calls(query)
         combined: dict[int, float] = {}
         for index, score in turn_scores.items():
-            unit = self.units[index]
-            if unit.call < 0:
+            call = self.unit_calls[index]
+            if call < 0:
                 combined[index] = combined.get(index, 0.0) + score
                 continue
-            if unit.call in dated:
+            if call in dated:
                 score *= 1 + self.date_boost
-            turns = self.calls[unit.call].turns
+            turns = self.call_turns[call]
             combined[index] = combined.get(index, 0.0) + score
             # The answer is often the turn just before or after the one using the query's
             # words ("What did you paint?" / "A sunset"), so neighbours share the score.
+            position = self.positions[index]
             for distance, weight in enumerate(self.neighbour_weights, start=1):
-                for position in (unit.position - distance, unit.position + distance):
-                    if 0 <= position < len(turns):
-                        neighbour = turns[position]
+                for neighbour_position in (position - distance, position + distance):
+                    if 0 <= neighbour_position < len(turns):
+                        neighbour = turns[neighbour_position]
                         combined[neighbour] = combined.get(neighbour, 0.0) + weight * score
         call_scores = self._call_scores(query_terms)
         best_call = max(call_scores, default=0.0)
         if best_call > 0 and self.call_prior:
             for index in combined:
-                call = self.units[index].call
+                call = self.unit_calls[index]
                 if call >= 0:
                     combined[index] *= 1 + self.call_prior * call_scores[call] / best_call
         speaker = self._named_speaker(query)
         if speaker is not None and self.speaker_boost:
             for index in combined:
-                if self.units[index].memory.metadata.get("role") == speaker:
+                if self.roles[index] == speaker:
                     combined[index] *= 1 + self.speaker_boost
         return sorted(
             ((index, score) for index, score in combined.items() if score > 0),
@@ -418,13 +498,13 @@ class CallerIndex:
         `limit` exist. Turns that do not fit are skipped for shorter ones further down.
         """
         budget = self.max_chars if max_chars is None else max_chars
-        excerpts: dict[int, _Excerpt] = {}  # keyed by call, or by -1 - unit for standalone
+        excerpts: dict[int, _Excerpt] = {}  # keyed by call, or by -1 - unit outside calls
         used = 0
         for index, score in self.rank(query):
-            unit = self.units[index]
-            key = unit.call if unit.call >= 0 else -1 - index
+            call = self.unit_calls[index]
+            key = call if call >= 0 else -1 - index
             excerpt = excerpts.get(key)
-            cost = unit.chars + (0 if excerpt else self.excerpt_header_chars)
+            cost = self.chars[index] + (0 if excerpt else self.excerpt_header_chars)
             if used + cost > budget or (excerpt is None and len(excerpts) >= limit):
                 continue
             if excerpt is None:
@@ -433,30 +513,34 @@ class CallerIndex:
                 excerpt.units.add(index)
                 excerpt.chars += cost
             used += cost
-        return [self._excerpt(excerpt) for excerpt in excerpts.values()]
+        ordered = [
+            sorted(excerpt.units, key=self.positions.__getitem__) for excerpt in excerpts.values()
+        ]
+        # Each excerpt is presented as its first turn's memory: only those are read back.
+        # One deleted since the index was loaded (a caller forgotten meanwhile) is left out.
+        heads = self.fetch([self.ids[units[0]] for units in ordered])
+        return [
+            self._excerpt(units, excerpt.score, heads[self.ids[units[0]]])
+            for units, excerpt in zip(ordered, excerpts.values(), strict=True)
+            if self.ids[units[0]] in heads
+        ]
 
-    def _excerpt(self, excerpt: _Excerpt) -> Memory:
-        units = sorted(excerpt.units, key=lambda index: self.units[index].position)
-        members = [self.units[index].memory for index in units]
-        first = members[0]
-        if len(members) == 1 and first.metadata.get("kind") != "turn":
-            return _with_metadata(first, first.content, score=round(excerpt.score, 4))
+    def _excerpt(self, units: list[int], score: float, first: Memory) -> Memory:
+        if len(units) == 1 and self.unit_calls[units[0]] < 0:
+            return _with_metadata(first, first.content, score=round(score, 4))
         lines: list[str] = []
         for previous, current in zip([None, *units], units, strict=False):
-            if (
-                previous is not None
-                and self.units[current].position != self.units[previous].position + 1
-            ):
+            if previous is not None and self.positions[current] != self.positions[previous] + 1:
                 lines.append(SEPARATOR)
-            lines.append(_speaker_line(self.units[current].memory))
-        roles = {member.metadata.get("role") for member in members}
+            lines.append(_speaker_line(self.roles[current], self.texts[current]))
+        roles = {self.roles[unit] for unit in units}
         return _with_metadata(
             first,
             "\n".join(lines),
             kind="excerpt",
             role=roles.pop() if len(roles) == 1 else "mixed",
-            turn_indexes=[member.metadata.get("turn_index") for member in members],
-            score=round(excerpt.score, 4),
+            turn_indexes=[self.turn_numbers[unit] for unit in units],
+            score=round(score, 4),
         )
 
 
@@ -468,9 +552,9 @@ def _saturate(frequency: int, norm: float, k1: float) -> float:
     return frequency * (k1 + 1) / (frequency + norm)
 
 
-def _started(memory: Memory) -> datetime | None:
+def _started(memory: Memory) -> float | None:
     started = memory.metadata.get("call_started_at")
-    return datetime.fromtimestamp(started, UTC) if isinstance(started, int | float) else None
+    return started if isinstance(started, int | float) else None
 
 
 def _with_metadata(memory: Memory, content: str, **metadata: object) -> Memory:
@@ -483,7 +567,6 @@ def _with_metadata(memory: Memory, content: str, **metadata: object) -> Memory:
     )
 
 
-def _speaker_line(memory: Memory) -> str:
-    role = memory.metadata.get("role")
-    speaker = "Caller" if role == "user" else "Agent" if role == "agent" else str(role or "")
-    return f"{speaker}: {memory.content}" if speaker else memory.content
+def _speaker_line(role: str | None, text: str) -> str:
+    speaker = "Caller" if role == "user" else "Agent" if role == "agent" else role or ""
+    return f"{speaker}: {text}" if speaker else text

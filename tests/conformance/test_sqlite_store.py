@@ -1,4 +1,5 @@
-"""The embedded store's own promises: WAL, and several processes writing at once."""
+"""The embedded store's own promises: WAL, several processes writing at once, and the
+search index saved with each call."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
+import pytest
+from cryptography.fernet import Fernet
+
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
+from elaoms.operations.crypto import PayloadCipher
+from elaoms.search.ranking import CallerIndex
 
 from conftest import transcription
 
@@ -67,3 +73,76 @@ def test_four_processes_writing_at_once_land_every_call_exactly_once(tmp_path: P
     assert counts == dict.fromkeys(expected, 1)
     one_call = len(call_memories("+14155550000", transcription("conv_x")))
     assert turns == one_call * len(expected)
+
+
+CALLER = "+14155550123"
+VISITS = (
+    [("agent", "Hi Maria, how can I help?"), ("user", "My daughter chipped a tooth.")],
+    [("agent", "Hi Maria, welcome back."), ("user", "The insurance paid for the crown.")],
+)
+
+
+def _store_visits(store: SQLiteStore) -> None:
+    for number, turns in enumerate(VISITS):
+        payload = transcription(f"conv_visit_{number}", caller=CALLER, turns=turns)
+        asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+
+
+def test_another_worker_searches_with_the_index_saved_by_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "memory.sqlite3"
+    writer = SQLiteStore(path)
+    _store_visits(writer)
+    expected = CallerIndex(asyncio.run(writer.list_memories(CALLER)), vectors=None)
+
+    reader = SQLiteStore(path)  # nothing cached in this one
+
+    def rebuild(*args: object) -> None:
+        raise AssertionError("the caller's history was re-read instead of the saved index")
+
+    monkeypatch.setattr(reader, "_list_memories", rebuild)
+    for query in ("daughter tooth", "insurance crown", "Maria"):
+        found = asyncio.run(reader.search(CALLER, query))
+        assert found and found == expected.search(query, limit=5)
+
+
+def test_an_index_older_than_the_memories_is_not_used_and_is_repaired(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    _store_visits(store)
+    with sqlite3.connect(path) as connection:  # written without the index: an older version
+        connection.execute(
+            "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+            " VALUES ('note', ?, 'note', 'Allergic to penicillin.', '{}', 0)",
+            (CALLER,),
+        )
+
+    assert asyncio.run(SQLiteStore(path).search(CALLER, "penicillin"))
+
+    asyncio.run(store.add_memory(CALLER, "Prefers morning appointments."))
+    with sqlite3.connect(path) as connection:
+        saved = connection.execute(
+            "SELECT memories FROM caller_indexes WHERE user_id = ?", (CALLER,)
+        ).fetchone()[0]
+        count = connection.execute(
+            "SELECT count(*) FROM memories WHERE user_id = ?", (CALLER,)
+        ).fetchone()[0]
+    assert saved == count  # rebuilt whole, the note included
+
+
+def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path, cipher=PayloadCipher(Fernet.generate_key().decode(), enabled=True))
+    _store_visits(store)
+    with sqlite3.connect(path) as connection:
+        (data,) = connection.execute(
+            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
+        ).fetchone()
+    assert b"daughter" not in data and b"chipped" not in data
+    assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
+
+    asyncio.run(store.delete_user(CALLER))
+
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM caller_indexes").fetchone()[0] == 0
