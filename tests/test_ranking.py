@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from elaoms.memory.base import Memory
 from elaoms.search import embeddings
-from elaoms.search.ranking import SEPARATOR, CallerIndex, query_periods
+from elaoms.search.ranking import INDEX_FORMAT, SEPARATOR, CallerIndex, query_periods
 
 from conftest import turn_memories
 
@@ -175,6 +176,8 @@ def test_an_excerpt_whose_memory_is_gone_is_left_out() -> None:
     assert loaded.search("daughter tooth", limit=3) == []
 
 
-def test_data_of_another_format_is_refused() -> None:
+def test_an_index_of_another_format_or_incomplete_is_refused() -> None:
     with pytest.raises(ValueError):
         CallerIndex.from_bytes(b'{"format": 0}', lambda ids: {})
+    with pytest.raises(ValueError):
+        CallerIndex.from_bytes(orjson.dumps({"format": INDEX_FORMAT}), lambda ids: {})

@@ -217,8 +217,11 @@ class CallerIndex:
         if not isinstance(state, dict) or state.get("format") != INDEX_FORMAT:
             raise ValueError("not a caller index of this format")
         index = cls.__new__(cls)
-        for name in cls._STATE:
-            setattr(index, name, state[name])
+        try:
+            for name in cls._STATE:
+                setattr(index, name, state[name])
+        except KeyError as error:
+            raise ValueError(f"caller index without {error}") from None
         index._kept = {}
         index.fetch = fetch
         index._attach_vectors(vectors)
