@@ -525,7 +525,8 @@ def build_dataset(callers: int, calls: int, seed: int) -> tuple[Dataset, Iterato
 async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dataset:
     """Store every call with the ingestion's own functions, then prepare each caller's
     profile as the post-call hook does (once, after their last call: profiles are derived
-    from all stored calls, so the result is the same as after each call)."""
+    from all stored calls, so the result is the same as after each call) and save their
+    search index as the store's upkeep does."""
     services = Services.build(settings_for(data_dir))
     store = services.store
     agent = json.loads((FIXTURES / "agent.json").read_text())
@@ -538,6 +539,7 @@ async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dat
         await store.add_call(user_id, payload, memories)
         if previous not in (None, user_id):
             await services.personalization.prepare_caller(previous)
+            await store.maintain()  # the caller's search index, as the service's upkeep saves it
         previous = user_id
         if done % 5000 == 0:
             rate = done / (time.monotonic() - started)

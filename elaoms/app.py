@@ -17,7 +17,7 @@ from elaoms.admin.router import router as admin_router
 from elaoms.config import HMAC_PLACEHOLDER_PREFIX, Settings, get_settings
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
-from elaoms.operations.maintenance import run_maintenance
+from elaoms.operations.maintenance import run_maintenance, run_store_upkeep
 from elaoms.operations.middleware import OperationsMiddleware, parse_networks
 from elaoms.operations.router import router as operations_router
 from elaoms.personalization.router import router as client_data_router
@@ -43,14 +43,18 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
         except Exception as error:  # keep serving: post-call queues until the store is back
             logger.error("memory store %s is not usable yet: %s", store.name, error)
         _tune_garbage_collector()
-        sweeper = asyncio.create_task(run_maintenance(services), name="maintenance")
+        background = [
+            asyncio.create_task(run_maintenance(services), name="maintenance"),
+            asyncio.create_task(run_store_upkeep(store), name="store-upkeep"),
+        ]
         logger.info("ELAOMS %s ready (memory backend: %s)", __version__, store.name)
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.close()
 
     app = FastAPI(

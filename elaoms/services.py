@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from elaoms.search import embeddings
 from elaoms.search.service import SearchService
 from elaoms.webhooks.service import IngestService
 from elaoms.webhooks.storage import WebhookStorage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +91,10 @@ class Services:
 
     async def close(self) -> None:
         await self.ingest.drain()
+        try:  # the upkeep the last calls left (their indexes): a restart finds it done
+            await self.store.maintain()
+        except Exception as error:
+            logger.warning("store upkeep on close failed: %s", error)
         await self.personalization.close()
         await self.elevenlabs.aclose()
         await self.cache.close()

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -252,3 +253,13 @@ def test_a_caller_with_many_calls_on_one_page_gets_a_profile_of_all_of_them(
     profile = json.loads(runner.invoke(app, ["profile", CALLERS[0], "--json"]).stdout)
     assert profile["call_count"] == 6
     assert profile["first_call_at"] == FIRST_START - 5 * DAY
+    # The search index is saved before the command ends: the service's first search of
+    # this caller loads it rather than reading six calls.
+    with sqlite3.connect(env["SQLITE_PATH"]) as connection:
+        saved = connection.execute(
+            "SELECT memories FROM caller_indexes WHERE user_id = ?", (CALLERS[0],)
+        ).fetchone()
+        stored = connection.execute(
+            "SELECT count(*) FROM memories WHERE user_id = ?", (CALLERS[0],)
+        ).fetchone()
+    assert saved == stored

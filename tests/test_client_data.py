@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, load_fixture, transcription
+from elaoms.config import GreetingDisclosure
+from elaoms.elevenlabs.agent_profiles import AgentProfile
+from elaoms.memory.sqlite import SQLiteStore
+from elaoms.personalization.schemas import ClientDataRequest, ClientDataResponse
+from elaoms.personalization.service import compose_answer
+
+from conftest import WORKSPACE_SECRET, ServiceProcess, load_fixture, transcription, wait_until
 from standins import (
+    AGENT_ID,
     ElevenLabsStandIn,
     ask,
     deliver,
@@ -257,3 +265,94 @@ def test_a_body_that_is_not_json_still_gets_a_valid_answer(client: httpx.Client)
     assert response.status_code == 200
     assert response.json()["type"] == "conversation_initiation_client_data"
     assert response.json()["dynamic_variables"]["is_returning_caller"] is False
+
+
+def test_a_profile_prepared_by_another_worker_is_said_on_the_next_call(
+    client: httpx.Client, server: ServiceProcess
+) -> None:
+    caller = "+14155550151"
+    # Another worker (or the CLI) writes the store the server reads: no copy of the
+    # profile kept in the server's memory may hide the newer one.
+    store = SQLiteStore(server.data_dir / "memory.sqlite3")
+    profile = {
+        "user_id": caller,
+        "name": "Ada Park",
+        "call_count": 3,
+        "last_call_at": 1_763_760_000,
+        "agent_id": AGENT_ID,
+        "language": "en",
+        "greeting": "Hi Ada, welcome back to Brightside Dental. How can I help today?",
+        "greeting_language": "en",
+        "greeting_disclosure": "name_and_topic",
+        "business_name": "Brightside Dental",
+        "user_context": "Name: Ada Park; Returning caller, 3 earlier call(s).",
+    }
+    try:
+        asyncio.run(store.put_caller_profile(caller, profile))
+
+        def greeted() -> dict[str, Any] | None:  # the agent may not be fetched yet
+            answer, _ = ask(client, caller)
+            return answer if first_message(answer) else None
+
+        answer = wait_until(greeted)
+        assert first_message(answer) == profile["greeting"]
+        assert answer["dynamic_variables"]["call_count"] == 3
+
+        newer = {**profile, "call_count": 4, "greeting": "Hi Ada, good to hear from you again."}
+        asyncio.run(store.put_caller_profile(caller, newer))
+        answer, _ = ask(client, caller)
+        assert first_message(answer) == newer["greeting"]
+        assert answer["dynamic_variables"]["call_count"] == 4
+    finally:
+        asyncio.run(store.close())
+
+
+def test_the_answer_is_the_documented_schema(client: httpx.Client) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/webhooks/client-data"]["post"]
+    assert {"name": "X-Api-Key", "in": "header"}.items() <= operation["parameters"][0].items()
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ClientDataResponse"
+    }
+    assert "401" in operation["responses"]
+
+    caller = "+14155550161"
+    answer = deliver_and_wait(client, call("conv_schema", caller), caller)
+    assert first_message(answer) and answer["dynamic_variables"]["caller_name"]
+    assert ClientDataResponse.model_validate(answer).model_dump(exclude_none=True) == answer
+
+
+@pytest.mark.parametrize(
+    ("profile", "allowed", "expected"),
+    [
+        ({}, True, None),
+        ({"greeting": "Hi Ada."}, False, None),
+        ({"greeting": "Hi Ada."}, True, {"agent": {"first_message": "Hi Ada."}}),
+        ({"language": "es"}, True, {"agent": {"language": "es"}}),
+        ({"voice_id": "voice_other"}, True, {"tts": {"voice_id": "voice_other"}}),
+        (
+            {"greeting": "Hi Ada.", "voice_id": "voice_other"},
+            True,
+            {"agent": {"first_message": "Hi Ada."}, "tts": {"voice_id": "voice_other"}},
+        ),
+    ],
+)
+def test_overrides_are_sent_in_the_documented_shape(
+    profile: dict[str, Any], allowed: bool, expected: dict[str, Any] | None
+) -> None:
+    agent = AgentProfile(
+        agent_id=AGENT_ID,
+        first_message="Thanks for calling.",
+        language="en",
+        voice_id="voice_default",
+        placeholders={"clinic_hours": "9 to 5"},
+        allows_first_message=allowed,
+        allows_language=allowed,
+        allows_voice_id=allowed,
+    )
+    full = {"call_count": 1, "greeting_disclosure": "name_and_topic", **profile}
+    request = ClientDataRequest(caller_id="+14155550171", agent_id=AGENT_ID)
+    answer = compose_answer(request, "+14155550171", full, agent, GreetingDisclosure.NAME_AND_TOPIC)
+
+    assert answer.get("conversation_config_override") == expected
+    assert answer["dynamic_variables"]["clinic_hours"] == "9 to 5"
+    assert ClientDataResponse.model_validate(answer).model_dump(exclude_none=True) == answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,24 @@ def test_unknown_caller_gets_an_empty_answer(client: httpx.Client) -> None:
         "context": "",
         "memories": [],
     }
+
+
+def test_the_service_saves_each_callers_index_soon_after_their_call(
+    client: httpx.Client, service: ServiceProcess
+) -> None:
+    """The delivery does not wait for the index; the service's upkeep saves it within
+    about a second, so the caller's next search loads it instead of re-reading the calls."""
+    path = service.data_dir / "memory.sqlite3"
+
+    def covered() -> bool:
+        with sqlite3.connect(path) as connection:
+            saved = dict(connection.execute("SELECT user_id, memories FROM caller_indexes"))
+            stored = dict(
+                connection.execute("SELECT user_id, count(*) FROM memories GROUP BY user_id")
+            )
+        return all(saved.get(caller) == stored.get(caller) for caller in (ALICE, BOB))
+
+    wait_until(covered, timeout=5)
 
 
 def test_context_stays_within_budget(tmp_path: Path) -> None:

@@ -38,15 +38,15 @@ CLI_SEARCH_TIMEOUT_MS = 30_000
 async def caller_profile(services: Services, user_id: str) -> dict[str, Any] | None:
     """The prepared profile, or one computed from the stored calls when none is prepared
     yet (calls stored before profiles existed, or a profile hook that has not run)."""
-    from elaoms.personalization.profile import build_facts, user_context
+    from elaoms.personalization.profile import build_facts, caller_history, user_context
 
     profile = await services.store.get_caller_profile(user_id)
     if profile:
         return {**profile, "source": "prepared"}
-    calls = await services.store.list_calls(user_id)
-    if not calls:
+    history = await caller_history(services.store, user_id)
+    if not history.count:
         return None
-    facts = build_facts(user_id, calls)
+    facts = build_facts(user_id, history)
     context = user_context(facts, services.settings.user_context_max_chars)
     return {**facts, "greeting": None, "user_context": context, "source": "computed"}
 

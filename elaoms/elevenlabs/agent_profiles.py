@@ -86,6 +86,9 @@ class AgentProfiles:
         self._inflight: dict[str, asyncio.Task[AgentProfile | None]] = {}
         self._failed_until: dict[str, float] = {}
         self._warned_unconfigured = False
+        # The last profile parsed per agent, with the raw dict it came from: the local
+        # cache hands back that same dict until it changes, so each call is not a parse.
+        self._parsed: dict[str, tuple[dict[str, Any], AgentProfile]] = {}
 
     async def get(self, agent_id: str, *, wait: float = 0.0) -> AgentProfile | None:
         """The known profile at once (a stale one triggers a background refresh). An agent
@@ -107,8 +110,7 @@ class AgentProfiles:
 
     def peek(self, agent_id: str) -> AgentProfile | None:
         """This process's copy, without any I/O (last-resort answers)."""
-        raw = self.cache.peek(AGENT_KEY_PREFIX + agent_id)
-        return AgentProfile.from_api(agent_id, raw) if isinstance(raw, dict) else None
+        return self._profile(agent_id, self.cache.peek(AGENT_KEY_PREFIX + agent_id))
 
     async def after_call(self, agent_id: str) -> AgentProfile | None:
         """The profile to prepare a greeting with: fetched now unless fetched very recently,
@@ -148,7 +150,7 @@ class AgentProfiles:
         raw = {**raw, "_fetched_at": fetched_at}
         await self.cache.set(AGENT_KEY_PREFIX + agent_id, raw, local_ttl=self.ttl)
         logger.info("agent profile %s refreshed", agent_id)
-        return AgentProfile.from_api(agent_id, raw)
+        return self._profile(agent_id, raw)
 
     async def close(self) -> None:
         tasks = list(self._inflight.values())
@@ -160,15 +162,24 @@ class AgentProfiles:
 
     # Internals ---------------------------------------------------------------------------
     async def _cached(self, agent_id: str) -> AgentProfile | None:
-        raw = await self.cache.get(AGENT_KEY_PREFIX + agent_id)
-        return AgentProfile.from_api(agent_id, raw) if isinstance(raw, dict) else None
+        return self._profile(agent_id, await self.cache.get(AGENT_KEY_PREFIX + agent_id))
+
+    def _profile(self, agent_id: str, raw: Any) -> AgentProfile | None:
+        if not isinstance(raw, dict):
+            return None
+        parsed = self._parsed.get(agent_id)
+        if parsed is not None and parsed[0] is raw:
+            return parsed[1]
+        profile = AgentProfile.from_api(agent_id, raw)
+        self._parsed[agent_id] = (raw, profile)
+        return profile
 
     async def _stored(self, agent_id: str) -> AgentProfile | None:
         raw = await self.store.get_agent_profile(agent_id)
         if not raw:
             return None
         await self.cache.set(AGENT_KEY_PREFIX + agent_id, raw, local_ttl=self.ttl)
-        return AgentProfile.from_api(agent_id, raw)
+        return self._profile(agent_id, raw)
 
     def _refresh_in_background(self, agent_id: str) -> asyncio.Task[AgentProfile | None] | None:
         """Start (or join) the one fetch of this agent; None when we should not fetch now."""

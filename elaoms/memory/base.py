@@ -7,6 +7,7 @@ A backend is one new file with a subclass of `MemoryStore`, plus a line in
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,32 @@ class StoredCall:
 
 
 @dataclass(frozen=True, slots=True)
+class CallDigest:
+    """What a caller's profile needs from one finished call (`elaoms.memory.digest`),
+    computed when the call is stored and kept beside it, as private as its payload."""
+
+    conversation_id: str
+    agent_id: str | None
+    started_at: int | None
+    facts: dict[str, Any]
+    # Labels a store can filter on without reading `facts` (which name sources the call has).
+    marks: frozenset[str] = frozenset()
+    # Every word of the call a greeting may repeat; read only when asked for (it is large).
+    words: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallHistory:
+    """A caller's finished calls as a profile reads them, from one consistent read."""
+
+    count: int
+    first_started_at: int | None
+    last_started_at: int | None
+    recent: list[CallDigest]  # the newest, newest first
+    newest_marked: dict[str, CallDigest]  # per mark asked for: the newest call carrying it
+
+
+@dataclass(frozen=True, slots=True)
 class CallReceipt:
     memory_id: str
     created: bool  # False when the same call was already stored (a duplicate delivery)
@@ -51,6 +78,10 @@ class MemoryStore(abc.ABC):
     for several processes sharing the same backing store (gunicorn workers)."""
 
     name: str = "abstract"
+    # True when `get_caller_profile` answers from a file on this machine without leaving
+    # the event loop (tens of microseconds): a copy kept in process memory would save
+    # nothing, and would cost memory and freshness.
+    caller_profiles_on_loop: bool = False
 
     # Calls -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -80,6 +111,26 @@ class MemoryStore(abc.ABC):
     ) -> list[StoredCall]:
         """Calls newest first, filtered by caller, agent and start time (unix seconds)."""
 
+    @abc.abstractmethod
+    async def call_history(
+        self, user_id: str, *, recent: int, marks: Collection[str] = ()
+    ) -> CallHistory:
+        """The digests of the caller's finished calls (`post_call_transcription`): how many,
+        the first and last start, the `recent` newest, and for each of `marks` the newest
+        call whose digest carries it. Newest means the latest start (calls without one
+        come last), then the greatest conversation id, whatever order calls arrived in.
+
+        Its cost must not grow with the caller's history beyond a cheap index scan: it runs
+        after every stored call. Calls stored before digests existed (or with a digest of
+        another `DIGEST_VERSION`) are digested from their payload on the way."""
+
+    @abc.abstractmethod
+    async def list_call_digests(
+        self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False
+    ) -> list[CallDigest]:
+        """The digests of the caller's finished calls, newest first (as `call_history`);
+        with `words`, each call's vocabulary too."""
+
     # Memories ----------------------------------------------------------------------------
     @abc.abstractmethod
     async def add_memory(
@@ -102,7 +153,8 @@ class MemoryStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str) -> int:
-        """Delete every memory, call and profile of `user_id`; return how many items went."""
+        """Delete every memory, call and profile of `user_id`; return how many items went
+        (a call's digest goes with it and is not counted apart)."""
 
     # Profiles ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -117,13 +169,22 @@ class MemoryStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
-        """The prepared profile (greeting, user_context, ...) of a caller, or None."""
+        """The prepared profile (greeting, user_context, ...) of a caller, or None.
+
+        Read while the phone rings: with `caller_profiles_on_loop`, it must complete without
+        suspending whenever the store can answer at once, and never block the event loop
+        on a lock."""
 
     @abc.abstractmethod
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         """Replace the prepared profile of a caller."""
 
     # Life cycle --------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """Upkeep kept off the request path (the embedded store saves search indexes here).
+        The service calls it every second and on shutdown, the CLI after a backfill; none
+        by default."""
+
     async def check(self) -> None:
         """Raise `StoreUnavailableError` when the store cannot serve (start-up, /ready)."""
 

@@ -5,11 +5,11 @@ What lives where:
   each collected fact), free-standing memories, and agent profiles. `user_id` is the
   caller (the agent id for an agent profile); tags and metadata name the conversation,
   agent, event type and time.
-- In a local SQLite "ledger" (OPENMEMORY_LEDGER_PATH): every call's whole payload and its
-  index (the server cuts content to 200 characters by default, so it is no place for a
-  payload), prepared caller profiles (the server's own user summary never updates), and
-  which unit went to which server id, so a retried `add_call` resumes instead of
-  duplicating.
+- In a local SQLite "ledger" (OPENMEMORY_LEDGER_PATH): every call's whole payload, its
+  index and its digest (the server cuts content to 200 characters by default, so it is no
+  place for a payload), prepared caller profiles (the server's own user summary never
+  updates), and which unit went to which server id, so a retried `add_call` resumes
+  instead of duplicating.
 
 Defences against the server's known faults (docs/openmemory.md):
 - Its near-duplicate check is global and keeps ~16 bits: every unit starts with a header
@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +49,8 @@ from tenacity import (
 
 from elaoms.config import Settings
 from elaoms.memory.base import (
+    CallDigest,
+    CallHistory,
     CallReceipt,
     Memory,
     MemoryStore,
@@ -112,10 +114,11 @@ def _is_retryable(error: BaseException) -> bool:
 
 
 class Ledger(SQLiteStore):
-    """The local half of the backend: calls, caller profiles and the unit -> id record.
+    """The local half of the backend: calls (with their digests), caller profiles and the
+    unit -> id record.
 
-    It is the embedded store's file format (same calls and caller_profiles tables, WAL,
-    safe across workers) plus one table; only those parts of it are used.
+    It is the embedded store's file format (same calls, call_digests and caller_profiles
+    tables, WAL, safe across workers) plus one table; only those parts of it are used.
     """
 
     name = "openmemory-ledger"
@@ -212,6 +215,7 @@ class Ledger(SQLiteStore):
         def delete() -> int:
             with self._write() as connection:
                 connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (user_id,))
+                self._delete_digests(connection, user_id)
                 return sum(
                     connection.execute(
                         f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
@@ -234,6 +238,7 @@ class _CallerView:
 
 class OpenMemoryStore(MemoryStore):
     name = "openmemory"
+    caller_profiles_on_loop = True  # profiles live in the local ledger, not on the server
 
     def __init__(
         self,
@@ -453,6 +458,16 @@ class OpenMemoryStore(MemoryStore):
         limit: int | None = None,
     ) -> list[StoredCall]:
         return await self.ledger.list_calls(user_id, agent_id=agent_id, since=since, limit=limit)
+
+    async def call_history(
+        self, user_id: str, *, recent: int, marks: Collection[str] = ()
+    ) -> CallHistory:
+        return await self.ledger.call_history(user_id, recent=recent, marks=marks)
+
+    async def list_call_digests(
+        self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False
+    ) -> list[CallDigest]:
+        return await self.ledger.list_call_digests(user_id, limit=limit, offset=offset, words=words)
 
     # Memories ----------------------------------------------------------------------------
     async def add_memory(

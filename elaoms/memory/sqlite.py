@@ -15,21 +15,25 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from elaoms.memory.base import (
+    CallDigest,
+    CallHistory,
     CallReceipt,
     Memory,
     MemoryStore,
     StoredCall,
     StoreUnavailableError,
 )
+from elaoms.memory.digest import DIGEST_VERSION, digest_call
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.files import ensure_private_dir
+from elaoms.payloads import decode, encode
 from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")
@@ -72,11 +76,30 @@ CREATE TABLE IF NOT EXISTS caller_profiles (
     profile BLOB NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS call_digests (
+    event_type TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    agent_id TEXT,
+    started_at INTEGER,
+    version INTEGER NOT NULL,
+    marks TEXT NOT NULL,
+    facts BLOB NOT NULL,
+    words BLOB NOT NULL,
+    PRIMARY KEY (event_type, conversation_id)
+);
+-- Serves `call_history` (order, counts, marks) and the check that every call has its
+-- digest from the index alone: only the few digests returned are read.
+CREATE INDEX IF NOT EXISTS call_digests_by_user
+    ON call_digests (user_id, event_type, started_at, conversation_id, marks, version);
 """
+# Newest first, as `MemoryStore.call_history` defines it (SQLite sorts NULL lowest).
+NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
 
 
 class SQLiteStore(MemoryStore):
     name = "sqlite"
+    caller_profiles_on_loop = True
 
     def __init__(
         self,
@@ -97,6 +120,7 @@ class SQLiteStore(MemoryStore):
         self._indexes: OrderedDict[str, tuple[tuple[int, int], CallerIndex]] = OrderedDict()
         self._indexes_lock = threading.Lock()
         self._index_cache_size = index_cache_size
+        self._unsaved: set[str] = set()  # callers whose saved search index is behind
         self._initialize()
 
     # Connections -------------------------------------------------------------------------
@@ -125,6 +149,31 @@ class SQLiteStore(MemoryStore):
             with self._connections_lock:
                 self._connections.append(connection)
         return connection
+
+    def _loop_reader(self) -> sqlite3.Connection:
+        """This thread's connection for reads made on the event loop: read-only, with a
+        busy timeout of 0, so it answers at once or fails busy and never blocks the loop.
+        In WAL mode readers do not wait for writers: busy is rare (see `_busy`)."""
+        connection = getattr(self._local, "loop_reader", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA query_only=ON")
+            self._local.loop_reader = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Several queries seeing one snapshot (in WAL mode writers go on meanwhile)."""
+        connection = self._connection()
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            connection.execute("COMMIT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -162,27 +211,14 @@ class SQLiteStore(MemoryStore):
     def _insert_memories(
         self, connection: sqlite3.Connection, user_id: str, memories: list[Memory]
     ) -> None:
-        """Insert a caller's new memories and bring their saved search index up to date,
-        in the writer's transaction: every worker then loads a current index."""
-        before = _version(connection, user_id)
         connection.executemany(
             "INSERT OR IGNORE INTO memories"
             " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             [_memory_row(memory) for memory in memories],
         )
-        after = _version(connection, user_id)
-        index = None
-        if after[0] - before[0] == len(memories):  # none was there already
-            index = self._saved_index(connection, user_id, before, vectors=None)
-        if index is None:
-            index = CallerIndex(self._list_memories(user_id), vectors=None)
-        else:
-            index.extend(memories)
-        connection.execute(
-            "INSERT INTO caller_indexes VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
-            " memories = excluded.memories, last_seq = excluded.last_seq, data = excluded.data",
-            (user_id, *after, self.cipher.encrypt(index.to_bytes())),
-        )
+        # The caller's saved search index is brought up to date by `maintain`, off the
+        # delivery's path and once for several calls; searches meanwhile add what is new.
+        self._mark_unsaved(user_id)
 
     def _insert_call(
         self,
@@ -213,10 +249,11 @@ class SQLiteStore(MemoryStore):
                 event_timestamp if isinstance(event_timestamp, int) else None,
                 call_started_at(data, event_timestamp),
                 memory_id,
-                self.cipher.encrypt(json.dumps(payload, separators=(",", ":")).encode()),
+                self.cipher.encrypt(encode(payload)),
                 time.time(),
             ),
         )
+        self._put_digest(connection, user_id, event_type, digest_call(payload))
         return CallReceipt(memory_id=memory_id, created=True)
 
     async def get_call(
@@ -273,8 +310,145 @@ class SQLiteStore(MemoryStore):
             event_timestamp=event_ts,
             started_at=started,
             memory_id=memory_id,
-            payload=json.loads(self.cipher.decrypt(bytes(blob))),
+            payload=decode(self.cipher.decrypt(bytes(blob))),
         )
+
+    # Call digests ------------------------------------------------------------------------
+    async def call_history(
+        self, user_id: str, *, recent: int, marks: Collection[str] = ()
+    ) -> CallHistory:
+        return await self._run(lambda: self._call_history(user_id, recent, marks))
+
+    def _call_history(self, user_id: str, recent: int, marks: Collection[str]) -> CallHistory:
+        self._complete_digests(user_id)
+        with self._read() as connection:
+            count, first, last = connection.execute(
+                "SELECT count(*), min(started_at), max(started_at) FROM call_digests"
+                " WHERE user_id = ? AND event_type = ?",
+                (user_id, TRANSCRIPTION),
+            ).fetchone()
+            newest = self._digests(connection, user_id, limit=recent)
+            newest_marked: dict[str, CallDigest] = {}
+            for mark in marks:
+                found = next((digest for digest in newest if mark in digest.marks), None)
+                if found is None and count > len(newest):
+                    found = next(iter(self._digests(connection, user_id, limit=1, mark=mark)), None)
+                if found is not None:
+                    newest_marked[mark] = found
+        return CallHistory(
+            count=count,
+            first_started_at=first,
+            last_started_at=last,
+            recent=newest,
+            newest_marked=newest_marked,
+        )
+
+    async def list_call_digests(
+        self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False
+    ) -> list[CallDigest]:
+        def query() -> list[CallDigest]:
+            self._complete_digests(user_id)
+            return self._digests(
+                self._connection(), user_id, limit=limit, offset=offset, words=words
+            )
+
+        return await self._run(query)
+
+    def _digests(
+        self,
+        connection: sqlite3.Connection,
+        user_id: str,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+        mark: str | None = None,
+        words: bool = False,
+    ) -> list[CallDigest]:
+        """Digests of the caller's finished calls, newest first."""
+        sql = "SELECT conversation_id, agent_id, started_at, marks, facts"
+        sql += ", words" if words else ""
+        sql += " FROM call_digests WHERE user_id = ? AND event_type = ?"
+        parameters: list[Any] = [user_id, TRANSCRIPTION]
+        if mark is not None:
+            sql += " AND instr(' ' || marks || ' ', ?) > 0"
+            parameters.append(f" {mark} ")
+        sql += f" {NEWEST_FIRST} LIMIT ? OFFSET ?"
+        parameters += [-1 if limit is None else limit, offset]
+        return [self._digest(row) for row in connection.execute(sql, parameters)]
+
+    def _digest(self, row: tuple[Any, ...]) -> CallDigest:
+        conversation_id, agent_id, started_at, marks, facts, *words = row
+        return CallDigest(
+            conversation_id=conversation_id,
+            agent_id=agent_id,
+            started_at=started_at,
+            facts=decode(self.cipher.decrypt(bytes(facts))),
+            marks=frozenset(marks.split()),
+            words=frozenset(self.cipher.decrypt(bytes(words[0])).decode().split())
+            if words
+            else None,
+        )
+
+    def _put_digest(
+        self, connection: sqlite3.Connection, user_id: str, event_type: str, digest: CallDigest
+    ) -> None:
+        """Keep `digest` beside its call, in the writer's transaction; encrypted like the
+        payload (names, summaries and words are personal data)."""
+        connection.execute(
+            "INSERT OR REPLACE INTO call_digests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event_type,
+                digest.conversation_id,
+                user_id,
+                digest.agent_id,
+                digest.started_at,
+                DIGEST_VERSION,
+                " ".join(sorted(digest.marks)),
+                self.cipher.encrypt(encode(digest.facts)),
+                self.cipher.encrypt(" ".join(digest.words or ()).encode()),
+            ),
+        )
+
+    def _complete_digests(self, user_id: str) -> None:
+        """Make the caller's digests match their calls: every call stored since digests
+        exist has its digest from the same transaction, so this is two counts over indexes
+        (the calls' pages, 12 KB a call, are not read). Calls stored before digests existed,
+        or digested at another `DIGEST_VERSION`, are digested from their payload; digests
+        whose call is gone (forgotten by an older version of the code) are deleted."""
+        calls, digests = (
+            self._connection()
+            .execute(
+                "SELECT (SELECT count(*) FROM calls WHERE user_id = ?),"
+                " (SELECT count(*) FROM call_digests WHERE user_id = ? AND version = ?)",
+                (user_id, user_id, DIGEST_VERSION),
+            )
+            .fetchone()
+        )
+        if calls == digests:
+            return
+        # In the write transaction from the first read: a caller forgotten meanwhile must
+        # not get digests back. Rare (once per caller after an upgrade), so the lock may
+        # be held while payloads are digested.
+        with self._write() as connection:
+            rows = connection.execute(
+                "SELECT c.event_type, c.payload FROM calls c LEFT JOIN call_digests d"
+                " ON d.event_type = c.event_type AND d.conversation_id = c.conversation_id"
+                " AND d.version = ? WHERE c.user_id = ? AND d.conversation_id IS NULL",
+                (DIGEST_VERSION, user_id),
+            ).fetchall()
+            for event_type, payload in rows:
+                digest = digest_call(decode(self.cipher.decrypt(bytes(payload))))
+                self._put_digest(connection, user_id, event_type, digest)
+            connection.execute(
+                "DELETE FROM call_digests WHERE user_id = ? AND NOT EXISTS (SELECT 1 FROM calls"
+                " WHERE calls.event_type = call_digests.event_type"
+                " AND calls.conversation_id = call_digests.conversation_id)",
+                (user_id,),
+            )
+
+    def _delete_digests(self, connection: sqlite3.Connection, user_id: str) -> None:
+        # Derived from the calls: gone with them, and not counted apart.
+        connection.execute("DELETE FROM call_digests WHERE user_id = ?", (user_id,))
 
     # Memories ----------------------------------------------------------------------------
     async def add_memory(
@@ -298,12 +472,14 @@ class SQLiteStore(MemoryStore):
     async def list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
         return await self._run(lambda: self._list_memories(user_id, limit))
 
-    def _list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
+    def _list_memories(
+        self, user_id: str, limit: int | None = None, *, after_seq: int = 0
+    ) -> list[Memory]:
         sql = (
             "SELECT id, user_id, content, metadata, created_at FROM memories"
-            " WHERE user_id = ? AND (kind IS NULL OR kind != ?) ORDER BY seq"
+            " WHERE user_id = ? AND seq > ? AND (kind IS NULL OR kind != ?) ORDER BY seq"
         )
-        parameters: list[Any] = [user_id, AGENT_PROFILE]
+        parameters: list[Any] = [user_id, after_seq, AGENT_PROFILE]
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
@@ -315,12 +491,14 @@ class SQLiteStore(MemoryStore):
         def fetch(ids: Sequence[str]) -> dict[str, Memory]:
             if not ids:
                 return {}
+            # By id alone (the unique index: a few rows read, not the caller's whole
+            # history), then only the caller's own.
             rows = self._connection().execute(
                 "SELECT id, user_id, content, metadata, created_at FROM memories"
-                f" WHERE user_id = ? AND id IN ({', '.join('?' * len(ids))})",
-                (user_id, *ids),
+                f" WHERE id IN ({', '.join('?' * len(ids))})",
+                ids,
             )
-            return {row[0]: _memory(row) for row in rows}
+            return {row[0]: _memory(row) for row in rows if row[1] == user_id}
 
         return fetch
 
@@ -332,8 +510,8 @@ class SQLiteStore(MemoryStore):
         )
 
     def _index(self, user_id: str) -> CallerIndex:
-        """The caller's ranking index: kept in this process while their memories are
-        unchanged, else loaded as saved by the last write, else built from the memories.
+        """The caller's ranking index for a search: kept in this process while their
+        memories are unchanged, else the current one (`_current_index`).
 
         The version check is one indexed aggregate over the caller's own rows, so a worker
         sees another worker's writes without any shared cache.
@@ -345,9 +523,10 @@ class SQLiteStore(MemoryStore):
             if cached and cached[0] == version:
                 self._indexes.move_to_end(user_id)
                 return cached[1]
-        index = self._saved_index(connection, user_id, version)
-        if index is None:  # saved before this format, or by a store without saved indexes
-            index = CallerIndex(self._list_memories(user_id))
+        index, saved = self._current_index(connection, user_id, version)
+        if not saved:
+            self._mark_unsaved(user_id)
+        index.attach_vectors(DEFAULT)
         with self._indexes_lock:
             self._indexes[user_id] = (version, index)
             self._indexes.move_to_end(user_id)
@@ -355,27 +534,70 @@ class SQLiteStore(MemoryStore):
                 self._indexes.popitem(last=False)
         return index
 
-    def _saved_index(
-        self,
-        connection: sqlite3.Connection,
-        user_id: str,
-        version: tuple[int, int],
-        *,
-        vectors: Any = DEFAULT,
-    ) -> CallerIndex | None:
-        """The index saved for `version` of the caller's memories, if there is one.
-        `vectors`: as for `CallerIndex`; None where nothing ranks (writing)."""
+    def _current_index(
+        self, connection: sqlite3.Connection, user_id: str, version: tuple[int, int]
+    ) -> tuple[CallerIndex, bool]:
+        """The index of `version` of the caller's memories, and whether it is the saved
+        one. The saved index serves as is, or extended with the memories stored after it
+        (tokenizing those alone); with none saved, or memories deleted since, every memory
+        is read and tokenized."""
         row = connection.execute(
             "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
         ).fetchone()
-        if row is None or (row[0], row[1]) != version:
-            return None
-        try:
-            return CallerIndex.from_bytes(
-                self.cipher.decrypt(bytes(row[2])), self._memories_of(user_id), vectors=vectors
-            )
-        except ValueError:
-            return None
+        if row is not None:
+            saved_count, saved_last, data = row
+            try:
+                index = CallerIndex.from_bytes(
+                    self.cipher.decrypt(bytes(data)), self._memories_of(user_id), vectors=None
+                )
+            except ValueError:  # another format: rebuilt below
+                pass
+            else:
+                if (saved_count, saved_last) == version:
+                    return index, True
+                newer = self._list_memories(user_id, after_seq=saved_last)
+                if saved_count + len(newer) == version[0]:  # nothing deleted since
+                    index.extend(newer)
+                    return index, False
+        memories = self._list_memories(user_id)
+        return CallerIndex(memories, vectors=None, fetch=self._memories_of(user_id)), False
+
+    def _mark_unsaved(self, user_id: str) -> None:
+        with self._indexes_lock:
+            self._unsaved.add(user_id)
+
+    async def maintain(self) -> None:
+        """Save the search index of every caller whose memories changed (or whose saved
+        index a search found behind) since the last pass."""
+        with self._indexes_lock:
+            callers, self._unsaved = self._unsaved, set()
+        for number, user_id in enumerate(callers):
+            try:
+                await self._run(lambda user_id=user_id: self._save_index(user_id))
+            except StoreUnavailableError:
+                with self._indexes_lock:
+                    self._unsaved.update(list(callers)[number:])
+                raise
+
+    def _save_index(self, user_id: str) -> None:
+        connection = self._connection()
+        version = _version(connection, user_id)
+        if version[0] == 0:  # forgotten meanwhile: nothing to index
+            return
+        index, saved = self._current_index(connection, user_id, version)
+        if saved:
+            return
+        data = self.cipher.encrypt(index.to_bytes())
+        with self._write() as connection:
+            # Only if no memory came or went meanwhile: the index describes `version`. A
+            # writer that changed them marked the caller for the next pass.
+            if _version(connection, user_id) == version:
+                connection.execute(
+                    "INSERT INTO caller_indexes VALUES (?, ?, ?, ?) ON CONFLICT (user_id)"
+                    " DO UPDATE SET memories = excluded.memories,"
+                    " last_seq = excluded.last_seq, data = excluded.data",
+                    (user_id, *version, data),
+                )
 
     async def delete_user(self, user_id: str) -> int:
         def delete() -> int:
@@ -387,6 +609,7 @@ class SQLiteStore(MemoryStore):
                     ).rowcount
                 # Derived from the memories (their words): gone with them, not counted.
                 connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (user_id,))
+                self._delete_digests(connection, user_id)
             with self._indexes_lock:
                 self._indexes.pop(user_id, None)
             return deleted
@@ -440,18 +663,29 @@ class SQLiteStore(MemoryStore):
         await self._run(upsert)
 
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
-        def query() -> dict[str, Any] | None:
-            row = (
-                self._connection()
-                .execute("SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,))
-                .fetchone()
-            )
-            return json.loads(self.cipher.decrypt(bytes(row[0]))) if row else None
+        # Read on the event loop: a primary-key lookup takes microseconds, less than the
+        # hop to a thread, whose GIL hand-offs also stretch every other request in flight.
+        # Only a lock could make it wait, and the loop's connection never waits for one.
+        try:
+            return self._caller_profile(self._loop_reader(), user_id)
+        except sqlite3.Error as error:
+            if not _busy(error):
+                raise StoreUnavailableError(f"sqlite: {error}") from error
+        # Busy: another connection holds the whole file (exclusive locking mode, WAL
+        # recovery). A thread waits for it with the usual busy timeout.
+        return await self._run(lambda: self._caller_profile(self._connection(), user_id))
 
-        return await self._run(query)
+    def _caller_profile(
+        self, connection: sqlite3.Connection, user_id: str
+    ) -> dict[str, Any] | None:
+        row = connection.execute(
+            "SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
-        blob = self.cipher.encrypt(json.dumps(profile).encode())
+        # Compact UTF-8 (orjson), the cheapest form to decode while the phone rings.
+        blob = self.cipher.encrypt(encode(profile))
 
         def upsert() -> None:
             with self._write() as connection:
@@ -479,6 +713,13 @@ class SQLiteStore(MemoryStore):
 
 def _agent_memory_id(agent_id: str) -> str:
     return f"agent_profile:{agent_id}"
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, extended codes included: the lock, not the store, is
+    what failed."""
+    primary = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _version(connection: sqlite3.Connection, user_id: str) -> tuple[int, int]:

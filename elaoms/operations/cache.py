@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -19,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+
+from elaoms.payloads import decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class TwoLevelCache:
         if raw is None:
             return None
         try:
-            value = json.loads(raw)
+            value = decode(raw)
         except ValueError:
             return None
         self._keep(key, value, self.local_ttl)
@@ -79,7 +80,9 @@ class TwoLevelCache:
     ) -> None:
         """Keep `value` here for `local_ttl` and in Redis for `ttl` (defaults: the cache's)."""
         self._keep(key, value, self.local_ttl if local_ttl is None else local_ttl)
-        encoded = json.dumps(value, separators=(",", ":"))
+        if not self.redis_url:
+            return  # nothing to encode for
+        encoded = encode(value)
         seconds = max(1, int(self.redis_ttl if ttl is None else ttl))
         await self._call_redis(lambda client: client.set(key, encoded, ex=seconds))
 
@@ -93,7 +96,7 @@ class TwoLevelCache:
         With Redis the answer holds across workers; without it, within this process only.
         """
         seconds = max(1, int(self.redis_ttl if ttl is None else ttl))
-        encoded = json.dumps(value, separators=(",", ":"))
+        encoded = encode(value)
         result = await self._call_redis(
             lambda client: client.set(key, encoded, ex=seconds, nx=True), missing=_NO_ANSWER
         )

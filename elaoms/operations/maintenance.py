@@ -1,7 +1,8 @@
 """The periodic background work of a running service.
 
 Pending deliveries are retried at start-up and every PENDING_SWEEP_INTERVAL_SECONDS;
-unclaimed audio and expired webhook files are purged on their own, slower clocks.
+unclaimed audio and expired webhook files are purged on their own, slower clocks. The
+store's own upkeep (saving search indexes) runs every second.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from elaoms.memory.base import MemoryStore
 from elaoms.operations.metrics import PENDING_DELIVERIES
 from elaoms.operations.retention import purge_expired
 from elaoms.services import Services
@@ -17,6 +19,9 @@ from elaoms.services import Services
 logger = logging.getLogger(__name__)
 
 RETENTION_INTERVAL_SECONDS = 3600.0
+# Soon enough that a caller's next call finds their index saved; late enough that a burst
+# of calls is indexed once per caller, not once per call.
+STORE_UPKEEP_INTERVAL_SECONDS = 1.0
 
 
 async def run_maintenance(services: Services) -> None:
@@ -38,3 +43,12 @@ async def run_maintenance(services: Services) -> None:
         except Exception:
             logger.exception("maintenance pass failed; trying again next interval")
         await asyncio.sleep(settings.pending_sweep_interval_seconds)
+
+
+async def run_store_upkeep(store: MemoryStore) -> None:
+    while True:
+        await asyncio.sleep(STORE_UPKEEP_INTERVAL_SECONDS)
+        try:
+            await store.maintain()
+        except Exception:
+            logger.exception("store upkeep failed; trying again next interval")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Set
 from typing import Any
 
 import httpx
 
 from elaoms.config import GreetingDisclosure, Settings
+from elaoms.memory.digest import vocabulary, words
 from elaoms.personalization.profile import truncate
 
 logger = logging.getLogger(__name__)
@@ -48,23 +50,18 @@ _FACT_WORDS = frozenset(
     january february march april june july august september october november december
     tomorrow yesterday tonight week weekend month noon midnight""".split()  # noqa: SIM905
 )
-_TOKEN = re.compile(r"[^\W\d_][\w'\-]*|\d+(?:[:.,]\d+)*", re.UNICODE)
 
 
-def _words(text: str) -> list[str]:
-    text = text.replace("\u2019", "'")  # typographic apostrophes, as LLMs write them
-    return [token.removesuffix("'s") for token in _TOKEN.findall(text)]
-
-
-def unsupported_terms(greeting: str, facts_text: str) -> list[str]:
+def unsupported_terms(greeting: str, facts: str | Set[str]) -> list[str]:
     """Names, numbers, days and other fact-bearing words of `greeting` absent from the facts.
 
     Capitalized words and numbers are where invented facts show (a name, a date, a doctor,
-    a time); each must appear in `facts_text`. Ordinary greeting words are allowed.
+    a time); each must appear in `facts` (a text, or the lowercase words known to be in
+    it). Ordinary greeting words are allowed.
     """
-    known = {word.lower() for word in _words(facts_text)}
+    known = facts if isinstance(facts, Set) else vocabulary(facts)
     unsupported = []
-    for word in _words(greeting):
+    for word in words(greeting):
         lower = word.lower()
         bears_fact = word[0].isdigit() or word[0].isupper() or lower in _FACT_WORDS
         if bears_fact and lower not in known and lower not in _GREETING_WORDS:
@@ -106,15 +103,25 @@ def template_greeting(
     return truncate(" ".join(parts), GREETING_MAX_CHARS)
 
 
-def acceptable(greeting: str | None, facts_text: str, origin: str) -> str | None:
-    """`greeting` cleaned up, or None (logged) when it is empty, too long or unsupported."""
-    text = " ".join((greeting or "").split()).strip().strip("\"'\u201c\u201d")
+def _cleaned(greeting: str | None) -> str:
+    return " ".join((greeting or "").split()).strip().strip("\"'\u201c\u201d")
+
+
+def fact_terms(greeting: str | None) -> set[str]:
+    """The words of `greeting` (lowercase) that `acceptable` needs to find in the facts."""
+    return {word.lower() for word in unsupported_terms(_cleaned(greeting), frozenset())}
+
+
+def acceptable(greeting: str | None, facts: str | Set[str], origin: str) -> str | None:
+    """`greeting` cleaned up, or None (logged) when it is empty, too long or unsupported
+    by `facts` (as for `unsupported_terms`)."""
+    text = _cleaned(greeting)
     if not text:
         return None
     if len(text) > GREETING_MAX_CHARS:
         logger.info("%s greeting refused: %d characters", origin, len(text))
         return None
-    if unsupported := unsupported_terms(text, facts_text):
+    if unsupported := unsupported_terms(text, facts):
         logger.warning(
             "%s greeting refused: mentions %s, absent from the caller's calls",
             origin,

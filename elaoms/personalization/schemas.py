@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 CLIENT_DATA_TYPE = "conversation_initiation_client_data"
 
 Scalar = str | int | float | bool
+
+# A `ClientDataResponse` as the JSON ElevenLabs receives (None fields left out), built and
+# sent as plain dicts on the hot path; the models describe it (OpenAPI) and check it (tests).
+ClientDataAnswer = dict[str, Any]
 
 
 class ClientDataRequest(BaseModel):

@@ -20,32 +20,31 @@ from pydantic import ValidationError
 
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
-from elaoms.memory.base import CallReceipt, MemoryStore, StoredCall
+from elaoms.memory.base import CallDigest, CallReceipt, MemoryStore
+from elaoms.memory.digest import clean_value, vocabulary
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.cache import TwoLevelCache, caller_key
 from elaoms.personalization.greeting import (
     LLMGreetingWriter,
     acceptable,
     business_name,
+    fact_terms,
     first_name,
     template_greeting,
 )
 from elaoms.personalization.profile import (
     build_facts,
+    call_vocabulary,
+    caller_history,
     caller_identity,
-    calls_text,
-    collected,
-    last_agent_greeting,
-    transcription_calls,
     user_context,
 )
 from elaoms.personalization.schemas import (
-    AgentOverride,
+    CLIENT_DATA_TYPE,
+    ClientDataAnswer,
     ClientDataRequest,
     ClientDataResponse,
-    ConversationConfigOverride,
     Scalar,
-    TTSOverride,
 )
 from elaoms.phone import mask
 
@@ -60,6 +59,8 @@ CALLER_LOCAL_TTL = 10.0
 TEMPLATE_LANGUAGE = "en"
 # Share of the client-data deadline an agent never seen before may be waited for.
 COLD_AGENT_WAIT_SHARE = 0.6
+# Calls read at a time when a greeting's words are looked for in the caller's calls.
+WORDS_PAGE = 4
 
 
 class PersonalizationService:
@@ -90,13 +91,16 @@ class PersonalizationService:
         """Rebuild the caller's profile and next greeting from their stored calls."""
         if caller_identity(user_id) is None:
             return None  # withheld numbers share an id; they must not share a profile
-        calls = transcription_calls(await self.store.list_calls(user_id))
-        if not calls:
+        history = await caller_history(self.store, user_id)
+        if not history.count:
             return None
-        facts = build_facts(user_id, calls)
+        facts = build_facts(user_id, history)
+        last = history.recent[0]
         agent = await self.agents.after_call(facts["agent_id"]) if facts["agent_id"] else None
-        business = business_name(agent.first_message if agent else None, last_agent_greeting(calls))
-        greeting, source, language = await self._write_greeting(facts, calls, agent, business)
+        business = business_name(
+            agent.first_message if agent else None, last.facts.get("first_agent_message")
+        )
+        greeting, source, language = await self._write_greeting(facts, last, agent, business)
         profile = {
             **facts,
             "greeting": greeting,
@@ -120,7 +124,7 @@ class PersonalizationService:
     async def _write_greeting(
         self,
         facts: dict[str, Any],
-        calls: list[StoredCall],
+        last: CallDigest,
         agent: AgentProfile | None,
         business: str | None,
     ) -> tuple[str, str, str | None]:
@@ -130,16 +134,38 @@ class PersonalizationService:
         language = facts.get("language") or (agent.language if agent else None)
         if disclosure is GreetingDisclosure.NAME_AND_TOPIC:
             item = self.settings.greeting_data_collection_id
-            agent_words = [agent.first_message, agent.name] if agent else []
-            corpus = "\n".join([calls_text(calls, exclude_items={item}), *agent_words])
-            owned = collected(calls[0].payload.get("data") or {}, item)
-            if greeting := acceptable(owned, corpus, "data-collection"):
-                return greeting, "data_collection", language
+            owned = clean_value((last.facts.get("collected") or {}).get(item))
+            if owned:
+                known = await self._known_words(facts["user_id"], owned, item, agent)
+                if greeting := acceptable(owned, known, "data-collection"):
+                    return greeting, "data_collection", language
             if self.llm.configured:
                 greeting = await self._llm_greeting(facts, business, language)
                 if greeting:
                     return greeting, "llm", language
         return template_greeting(facts, business, disclosure), "template", TEMPLATE_LANGUAGE
+
+    async def _known_words(
+        self, user_id: str, greeting: str, item: str, agent: AgentProfile | None
+    ) -> set[str]:
+        """The words of `greeting` the fact check needs that the agent's own words or the
+        caller's calls (all of them, `item`'s own values aside) hold. Newest calls first, a
+        few at a time, until every word is found: the words of a greeting written in the
+        last call are nearly always in it, so one small read is the usual cost."""
+        needed = fact_terms(greeting)
+        agent_words = [agent.first_message, agent.name] if agent else []
+        missing = needed - vocabulary("\n".join(filter(None, agent_words)))
+        offset = 0
+        while missing:
+            page = await self.store.list_call_digests(
+                user_id, limit=WORDS_PAGE, offset=offset, words=True
+            )
+            for digest in page:
+                missing -= call_vocabulary(digest, {item})
+            if len(page) < WORDS_PAGE:
+                break
+            offset += WORDS_PAGE
+        return needed - missing
 
     async def _llm_greeting(
         self, facts: dict[str, Any], business: str | None, language: str | None
@@ -166,7 +192,7 @@ class PersonalizationService:
         return acceptable(await self.llm.write(prompt), json.dumps(prompt), "LLM")
 
     # While the phone rings ---------------------------------------------------------------
-    async def client_data(self, request: ClientDataRequest) -> ClientDataResponse:
+    async def client_data(self, request: ClientDataRequest) -> ClientDataAnswer:
         """The webhook's answer within CLIENT_DATA_TIMEOUT_MS, the default one on any
         failure (the reason is logged)."""
         timeout = self.settings.client_data_timeout_ms / 1000
@@ -189,15 +215,18 @@ class PersonalizationService:
 
     async def answer(
         self, request: ClientDataRequest, *, agent_wait: float = 0.0
-    ) -> ClientDataResponse:
+    ) -> ClientDataAnswer:
         """The personalized answer, without a deadline (callers add one)."""
         user_id = caller_identity(request.caller_id)
-        profile, agent = await asyncio.gather(
-            self._profile_for_call(user_id), self._agent_for_call(request.agent_id, agent_wait)
-        )
+        # One after the other, not gathered: both nearly always answer without leaving the
+        # event loop (a profile read on the loop, an agent in this process), where two
+        # tasks would cost more than the lookups. An agent never seen before, the one slow
+        # case, is waited for at most `agent_wait` after the profile.
+        profile = await self._profile_for_call(user_id)
+        agent = await self._agent_for_call(request.agent_id, agent_wait)
         return compose_answer(request, user_id, profile, agent, self.settings.greeting_disclosure)
 
-    def default_answer(self, request: ClientDataRequest) -> ClientDataResponse:
+    def default_answer(self, request: ClientDataRequest) -> ClientDataAnswer:
         """What we say knowing nothing about the caller: still every placeholder the agent
         declares, when this process has its profile at hand."""
         agent = self.agents.peek(request.agent_id) if request.agent_id else None
@@ -212,7 +241,11 @@ class PersonalizationService:
         if profile is None:
             profile = await self.store.get_caller_profile(user_id)
             if profile is not None:
-                await self.cache.set(key, profile, local_ttl=CALLER_LOCAL_TTL)
+                # A store read on the loop is as fast as this process's copy: keeping one
+                # would only cost memory (about 8 kB a caller) and freshness. Redis, when
+                # set, still gets it for the other workers and hosts.
+                local_ttl = 0 if self.store.caller_profiles_on_loop else CALLER_LOCAL_TTL
+                await self.cache.set(key, profile, local_ttl=local_ttl)
         return profile
 
     async def _profile_for_call(self, user_id: str | None) -> dict[str, Any] | None:
@@ -257,8 +290,10 @@ def compose_answer(
     profile: dict[str, Any] | None,
     agent: AgentProfile | None,
     disclosure: GreetingDisclosure,
-) -> ClientDataResponse:
-    """Assemble the answer from prepared parts: no I/O, microseconds."""
+) -> ClientDataAnswer:
+    """Assemble the answer from prepared parts: no I/O, microseconds. Plain dicts in the
+    shape of `ClientDataResponse` (without its None fields), serialized as they are:
+    building and dumping the models took longer than the rest of the answer."""
     profile = profile or {}
     call_count = int(profile.get("call_count") or 0)
     last_call_at = profile.get("last_call_at")
@@ -277,15 +312,16 @@ def compose_answer(
         for name, default in agent.placeholders.items():
             if variables.get(name) in (None, ""):
                 variables[name] = default
-    return ClientDataResponse(
-        dynamic_variables=variables,
-        conversation_config_override=_overrides(profile, agent, disclosure),
-    )
+    answer: ClientDataAnswer = {"type": CLIENT_DATA_TYPE, "dynamic_variables": variables}
+    overrides = _overrides(profile, agent, disclosure)
+    if overrides:
+        answer["conversation_config_override"] = overrides
+    return answer
 
 
 def _overrides(
     profile: dict[str, Any], agent: AgentProfile | None, disclosure: GreetingDisclosure
-) -> ConversationConfigOverride | None:
+) -> dict[str, dict[str, str]] | None:
     """Only what the agent allows and what improves on its own configuration. An agent we
     know nothing about allows nothing: an unallowed override fails the call."""
     if agent is None or not profile:
@@ -302,15 +338,14 @@ def _overrides(
     )
     voice = profile.get("voice_id")
     voice_id = voice if agent.allows_voice_id and voice and voice != agent.voice_id else None
-    agent_part = (
-        AgentOverride(first_message=first_message, language=override_language)
-        if first_message or override_language
-        else None
-    )
-    tts_part = TTSOverride(voice_id=voice_id) if voice_id else None
-    if agent_part is None and tts_part is None:
-        return None
-    return ConversationConfigOverride(agent=agent_part, tts=tts_part)
+    overrides: dict[str, dict[str, str]] = {}
+    if first_message:
+        overrides.setdefault("agent", {})["first_message"] = first_message
+    if override_language:
+        overrides.setdefault("agent", {})["language"] = override_language
+    if voice_id:
+        overrides["tts"] = {"voice_id": voice_id}
+    return overrides or None
 
 
 def _first_message(
@@ -355,4 +390,4 @@ async def preview_first_message(
         agent_id = (profile or {}).get("agent_id")
     request = ClientDataRequest(caller_id=caller_id, agent_id=agent_id)
     wait = services.settings.elevenlabs_api_timeout_seconds
-    return await personalization.answer(request, agent_wait=wait)
+    return ClientDataResponse.model_validate(await personalization.answer(request, agent_wait=wait))

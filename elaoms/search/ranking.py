@@ -173,9 +173,16 @@ class CallerIndex:
         "_words_said", "_lower_words", "_mid_sentence_words",
     )  # fmt: skip
 
-    def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
+    def __init__(
+        self,
+        memories: Sequence[Memory] = (),
+        *,
+        vectors: Any = DEFAULT,
+        fetch: Fetch | None = None,
+    ) -> None:
         """`vectors`: a `VectorCache` to add the semantic signal, None for BM25 alone; by
-        default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed)."""
+        default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed).
+        `fetch`: how to read memories back by id; by default the index keeps them."""
         self.ids: list[str] = []
         self.texts: list[str] = []
         self.roles: list[str | None] = []
@@ -198,11 +205,11 @@ class CallerIndex:
         self._lower_words: list[str] = []
         self._mid_sentence_words: list[str] = []
         self._kept: dict[str, Memory] = {}
-        self.fetch: Fetch = self._fetch_kept
+        self.fetch: Fetch = fetch or self._fetch_kept
         self.vector_cache: VectorCache | None = None
         self.vectors: Any = None
-        self.extend(memories, keep=True)
-        self._attach_vectors(vectors)
+        self.extend(memories, keep=fetch is None)
+        self.attach_vectors(vectors)
 
     # Saving and loading ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -224,13 +231,15 @@ class CallerIndex:
             raise ValueError(f"caller index without {error}") from None
         index._kept = {}
         index.fetch = fetch
-        index._attach_vectors(vectors)
+        index.attach_vectors(vectors)
         return index
 
     def _fetch_kept(self, ids: Sequence[str]) -> Mapping[str, Memory]:
         return {id_: self._kept[id_] for id_ in ids if id_ in self._kept}
 
-    def _attach_vectors(self, vectors: Any) -> None:
+    def attach_vectors(self, vectors: Any) -> None:
+        """Rank with `vectors` too (as for `__init__`); the texts' vectors are looked up,
+        or their computation is started in the background."""
         if vectors is DEFAULT:
             from elaoms.search.embeddings import default_cache
 
@@ -299,7 +308,7 @@ class CallerIndex:
             self._add(memory, call=-1, position=0)
         self._learn_speaker_names(first_new_unit)
         if self.vector_cache is not None:
-            self._attach_vectors(self.vector_cache)  # the texts changed: so do the vectors
+            self.attach_vectors(self.vector_cache)  # the texts changed: so do the vectors
 
     def _add(self, memory: Memory, *, call: int, position: int) -> Counter[str]:
         terms = Counter(tokenize(memory.content))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, call_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
+from elaoms.payloads import decode
 from elaoms.phone import mask
 from elaoms.webhooks.identity import caller_of
 from elaoms.webhooks.schemas import (
@@ -239,7 +239,7 @@ class IngestService:
                 if stored is not None and not stored.done():
                     stored.set_result(None)
                 return None
-            payload = json.loads(body)
+            payload = decode(body)
             user_id, memories = self._memories_of(payload)
             try:
                 receipt = await self.store.add_call(user_id, payload, memories)

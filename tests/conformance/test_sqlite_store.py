@@ -82,10 +82,24 @@ VISITS = (
 )
 
 
-def _store_visits(store: SQLiteStore) -> None:
+def _store_visits(store: SQLiteStore, *, save: bool = True) -> None:
     for number, turns in enumerate(VISITS):
         payload = transcription(f"conv_visit_{number}", caller=CALLER, turns=turns)
         asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    if save:
+        asyncio.run(store.maintain())  # what the service's upkeep does every second
+
+
+def _saved(path: Path) -> tuple[int, int]:
+    """(memories the saved index covers, memories stored) for the caller."""
+    with sqlite3.connect(path) as connection:
+        row = connection.execute(
+            "SELECT memories FROM caller_indexes WHERE user_id = ?", (CALLER,)
+        ).fetchone()
+        count = connection.execute(
+            "SELECT count(*) FROM memories WHERE user_id = ?", (CALLER,)
+        ).fetchone()[0]
+    return (row[0] if row else 0), count
 
 
 def test_another_worker_searches_with_the_index_saved_by_the_writer(
@@ -98,7 +112,7 @@ def test_another_worker_searches_with_the_index_saved_by_the_writer(
 
     reader = SQLiteStore(path)  # nothing cached in this one
 
-    def rebuild(*args: object) -> None:
+    def rebuild(*args: object, **kwargs: object) -> None:
         raise AssertionError("the caller's history was re-read instead of the saved index")
 
     monkeypatch.setattr(reader, "_list_memories", rebuild)
@@ -107,28 +121,48 @@ def test_another_worker_searches_with_the_index_saved_by_the_writer(
         assert found and found == expected.search(query, limit=5)
 
 
-def test_an_index_older_than_the_memories_is_not_used_and_is_repaired(tmp_path: Path) -> None:
+def test_a_call_stored_after_the_save_is_found_reading_that_call_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path)
     _store_visits(store)
-    with sqlite3.connect(path) as connection:  # written without the index: an older version
-        connection.execute(
-            "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
-            " VALUES ('note', ?, 'note', 'Allergic to penicillin.', '{}', 0)",
-            (CALLER,),
-        )
+    later = transcription(
+        "conv_visit_later", caller=CALLER, turns=[("user", "The root canal went well.")]
+    )
+    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
+    assert _saved(path)[0] < _saved(path)[1]  # the delivery did not wait for the index
 
-    assert asyncio.run(SQLiteStore(path).search(CALLER, "penicillin"))
+    reader = SQLiteStore(path)
+    read = reader._list_memories
+    reads: list[int] = []
 
-    asyncio.run(store.add_memory(CALLER, "Prefers morning appointments."))
-    with sqlite3.connect(path) as connection:
-        saved = connection.execute(
-            "SELECT memories FROM caller_indexes WHERE user_id = ?", (CALLER,)
-        ).fetchone()[0]
-        count = connection.execute(
-            "SELECT count(*) FROM memories WHERE user_id = ?", (CALLER,)
-        ).fetchone()[0]
-    assert saved == count  # rebuilt whole, the note included
+    def newer_only(user_id: str, limit: int | None = None, *, after_seq: int = 0) -> object:
+        reads.append(after_seq)
+        return read(user_id, limit, after_seq=after_seq)
+
+    monkeypatch.setattr(reader, "_list_memories", newer_only)
+    (excerpt,) = asyncio.run(reader.search(CALLER, "root canal"))
+    assert "root canal went well" in excerpt.content
+    assert reads and all(after > 0 for after in reads)
+
+    asyncio.run(reader.maintain())  # the search found the index behind: the upkeep saves it
+    saved, stored = _saved(path)
+    assert saved == stored
+
+
+def test_an_index_older_than_a_deletion_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    _store_visits(SQLiteStore(path))
+    with sqlite3.connect(path) as connection:  # a memory removed behind the index's back
+        connection.execute("DELETE FROM memories WHERE content LIKE '%insurance%'")
+
+    reader = SQLiteStore(path)
+    assert asyncio.run(reader.search(CALLER, "insurance crown")) == []
+    assert asyncio.run(reader.search(CALLER, "daughter tooth"))
+    asyncio.run(reader.maintain())
+    saved, stored = _saved(path)
+    assert saved == stored
 
 
 def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Path) -> None:
@@ -142,7 +176,10 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     assert b"daughter" not in data and b"chipped" not in data
     assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
 
+    later = transcription("conv_visit_later", caller=CALLER)
+    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
     asyncio.run(store.delete_user(CALLER))
+    asyncio.run(store.maintain())  # the pass due for the later call saves nothing back
 
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM caller_indexes").fetchone()[0] == 0

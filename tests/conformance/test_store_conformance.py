@@ -157,6 +157,102 @@ def test_calls_are_listed_newest_first_and_filtered(store: MemoryStore, run: Run
     assert ids(user_id="+15550000000") == []
 
 
+# Call digests ----------------------------------------------------------------------------
+def test_a_finished_call_is_digested_when_stored(store: MemoryStore, run: Run[Any]) -> None:
+    turns = [
+        ("agent", "Thanks for calling Brightside Dental, this is Ava."),
+        ("user", "Hi, my name is Jonas Weber, my crown came loose."),
+    ]
+    payload = call("conv_digest", turns=turns, summary="Jonas needs his crown re-cemented.")
+    analysis = payload["data"]["analysis"]
+    analysis["call_summary_title"] = "Loose crown"
+    analysis["data_collection_results"]["follow_up"]["value"] = "Book Dr. Osei on Friday"
+    add(run, store, payload)
+    add(run, store, payload)  # a replay adds no second digest
+    failure = load_fixture("call_initiation_failure")
+    failure["data"]["conversation_id"] = "conv_digest_failed"
+    run(store.add_call(MARIA, failure, []))
+
+    (digest,) = run(store.list_call_digests(MARIA, words=True))
+
+    assert (digest.conversation_id, digest.agent_id) == ("conv_digest", "agent_front_desk")
+    assert digest.started_at == 1_763_760_000
+    facts = digest.facts
+    assert (facts["title"], facts["summary"]) == (
+        "Loose crown",
+        "Jonas needs his crown re-cemented.",
+    )
+    assert facts["names"] == {"data_collection": "Maria Lopez", "transcript": "Jonas Weber"}
+    assert digest.marks == {"data_collection", "transcript"}
+    assert facts["follow_ups"] == ["Book Dr. Osei on Friday"]
+    assert facts["first_agent_message"] == turns[0][1]
+    assert facts["language"] == "en"
+    assert facts["collected"]["caller_name"] == "Maria Lopez"
+    assert digest.words is not None
+    assert {"jonas", "crown", "re-cemented", "brightside"} <= digest.words
+    assert "osei" not in digest.words  # said in a data-collection value only: kept apart
+    assert run(store.list_call_digests(MARIA))[0].words is None  # words only when asked
+
+
+def test_the_call_history_is_the_same_whatever_order_calls_arrive_in(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    starts = [1_700_000_000 + day * 86_400 for day in range(7)]
+    payloads = [call(f"conv_h{day}", started_at=start) for day, start in enumerate(starts)]
+    for payload in payloads:
+        payload["data"]["analysis"]["data_collection_results"].pop("caller_name")
+        payload["data"]["transcript"] = [{"role": "user", "message": "I need a cleaning."}]
+    # Only the oldest call tells the caller's name, in the transcript.
+    payloads[0]["data"]["transcript"] = [{"role": "user", "message": "This is Ana Ortiz."}]
+    payloads[3]["data"]["conversation_initiation_client_data"]["dynamic_variables"][
+        "caller_name"
+    ] = "Ana"
+    for payload in [payloads[4], payloads[0], payloads[6], payloads[2], payloads[5]]:
+        add(run, store, payload)
+    add(run, store, payloads[3])
+    add(run, store, payloads[1])  # a backfilled older call arrives last
+    add(run, store, call("conv_other", JAMES, started_at=starts[-1] + 5), caller=JAMES)
+
+    history = run(
+        store.call_history(MARIA, recent=3, marks=("transcript", "dynamic_variable", "absent"))
+    )
+
+    assert history.count == 7
+    assert (history.first_started_at, history.last_started_at) == (starts[0], starts[-1])
+    assert [digest.conversation_id for digest in history.recent] == [
+        "conv_h6",
+        "conv_h5",
+        "conv_h4",
+    ]
+    assert history.newest_marked["transcript"].conversation_id == "conv_h0"
+    assert history.newest_marked["transcript"].facts["names"]["transcript"] == "Ana Ortiz"
+    assert history.newest_marked["dynamic_variable"].conversation_id == "conv_h3"
+    assert "absent" not in history.newest_marked
+    everything = run(store.call_history(MARIA, recent=10))
+    assert [digest.conversation_id for digest in everything.recent] == [
+        f"conv_h{day}" for day in reversed(range(7))
+    ]
+    assert run(store.call_history("+15550000000", recent=3)).count == 0
+
+
+def test_call_digests_are_listed_newest_first_a_page_at_a_time(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    for day in range(5):
+        add(run, store, call(f"conv_page{day}", started_at=1_700_000_000 + day * 86_400))
+
+    def page(offset: int) -> list[str]:
+        digests = run(store.list_call_digests(MARIA, limit=2, offset=offset, words=True))
+        assert all(digest.words for digest in digests)
+        return [digest.conversation_id for digest in digests]
+
+    assert [page(0), page(2), page(4)] == [
+        ["conv_page4", "conv_page3"],
+        ["conv_page2", "conv_page1"],
+        ["conv_page0"],
+    ]
+
+
 # Memories --------------------------------------------------------------------------------
 def test_memories_are_listed_in_the_order_they_were_added(
     store: MemoryStore, run: Run[Any]
@@ -239,6 +335,8 @@ def test_deleting_a_caller_removes_everything_of_theirs_only(
     assert run(store.list_memories(JAMES)) == james_memories
     assert run(store.get_caller_profile(JAMES)) == {"greeting": "Hi James"}
     assert [c.conversation_id for c in run(store.list_calls(JAMES))] == ["conv_james_kept"]
+    assert run(store.list_call_digests(MARIA)) == []
+    assert [d.conversation_id for d in run(store.list_call_digests(JAMES))] == ["conv_james_kept"]
     assert run(store.delete_user(MARIA)) == 0
 
 
@@ -270,6 +368,37 @@ def test_a_caller_profile_is_replaced_whole(store: MemoryStore, run: Run[Any]) -
 
     assert run(store.get_caller_profile(MARIA)) == {"greeting": "Welcome back"}
     assert run(store.get_caller_profile(JAMES)) is None
+
+
+def test_a_caller_profile_read_on_the_loop_never_suspends(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    if not store.caller_profiles_on_loop:
+        pytest.skip(f"{store.name} reads caller profiles off the loop")
+    profile = {
+        "name": "José Núñez",
+        "call_count": 3,
+        "last_call_at": 1_763_760_000,
+        "updated_at": 1_763_760_123.25,
+        "recent_summaries": [{"title": "Cleaning", "summary": "Moved to Tuesday ☀"}],
+        "open_follow_ups": [],
+        "language": None,
+    }
+    run(store.put_caller_profile(MARIA, profile))
+
+    async def read_in_one_step(user_id: str) -> Any:
+        # One send() runs the coroutine up to its first suspension: StopIteration means
+        # it answered without giving the event loop back (no thread, no I/O wait).
+        reading = store.get_caller_profile(user_id)
+        try:
+            reading.send(None)
+        except StopIteration as answered:
+            return answered.value
+        reading.close()
+        pytest.fail("get_caller_profile suspended")
+
+    assert run(read_in_one_step(MARIA)) == profile
+    assert run(read_in_one_step(JAMES)) is None
 
 
 def test_the_store_reports_itself_usable(store: MemoryStore, run: Run[Any]) -> None:
