@@ -39,6 +39,9 @@ from elaoms.search.ranking import DEFAULT, CallerIndex
 T = TypeVar("T")
 
 AGENT_PROFILE = "agent_profile"
+# Saved search indexes up to this size are loaded on the event loop (about 0.5 ms to
+# decode; a caller with some 60 calls); larger ones in a thread.
+LOOP_INDEX_BYTES = 256 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -150,10 +153,11 @@ class SQLiteStore(MemoryStore):
                 self._connections.append(connection)
         return connection
 
-    def _loop_reader(self) -> sqlite3.Connection:
-        """This thread's connection for reads made on the event loop: read-only, with a
-        busy timeout of 0, so it answers at once or fails busy and never blocks the loop.
-        In WAL mode readers do not wait for writers: busy is rare (see `_busy`)."""
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection with a busy timeout of 0: it answers at once
+        or fails busy, never waiting for a lock. Reads on the event loop use it (a busy one
+        is redone in a thread). In WAL mode
+        readers do not wait for writers: busy is rare (see `_busy`)."""
         connection = getattr(self._local, "loop_reader", None)
         if connection is None:
             connection = sqlite3.connect(
@@ -485,15 +489,18 @@ class SQLiteStore(MemoryStore):
             parameters.append(limit)
         return [_memory(row) for row in self._connection().execute(sql, parameters)]
 
-    def _memories_of(self, user_id: str) -> Callable[[Sequence[str]], dict[str, Memory]]:
-        """Fetches the caller's memories by id, for the excerpts a loaded index quotes."""
+    def _memories_of(
+        self, user_id: str, connect: Callable[[], sqlite3.Connection] | None = None
+    ) -> Callable[[Sequence[str]], dict[str, Memory]]:
+        """Fetches the caller's memories by id, for the excerpts a loaded index quotes,
+        through `connect()` (by default this thread's connection, which waits for locks)."""
 
         def fetch(ids: Sequence[str]) -> dict[str, Memory]:
             if not ids:
                 return {}
             # By id alone (the unique index: a few rows read, not the caller's whole
             # history), then only the caller's own.
-            rows = self._connection().execute(
+            rows = (connect or self._connection)().execute(
                 "SELECT id, user_id, content, metadata, created_at FROM memories"
                 f" WHERE id IN ({', '.join('?' * len(ids))})",
                 ids,
@@ -505,9 +512,39 @@ class SQLiteStore(MemoryStore):
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
     ) -> list[Memory]:
+        # On the event loop when the caller's current index is at hand (kept here, or saved
+        # and small): a few hundred microseconds, less than the hop to a thread, whose GIL
+        # hand-offs under load cost milliseconds. Building, extending or a lock: a thread.
+        try:
+            index = self._index_at_hand(self._reader(), user_id)
+            if index is not None:
+                quote = self._memories_of(user_id, self._reader)
+                return index.search(query, limit, max_chars=max_chars, fetch=quote)
+        except sqlite3.Error as error:
+            if not _busy(error):
+                raise StoreUnavailableError(f"sqlite: {error}") from error
         return await self._run(
             lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
         )
+
+    def _index_at_hand(self, connection: sqlite3.Connection, user_id: str) -> CallerIndex | None:
+        """The caller's current index if ranking with it is quick: kept in this process,
+        or saved for the current memories and at most `LOOP_INDEX_BYTES` to decode, and
+        without embeddings (a query embedding takes milliseconds). Else None."""
+        version = _version(connection, user_id)
+        if version[0] == 0:
+            return CallerIndex(vectors=None)  # a caller we know nothing about
+        index = self._kept_index(user_id, version)
+        if index is None:
+            row = _saved_row(connection, user_id)
+            if row is None or (row[0], row[1]) != version or len(row[2]) > LOOP_INDEX_BYTES:
+                return None
+            index = self._load_index(user_id, row[2])
+            if index is None:
+                return None
+            index.attach_vectors(DEFAULT)
+            self._keep_index(user_id, version, index)
+        return index if index.vector_cache is None else None
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their
@@ -518,21 +555,38 @@ class SQLiteStore(MemoryStore):
         """
         connection = self._connection()
         version = _version(connection, user_id)
+        index = self._kept_index(user_id, version)
+        if index is None:
+            index, saved = self._current_index(connection, user_id, version)
+            if not saved:
+                self._mark_unsaved(user_id)
+            index.attach_vectors(DEFAULT)
+            self._keep_index(user_id, version, index)
+        return index
+
+    def _kept_index(self, user_id: str, version: tuple[int, int]) -> CallerIndex | None:
         with self._indexes_lock:
-            cached = self._indexes.get(user_id)
-            if cached and cached[0] == version:
-                self._indexes.move_to_end(user_id)
-                return cached[1]
-        index, saved = self._current_index(connection, user_id, version)
-        if not saved:
-            self._mark_unsaved(user_id)
-        index.attach_vectors(DEFAULT)
+            kept = self._indexes.get(user_id)
+            if kept is None or kept[0] != version:
+                return None
+            self._indexes.move_to_end(user_id)
+            return kept[1]
+
+    def _keep_index(self, user_id: str, version: tuple[int, int], index: CallerIndex) -> None:
         with self._indexes_lock:
             self._indexes[user_id] = (version, index)
             self._indexes.move_to_end(user_id)
             while len(self._indexes) > self._index_cache_size:
                 self._indexes.popitem(last=False)
-        return index
+
+    def _load_index(self, user_id: str, data: bytes) -> CallerIndex | None:
+        """A saved index (without vectors), or None when it is of another format."""
+        try:
+            return CallerIndex.from_bytes(
+                self.cipher.decrypt(bytes(data)), self._memories_of(user_id), vectors=None
+            )
+        except ValueError:
+            return None
 
     def _current_index(
         self, connection: sqlite3.Connection, user_id: str, version: tuple[int, int]
@@ -541,24 +595,15 @@ class SQLiteStore(MemoryStore):
         one. The saved index serves as is, or extended with the memories stored after it
         (tokenizing those alone); with none saved, or memories deleted since, every memory
         is read and tokenized."""
-        row = connection.execute(
-            "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
-        ).fetchone()
-        if row is not None:
-            saved_count, saved_last, data = row
-            try:
-                index = CallerIndex.from_bytes(
-                    self.cipher.decrypt(bytes(data)), self._memories_of(user_id), vectors=None
-                )
-            except ValueError:  # another format: rebuilt below
-                pass
-            else:
-                if (saved_count, saved_last) == version:
-                    return index, True
-                newer = self._list_memories(user_id, after_seq=saved_last)
-                if saved_count + len(newer) == version[0]:  # nothing deleted since
-                    index.extend(newer)
-                    return index, False
+        row = _saved_row(connection, user_id)
+        if row is not None and (index := self._load_index(user_id, row[2])) is not None:
+            saved_count, saved_last, _ = row
+            if (saved_count, saved_last) == version:
+                return index, True
+            newer = self._list_memories(user_id, after_seq=saved_last)
+            if saved_count + len(newer) == version[0]:  # nothing deleted since
+                index.extend(newer)
+                return index, False
         memories = self._list_memories(user_id)
         return CallerIndex(memories, vectors=None, fetch=self._memories_of(user_id)), False
 
@@ -667,7 +712,7 @@ class SQLiteStore(MemoryStore):
         # hop to a thread, whose GIL hand-offs also stretch every other request in flight.
         # Only a lock could make it wait, and the loop's connection never waits for one.
         try:
-            return self._caller_profile(self._loop_reader(), user_id)
+            return self._caller_profile(self._reader(), user_id)
         except sqlite3.Error as error:
             if not _busy(error):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
@@ -720,6 +765,14 @@ def _busy(error: sqlite3.Error) -> bool:
     what failed."""
     primary = getattr(error, "sqlite_errorcode", 0) & 0xFF
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _saved_row(connection: sqlite3.Connection, user_id: str) -> tuple[int, int, bytes] | None:
+    """(memories covered, last seq covered, data) of the caller's saved search index."""
+    row = connection.execute(
+        "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return (row[0], row[1], bytes(row[2])) if row else None
 
 
 def _version(connection: sqlite3.Connection, user_id: str) -> tuple[int, int]:

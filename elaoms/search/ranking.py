@@ -502,12 +502,15 @@ class CallerIndex:
         return fused
 
     # Selection ---------------------------------------------------------------------------
-    def search(self, query: str, limit: int, *, max_chars: int | None = None) -> list[Memory]:
+    def search(
+        self, query: str, limit: int, *, max_chars: int | None = None, fetch: Fetch | None = None
+    ) -> list[Memory]:
         """Up to `limit` excerpts, best first: each is one call's best turns, in call order.
 
         Turns are taken best first until about `max_chars` characters of excerpt text are
         chosen; a turn joins its call's excerpt, or opens a new one while fewer than
         `limit` exist. Turns that do not fit are skipped for shorter ones further down.
+        `fetch`: how to read the quoted memories this time (default: the index's own).
         """
         budget = self.max_chars if max_chars is None else max_chars
         excerpts: dict[int, _Excerpt] = {}  # keyed by call, or by -1 - unit outside calls
@@ -530,7 +533,7 @@ class CallerIndex:
         ]
         # Each excerpt is presented as its first turn's memory: only those are read back.
         # One deleted since the index was loaded (a caller forgotten meanwhile) is left out.
-        heads = self.fetch([self.ids[units[0]] for units in ordered])
+        heads = (fetch or self.fetch)([self.ids[units[0]] for units in ordered])
         return [
             self._excerpt(units, excerpt.score, heads[self.ids[units[0]]])
             for units, excerpt in zip(ordered, excerpts.values(), strict=True)

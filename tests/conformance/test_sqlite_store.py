@@ -1,23 +1,29 @@
-"""The embedded store's own promises: WAL, several processes writing at once, and the
-search index saved with each call."""
+"""The embedded store's own promises: WAL, several processes writing at once, the saved
+search indexes, and reads on the event loop that never wait for a lock."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import sqlite3
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pytest
 from cryptography.fernet import Fernet
 
+from elaoms.memory.base import StoreUnavailableError
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
 from elaoms.operations.crypto import PayloadCipher
+from elaoms.search import embeddings
 from elaoms.search.ranking import CallerIndex
 
 from conftest import transcription
 
+T = TypeVar("T")
 WORKERS = 4
 CALLS_PER_WORKER = 10
 SHARED_CALLS = 5  # delivered by every worker: duplicates racing across processes
@@ -183,3 +189,77 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
 
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM caller_indexes").fetchone()[0] == 0
+
+
+# Reads on the event loop ---------------------------------------------------------------------
+def _in_one_step(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The coroutine's result if it answers without suspending once (no thread, no wait)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as answered:
+        return cast(T, answered.value)
+    coroutine.close()
+    raise AssertionError("suspended: left the event loop")
+
+
+def test_a_search_with_the_saved_index_never_leaves_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embeddings, "default_cache", lambda: None)  # a query embedding would
+    path = tmp_path / "memory.sqlite3"
+    _store_visits(SQLiteStore(path))
+
+    reader = SQLiteStore(path)  # nothing kept in this process: the saved index is loaded
+    (excerpt, *_) = _in_one_step(reader.search(CALLER, "daughter tooth"))
+    assert "daughter chipped a tooth" in excerpt.content
+    assert _in_one_step(reader.search("+14155550999", "daughter")) == []
+
+
+def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    _store_visits(store)
+    asyncio.run(store.put_caller_profile(CALLER, {"greeting": "Hi Maria"}))
+    # A reader that answers busy, as SQLite does when another connection holds the whole
+    # file (exclusive locking mode, recovery): a file held exclusively in rollback mode.
+    holder = sqlite3.connect(tmp_path / "held.sqlite3", isolation_level=None)
+    holder.execute("CREATE TABLE held (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    busy = sqlite3.connect(tmp_path / "held.sqlite3", timeout=0, check_same_thread=False)
+    monkeypatch.setattr(store, "_reader", lambda: busy)
+    in_threads: list[object] = []
+    run_in_thread = store._run
+
+    async def counted(function: Callable[[], T]) -> T:
+        in_threads.append(function)
+        return await run_in_thread(function)
+
+    monkeypatch.setattr(store, "_run", counted)
+
+    assert asyncio.run(store.get_caller_profile(CALLER)) == {"greeting": "Hi Maria"}
+    found = asyncio.run(store.search(CALLER, "insurance crown"))
+    assert found and "insurance" in found[0].content
+    assert len(in_threads) == 2
+    holder.close()
+
+
+def test_profiles_written_as_standard_json_are_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    profile = {"name": "José", "call_count": 2, "recent_summaries": [{"title": "Crown"}]}
+    with sqlite3.connect(path) as connection:  # as earlier versions wrote them
+        connection.execute(
+            "INSERT INTO caller_profiles VALUES (?, ?, 0)", (CALLER, json.dumps(profile).encode())
+        )
+    assert asyncio.run(store.get_caller_profile(CALLER)) == profile
+
+
+def test_a_read_failing_for_another_reason_than_a_lock_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE caller_profiles")
+    with pytest.raises(StoreUnavailableError):
+        asyncio.run(store.get_caller_profile(CALLER))
