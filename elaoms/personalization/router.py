@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any
-
 import orjson
 from fastapi import APIRouter, Request, Response
-from fastapi.routing import APIRoute
 
 from elaoms.dependencies import get_services
 from elaoms.personalization.schemas import ClientDataRequest, ClientDataResponse
 from elaoms.personalization.service import parse_request
+from elaoms.routing import WORKSPACE_SECRET_PARAMETER, PlainRoute
 from elaoms.security import API_KEY_HEADER, require_workspace_secret
-
-
-class PlainRoute(APIRoute):
-    """A route whose endpoint takes the request and returns the response itself.
-
-    FastAPI still reads the declaration (response model, parameters in `openapi_extra`)
-    for the OpenAPI document, but at run time the endpoint is called as it is: no
-    dependency resolution, no response validation. `dependencies=` would be ignored.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return self.endpoint
-
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=PlainRoute)
 
@@ -36,15 +20,7 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=PlainRoute
     response_model_exclude_none=True,
     responses={401: {"description": "Missing or wrong X-Api-Key"}},
     openapi_extra={
-        "parameters": [
-            {
-                "name": API_KEY_HEADER,
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string"},
-                "description": "The workspace secret (ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET)",
-            }
-        ],
+        "parameters": [WORKSPACE_SECRET_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": ClientDataRequest.model_json_schema()}},

@@ -126,7 +126,7 @@ def query_periods(query: str) -> list[_Period]:
 Fetch = Callable[[Sequence[str]], Mapping[str, Memory]]
 
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 @dataclass(slots=True)
@@ -170,7 +170,6 @@ class CallerIndex:
         "ids", "texts", "roles", "turn_numbers", "lengths", "chars", "unit_calls",
         "positions", "postings", "total_length", "call_keys", "call_turns",
         "call_started", "call_terms", "call_lengths", "call_frequency", "speaker_names",
-        "_words_said", "_lower_words", "_mid_sentence_words",
     )  # fmt: skip
 
     def __init__(
@@ -200,10 +199,6 @@ class CallerIndex:
         self.call_lengths: list[int] = []
         self.call_frequency: dict[str, int] = {}  # term -> calls using it
         self.speaker_names: dict[str, str] = {}
-        # What `_speaker_names` learns from, kept so that `extend` need not reread turns.
-        self._words_said: dict[str, dict[str, list[int]]] = {}  # role -> word -> calls
-        self._lower_words: list[str] = []
-        self._mid_sentence_words: list[str] = []
         self._kept: dict[str, Memory] = {}
         self.fetch: Fetch = fetch or self._fetch_kept
         self.vector_cache: VectorCache | None = None
@@ -274,7 +269,6 @@ class CallerIndex:
                 summaries[conversation] = memory
             else:
                 standalone.append(memory)
-        first_new_unit = len(self.ids)
         call_of = {key: call for call, key in enumerate(self.call_keys)}
         added: dict[int, Counter[str]] = {}  # call -> terms it gains
         for conversation, turns in turns_by_call.items():
@@ -306,7 +300,7 @@ class CallerIndex:
             self.call_lengths[call] = sum(terms.values()) or 1
         for memory in standalone:
             self._add(memory, call=-1, position=0)
-        self._learn_speaker_names(first_new_unit)
+        self._learn_speaker_names()
         if self.vector_cache is not None:
             self.attach_vectors(self.vector_cache)  # the texts changed: so do the vectors
 
@@ -328,7 +322,7 @@ class CallerIndex:
             self.postings.setdefault(term, []).extend((unit, frequency))
         return terms
 
-    def _learn_speaker_names(self, first_new_unit: int) -> None:
+    def _learn_speaker_names(self) -> None:
         """Name (lower-cased) -> role, learnt from how the speakers address each other.
 
         People say the other's name ("Thanks, Maria!") and rarely their own, so a
@@ -337,28 +331,28 @@ class CallerIndex:
         inside a sentence at least once (not "Hello.") names the other role.
         A question about that person ("What did Maria paint?") is then about that role's
         turns, while the name itself only occurs in the other role's.
+
+        Learnt again from every turn when the index grows (in the background, after a
+        call): keeping what it learns from would make every saved index several thousand
+        words larger, and every search loads one.
         """
-        lower = set(self._lower_words)
-        mid_sentence = set(self._mid_sentence_words)
-        for unit in range(first_new_unit, len(self.ids)):
-            call = self.unit_calls[unit]
+        words_said: dict[str, dict[str, set[int]]] = {}  # role -> word -> calls
+        lower: set[str] = set()
+        mid_sentence: set[str] = set()  # "Hi Maria": a name; "Hello." opens a sentence
+        for unit, call in enumerate(self.unit_calls):
             if call < 0:
                 continue
             text = self.texts[unit]
-            said = self._words_said.setdefault(self.roles[unit] or "", {})
+            said = words_said.setdefault(self.roles[unit] or "", {})
             for word in set(_CAPITALISED.findall(text)):
-                calls = said.setdefault(word.lower(), [])
-                if call not in calls:
-                    calls.append(call)
+                said.setdefault(word.lower(), set()).add(call)
             lower.update(_LOWER_WORD.findall(text))
             mid_sentence.update(word.lower() for word in _MID_SENTENCE_CAPITALISED.findall(text))
-        self._lower_words = list(lower)
-        self._mid_sentence_words = list(mid_sentence)
         self.speaker_names = {}
-        if len(self._words_said) != 2:
+        if len(words_said) != 2:
             return
         needed = max(2, self.speaker_name_calls * len(self.call_keys))
-        (role_a, said_a), (role_b, said_b) = self._words_said.items()
+        (role_a, said_a), (role_b, said_b) = words_said.items()
         for speaker, said_by_other, said_by_self in (
             (role_a, said_b, said_a),
             (role_b, said_a, said_b),

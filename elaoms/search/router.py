@@ -3,50 +3,74 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
-from elaoms.dependencies import ServicesDep
+from elaoms.dependencies import get_services
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.operations.metrics import STORE_ERRORS
 from elaoms.phone import mask
+from elaoms.routing import WORKSPACE_SECRET_PARAMETER, PlainRoute
 from elaoms.search.schemas import SearchRequest, SearchResponse, search_response
 from elaoms.search.service import CallerConflictError, resolve_caller
-from elaoms.security import WorkspaceAuth
+from elaoms.security import API_KEY_HEADER, require_workspace_secret
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], route_class=PlainRoute)
+
+CALLER_HEADER = "X-Caller-Id"
 
 
 @router.post(
     "/search-data",
-    response_model=SearchResponse,
+    response_model=SearchResponse,  # documents the answer; the endpoint sends it as is
     response_model_exclude_none=True,
-    dependencies=[WorkspaceAuth],
     responses={
         400: {"description": "No query, no caller, or two different callers"},
         401: {"description": "Missing or wrong X-Api-Key, or no secret configured"},
         422: {"description": "limit outside 1..50, or a malformed body"},
     },
+    openapi_extra={
+        "parameters": [
+            WORKSPACE_SECRET_PARAMETER,
+            {
+                "name": CALLER_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "The caller, filled from {{system__caller_id}}",
+            },
+        ],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+        },
+    },
 )
-async def search_data(
-    services: ServicesDep,
-    body: Annotated[SearchRequest | None, Body()] = None,
-    x_caller_id: Annotated[str | None, Header(alias="X-Caller-Id")] = None,
-) -> SearchResponse:
+async def search_data(request: Request) -> Response:
     """Verbatim excerpts of the caller's earlier calls that best answer `query`.
 
     The caller is `user_id`, `caller_id` or the `X-Caller-Id` header, all of which the
     tool configuration must fill from `{{system__caller_id}}`, never from the LLM.
+
+    A `PlainRoute`, like client-data: the agent is mid-sentence while it runs.
     """
-    body = body or SearchRequest()
-    query = (body.query or "").strip()
+    await require_workspace_secret(request, request.headers.get(API_KEY_HEADER))
+    body = await request.body()
+    try:
+        search = SearchRequest.model_validate_json(body) if body.strip() else SearchRequest()
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False), body=body) from None
+    query = (search.query or "").strip()
     if not query:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Missing query parameter")
     try:
-        caller = resolve_caller(body.user_id, body.caller_id, x_caller_id)
+        caller = resolve_caller(
+            search.user_id, search.caller_id, request.headers.get(CALLER_HEADER)
+        )
     except CallerConflictError as error:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
     if caller is None:
@@ -54,12 +78,13 @@ async def search_data(
             status.HTTP_400_BAD_REQUEST,
             detail="Missing caller: send user_id or caller_id (from system__caller_id)",
         )
+    services = get_services(request)
     try:
-        result = await services.search.search(caller, query, body.limit)
+        answer = search_response(await services.search.search(caller, query, search.limit))
     except StoreUnavailableError as error:
         # The agent is mid-sentence: an empty answer lets the call go on; operators get
         # the log line and elaoms_store_errors_total.
         STORE_ERRORS.labels("search").inc()
         logger.warning("search for %s answered empty: store unavailable (%s)", mask(caller), error)
-        return SearchResponse(memories_found=0, context="", memories=[])
-    return search_response(result)
+        answer = SearchResponse(memories_found=0, context="", memories=[])
+    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
