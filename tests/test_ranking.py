@@ -122,7 +122,7 @@ def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
     assert CallerIndex(memories).speaker_names == {}
 
 
-QUERIES = ("What will Maria buy?", "weather", "busy Friday", "red bike in May 2023", "boat")
+QUERIES = ("What will Maria buy?", "weather picnic", "busy Friday", "red bike in May 2023", "boat")
 
 
 def answers(index: CallerIndex) -> list[list[tuple[str, str, dict[str, object]]]]:
@@ -140,11 +140,20 @@ def test_an_index_grown_call_by_call_ranks_like_one_built_at_once() -> None:
     memories.append(
         Memory(id="note", user_id="+14155550123", content="Prefers a boat trip on Friday.")
     )
+    memories.append(  # a summary stored after its call's turns, as a later batch
+        Memory(
+            id="c1#summary",
+            user_id="+14155550123",
+            content="Talked about the weather and a picnic.",
+            metadata={"kind": "summary", "conversation_id": "c1"},
+        )
+    )
     whole = CallerIndex(memories)
     grown = CallerIndex([])
-    for start in range(0, 12, 4):  # one call (four turns) at a time, then the note
+    for start in range(0, 12, 4):  # one call (four turns) at a time, the note, the summary
         grown.extend(memories[start : start + 4], keep=True)
-    grown.extend(memories[12:], keep=True)
+    grown.extend(memories[12:13], keep=True)
+    grown.extend(memories[13:], keep=True)
 
     assert grown.speaker_names == whole.speaker_names == {"maria": "user"}
     assert answers(grown) == answers(whole)

@@ -126,7 +126,7 @@ def query_periods(query: str) -> list[_Period]:
 Fetch = Callable[[Sequence[str]], Mapping[str, Memory]]
 
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 
 
 @dataclass(slots=True)
@@ -169,7 +169,7 @@ class CallerIndex:
     _STATE = (
         "ids", "texts", "roles", "turn_numbers", "lengths", "chars", "unit_calls",
         "positions", "postings", "total_length", "call_keys", "call_turns",
-        "call_started", "call_terms", "call_lengths", "call_frequency", "speaker_names",
+        "call_started", "call_postings", "call_lengths", "speaker_names",
     )  # fmt: skip
 
     def __init__(
@@ -190,14 +190,16 @@ class CallerIndex:
         self.chars: list[int] = []  # rendered size in an excerpt, newline included
         self.unit_calls: list[int] = []  # index into the call lists; -1 outside any call
         self.positions: list[int] = []  # order of the turn within its call
-        self.postings: dict[str, list[int]] = {}  # term -> unit, frequency, unit, ...
+        # term -> "unit frequency unit frequency ...": text, so that loading an index makes
+        # one string per term, and only the query's terms are ever parsed.
+        self.postings: dict[str, str] = {}
         self.total_length = 0
         self.call_keys: list[str] = []  # conversation ids
         self.call_turns: list[list[int]] = []
         self.call_started: list[float | None] = []
-        self.call_terms: list[dict[str, int]] = []  # its turns' and summary's terms
-        self.call_lengths: list[int] = []
-        self.call_frequency: dict[str, int] = {}  # term -> calls using it
+        # term -> "call frequency ...", counting each call's turns and summary.
+        self.call_postings: dict[str, str] = {}
+        self.call_lengths: list[int] = []  # terms
         self.speaker_names: dict[str, str] = {}
         self._kept: dict[str, Memory] = {}
         self.fetch: Fetch = fetch or self._fetch_kept
@@ -271,6 +273,7 @@ class CallerIndex:
                 standalone.append(memory)
         call_of = {key: call for call, key in enumerate(self.call_keys)}
         added: dict[int, Counter[str]] = {}  # call -> terms it gains
+        new_calls: set[int] = set()
         for conversation, turns in turns_by_call.items():
             turns.sort(key=lambda memory: memory.metadata.get("turn_index", 0))
             call = call_of.get(conversation)
@@ -279,8 +282,8 @@ class CallerIndex:
                 self.call_keys.append(conversation)
                 self.call_turns.append([])
                 self.call_started.append(_started(turns[0]))
-                self.call_terms.append({})
-                self.call_lengths.append(1)
+                self.call_lengths.append(0)
+                new_calls.add(call)
             gained = added.setdefault(call, Counter())
             for memory in turns:
                 terms = self._add(memory, call=call, position=len(self.call_turns[call]))
@@ -292,12 +295,17 @@ class CallerIndex:
             else:
                 standalone.append(summary)
         for call, gained in added.items():
-            terms = self.call_terms[call]
             for term, count in gained.items():
-                if term not in terms:
-                    self.call_frequency[term] = self.call_frequency.get(term, 0) + 1
-                terms[term] = terms.get(term, 0) + count
-            self.call_lengths[call] = sum(terms.values()) or 1
+                posting = self.call_postings.get(term, "")
+                if call in new_calls:  # calls are numbered in order: it goes last
+                    self.call_postings[term] = f"{posting} {call} {count}".lstrip()
+                else:  # a summary joining turns stored earlier
+                    counts = dict(_pairs(posting))
+                    counts[call] = counts.get(call, 0) + count
+                    self.call_postings[term] = " ".join(
+                        f"{c} {n}" for c, n in sorted(counts.items())
+                    )
+            self.call_lengths[call] += sum(gained.values())
         for memory in standalone:
             self._add(memory, call=-1, position=0)
         self._learn_speaker_names()
@@ -319,7 +327,10 @@ class CallerIndex:
         self.positions.append(position)
         self.total_length += self.lengths[unit]
         for term, frequency in terms.items():
-            self.postings.setdefault(term, []).extend((unit, frequency))
+            posting = self.postings.get(term)
+            self.postings[term] = (
+                f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
+            )
         return terms
 
     def _learn_speaker_names(self) -> None:
@@ -374,12 +385,12 @@ class CallerIndex:
         return roles.pop() if len(roles) == 1 else None
 
     # Scoring -----------------------------------------------------------------------------
-    def _idf(self, term: str) -> float:
-        n, df = len(self.ids), len(self.postings.get(term, ())) // 2
+    def _idf(self, term: str, df: int) -> float:
+        n = len(self.ids)
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
         calls = len(self.call_keys)
         if calls > 1 and self.call_idf_power:
-            in_calls = self.call_frequency.get(term, 0)
+            in_calls = _pair_count(self.call_postings.get(term, ""))
             spread = _bm25_idf(calls, in_calls) / _bm25_idf(calls, 1)
             idf *= spread**self.call_idf_power
         return idf
@@ -389,31 +400,27 @@ class CallerIndex:
         average_length = self.total_length / max(1, len(self.ids))
         lengths = self.lengths
         for term in query_terms:
-            postings = self.postings.get(term)
+            postings = _pairs(self.postings.get(term, ""))
             if not postings:
                 continue
-            idf = self._idf(term)
-            for index, frequency in zip(postings[::2], postings[1::2], strict=True):
+            idf = self._idf(term, len(postings))
+            for index, frequency in postings:
                 norm = self.k1 * (1 - self.b + self.b * lengths[index] / average_length)
                 scores[index] = scores.get(index, 0.0) + idf * _saturate(frequency, norm, self.k1)
         return scores
 
     def _call_scores(self, query_terms: Iterable[str]) -> list[float]:
         """BM25 of each whole call (its turns and summary) against the query."""
-        terms = list(query_terms)
         calls = len(self.call_keys)
-        average_call_length = sum(self.call_lengths) / max(1, calls)
-        scores = []
-        for call_terms, length in zip(self.call_terms, self.call_lengths, strict=True):
-            norm = self.k1 * (1 - 0.75 + 0.75 * length / average_call_length)
-            scores.append(
-                sum(
-                    _bm25_idf(calls, self.call_frequency[term])
-                    * _saturate(call_terms[term], norm, self.k1)
-                    for term in terms
-                    if call_terms.get(term)
-                )
-            )
+        lengths = [length or 1 for length in self.call_lengths]
+        average_call_length = sum(lengths) / max(1, calls)
+        norms = [self.k1 * (1 - 0.75 + 0.75 * length / average_call_length) for length in lengths]
+        scores = [0.0] * calls
+        for term in query_terms:
+            postings = _pairs(self.call_postings.get(term, ""))
+            idf = _bm25_idf(calls, len(postings))
+            for call, frequency in postings:
+                scores[call] += idf * _saturate(frequency, norms[call], self.k1)
         return scores
 
     def _dated_calls(self, query: str) -> set[int]:
@@ -551,6 +558,16 @@ class CallerIndex:
             turn_indexes=[self.turn_numbers[unit] for unit in units],
             score=round(score, 4),
         )
+
+
+def _pairs(posting: str) -> list[tuple[int, int]]:
+    """The (unit or call, frequency) pairs of a posting."""
+    numbers = [int(number) for number in posting.split()]
+    return list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+def _pair_count(posting: str) -> int:
+    return (posting.count(" ") + 1) // 2 if posting else 0
 
 
 def _bm25_idf(documents: int, frequency: int) -> float:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from elaoms.memory.base import Memory, MemoryStore
 from elaoms.phone import mask, normalize_caller_id
@@ -61,27 +60,25 @@ class SearchService:
     store: MemoryStore
     context_max_chars: int = 3000
     timeout_ms: int = 800
-    # Searches abandoned at the deadline, kept referenced until they finish on their own.
-    _abandoned: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def search(self, user_id: str, query: str, limit: int) -> SearchResult:
         """Raises StoreUnavailableError when the store fails before the deadline."""
-        task = asyncio.create_task(
-            self.store.search(user_id, query, limit, max_chars=self.excerpt_budget)
-        )
-        done, _ = await asyncio.wait({task}, timeout=self.timeout_ms / 1000)
-        if not done:
-            # Not awaited after cancel: a store stuck in a thread must not hold the answer.
-            task.cancel()
-            self._abandoned.add(task)
-            task.add_done_callback(self._forget)
+        try:
+            # A timeout, not a task: a store that answers at once (the embedded one, from
+            # the loop) costs nothing more; one waiting on a thread or a socket is
+            # cancelled at the deadline, and a thread finishes on its own, unwaited.
+            async with asyncio.timeout(self.timeout_ms / 1000):
+                excerpts = await self.store.search(
+                    user_id, query, limit, max_chars=self.excerpt_budget
+                )
+        except TimeoutError:
             logger.warning(
                 "search for %s passed its %d ms deadline; answering without memories",
                 mask(user_id),
                 self.timeout_ms,
             )
             return SearchResult(memories=[], context="", timed_out=True)
-        memories, context = build_context(task.result(), self.context_max_chars)
+        memories, context = build_context(excerpts, self.context_max_chars)
         return SearchResult(memories=memories, context=context)
 
     @property
@@ -90,11 +87,6 @@ class SearchService:
         per-call date headers and separators the context adds (the ranker counts 25
         characters per header; 40 covers the "…" lines it does not count)."""
         return max(0, self.context_max_chars - len(GUARD_LINE) - 40)
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        self._abandoned.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.info("abandoned search failed late: %s", task.exception())
 
 
 def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory], str]:
