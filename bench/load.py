@@ -897,6 +897,27 @@ def wait_for_pending(data_dir: Path, timeout: float = 120.0) -> int:
     return len(list(pending.iterdir()))
 
 
+def wait_for_indexes(data_dir: Path, conversation_ids: list[str], timeout: float = 60.0) -> int:
+    """Wait until the saved search index of every caller of `conversation_ids` covers all
+    their memories (the service saves them in the background); return how many do not."""
+    with sqlite3.connect(f"file:{data_dir / 'memory.sqlite3'}?mode=ro", uri=True) as db:
+        db.execute("CREATE TEMP TABLE sent (id TEXT PRIMARY KEY)")
+        db.executemany("INSERT INTO sent VALUES (?)", [(i,) for i in conversation_ids])
+        db.commit()  # each poll below then reads afresh, not the snapshot of this insert
+        query = """
+            WITH touched AS (
+                SELECT DISTINCT user_id FROM calls WHERE conversation_id IN (SELECT id FROM sent)
+            )
+            SELECT count(*) FROM touched LEFT JOIN caller_indexes USING (user_id)
+            WHERE coalesce(caller_indexes.memories, -1)
+                != (SELECT count(*) FROM memories WHERE memories.user_id = touched.user_id)
+        """
+        deadline = time.monotonic() + timeout
+        while (behind := db.execute(query).fetchone()[0]) and time.monotonic() < deadline:
+            time.sleep(0.25)
+    return behind
+
+
 def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
     args.size_label = f"{callers * calls}"
     with tempfile.TemporaryDirectory(prefix="elaoms-load-", dir=args.work_dir) as scratch:
@@ -991,7 +1012,15 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
             )
             results.append(post)
             print_result(post, results[0])
+            post_ended = time.monotonic()
             left = wait_for_pending(run_dir)
+            behind = wait_for_indexes(run_dir, sent_ids[: post.sent])
+            upkeep = (
+                f"the search indexes of every caller called caught up"
+                f" {time.monotonic() - post_ended:.1f} s after the last delivery"
+                if behind == 0
+                else f"{behind} callers' search indexes STILL BEHIND"
+            )
             hwm = proc_status(worker, "VmHWM") / 1024
             master = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
             master_hwm = proc_status(int(master), "VmHWM") / 1024
@@ -1001,6 +1030,7 @@ def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
             shutil.copyfile(run_dir / log, args.log_dir / f"{args.size_label}-{log}")
         verified, all_stored = verify_post_calls(run_dir, post, sent_ids, left)
         print(f"  post-call check: {verified}", flush=True)
+        print(f"  index upkeep: {upkeep}", flush=True)
         print(f"  server worker peak memory (VmHWM): {hwm:.0f} MB", flush=True)
         return Run(
             stored_calls=callers * calls,
