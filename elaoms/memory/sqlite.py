@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,9 +39,6 @@ from elaoms.search.ranking import DEFAULT, CallerIndex
 T = TypeVar("T")
 
 AGENT_PROFILE = "agent_profile"
-# Saved search indexes up to this size are loaded on the event loop (about 0.5 ms to
-# decode; a caller with some 60 calls); larger ones in a thread.
-LOOP_INDEX_BYTES = 256 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -489,37 +486,19 @@ class SQLiteStore(MemoryStore):
             parameters.append(limit)
         return [_memory(row) for row in self._connection().execute(sql, parameters)]
 
-    def _memories_of(
-        self, user_id: str, connect: Callable[[], sqlite3.Connection] | None = None
-    ) -> Callable[[Sequence[str]], dict[str, Memory]]:
-        """Fetches the caller's memories by id, for the excerpts a loaded index quotes,
-        through `connect()` (by default this thread's connection, which waits for locks)."""
-
-        def fetch(ids: Sequence[str]) -> dict[str, Memory]:
-            if not ids:
-                return {}
-            # By id alone (the unique index: a few rows read, not the caller's whole
-            # history), then only the caller's own.
-            rows = (connect or self._connection)().execute(
-                "SELECT id, user_id, content, metadata, created_at FROM memories"
-                f" WHERE id IN ({', '.join('?' * len(ids))})",
-                ids,
-            )
-            return {row[0]: _memory(row) for row in rows if row[1] == user_id}
-
-        return fetch
-
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
     ) -> list[Memory]:
-        # On the event loop when the caller's current index is at hand (kept here, or saved
-        # and small): a few hundred microseconds, less than the hop to a thread, whose GIL
-        # hand-offs under load cost milliseconds. Building, extending or a lock: a thread.
+        # On the event loop when this process holds the caller's current index (they were
+        # searched moments ago, as a caller on the line is): ranking takes a few hundred
+        # microseconds, less than a thread hop, whose GIL hand-offs under load cost
+        # milliseconds. Loading or building an index reads much of the file, which may
+        # mean the disk (a store larger than the page cache): that happens in a thread,
+        # so the loop never waits for a disk.
         try:
-            index = self._index_at_hand(self._reader(), user_id)
+            index = self._kept_current_index(self._reader(), user_id)
             if index is not None:
-                quote = self._memories_of(user_id, self._reader)
-                return index.search(query, limit, max_chars=max_chars, fetch=quote)
+                return index.search(query, limit, max_chars=max_chars)
         except sqlite3.Error as error:
             if not _busy(error):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
@@ -527,24 +506,16 @@ class SQLiteStore(MemoryStore):
             lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
         )
 
-    def _index_at_hand(self, connection: sqlite3.Connection, user_id: str) -> CallerIndex | None:
-        """The caller's current index if ranking with it is quick: kept in this process,
-        or saved for the current memories and at most `LOOP_INDEX_BYTES` to decode, and
-        without embeddings (a query embedding takes milliseconds). Else None."""
+    def _kept_current_index(
+        self, connection: sqlite3.Connection, user_id: str
+    ) -> CallerIndex | None:
+        """The caller's index if this process holds it for their current memories and it
+        ranks without embeddings (a query embedding takes milliseconds). Else None."""
         version = _version(connection, user_id)
         if version[0] == 0:
             return CallerIndex(vectors=None)  # a caller we know nothing about
         index = self._kept_index(user_id, version)
-        if index is None:
-            row = _saved_row(connection, user_id)
-            if row is None or (row[0], row[1]) != version or len(row[2]) > LOOP_INDEX_BYTES:
-                return None
-            index = self._load_index(user_id, row[2])
-            if index is None:
-                return None
-            index.attach_vectors(DEFAULT)
-            self._keep_index(user_id, version, index)
-        return index if index.vector_cache is None else None
+        return index if index is not None and index.vector_cache is None else None
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their
@@ -582,9 +553,7 @@ class SQLiteStore(MemoryStore):
     def _load_index(self, user_id: str, data: bytes) -> CallerIndex | None:
         """A saved index (without vectors), or None when it is of another format."""
         try:
-            return CallerIndex.from_bytes(
-                self.cipher.decrypt(bytes(data)), self._memories_of(user_id), vectors=None
-            )
+            return CallerIndex.from_bytes(self.cipher.decrypt(bytes(data)), vectors=None)
         except ValueError:
             return None
 
@@ -604,8 +573,7 @@ class SQLiteStore(MemoryStore):
             if saved_count + len(newer) == version[0]:  # nothing deleted since
                 index.extend(newer)
                 return index, False
-        memories = self._list_memories(user_id)
-        return CallerIndex(memories, vectors=None, fetch=self._memories_of(user_id)), False
+        return CallerIndex(self._list_memories(user_id), vectors=None), False
 
     def _mark_unsaved(self, user_id: str) -> None:
         with self._indexes_lock:

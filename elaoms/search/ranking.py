@@ -16,8 +16,9 @@ from __future__ import annotations
 import calendar
 import math
 import re
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -27,6 +28,7 @@ import orjson
 import snowballstemmer
 
 from elaoms.memory.base import Memory
+from elaoms.payloads import decode, encode
 
 if TYPE_CHECKING:
     from elaoms.search.embeddings import VectorCache
@@ -123,10 +125,8 @@ def query_periods(query: str) -> list[_Period]:
     return periods
 
 
-Fetch = Callable[[Sequence[str]], Mapping[str, Memory]]
-
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 3
+INDEX_FORMAT = 4
 
 
 @dataclass(slots=True)
@@ -142,11 +142,11 @@ class CallerIndex:
     The parameters below are generic retrieval knobs; they were set by measuring on the
     LoCoMo bench (docs/search.md), so treat the exact values as tuned, not derived.
 
-    Everything the ranking needs is plain lists and dicts, so an index is saved with
-    `to_bytes` when a call is stored and loaded with `from_bytes` by a search in a fraction
-    of a millisecond, instead of re-reading and re-tokenizing the caller's history, and
-    `extend` adds one call to it in time proportional to that call alone. The memories
-    themselves are not part of it: `fetch` brings back the few an answer quotes.
+    Everything the ranking and the answer need is plain lists and dicts, so an index is
+    saved with `to_bytes` after a call is stored and loaded with `from_bytes` by a search:
+    one compressed read of a few pages, in a fraction of a millisecond, instead of
+    re-reading and re-tokenizing the caller's history. `extend` adds a call to it in time
+    proportional to that call (and a re-read of the turns' capitalised words).
     """
 
     k1 = 1.2
@@ -167,23 +167,21 @@ class CallerIndex:
 
     # The saved state. Units (turns, and memories outside any call) are parallel lists.
     _STATE = (
-        "ids", "texts", "roles", "turn_numbers", "lengths", "chars", "unit_calls",
-        "positions", "postings", "total_length", "call_keys", "call_turns",
-        "call_started", "call_postings", "call_lengths", "speaker_names",
+        "user_id", "ids", "texts", "metadata", "created", "roles", "turn_numbers",
+        "lengths", "chars", "unit_calls", "positions", "postings", "total_length",
+        "call_keys", "call_turns", "call_started", "call_postings", "call_lengths",
+        "speaker_names",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        memories: Sequence[Memory] = (),
-        *,
-        vectors: Any = DEFAULT,
-        fetch: Fetch | None = None,
-    ) -> None:
+    def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
         """`vectors`: a `VectorCache` to add the semantic signal, None for BM25 alone; by
-        default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed).
-        `fetch`: how to read memories back by id; by default the index keeps them."""
+        default the process's (`SEARCH_EMBEDDINGS`, and whether the extra is installed)."""
+        self.user_id = ""  # the caller (every memory of an index is theirs)
         self.ids: list[str] = []
         self.texts: list[str] = []
+        # Each memory's metadata as compact JSON: decoded only for the memories quoted.
+        self.metadata: list[str] = []
+        self.created: list[float] = []
         self.roles: list[str | None] = []
         self.turn_numbers: list[int | None] = []  # the turn's `turn_index` in its call
         self.lengths: list[int] = []  # terms
@@ -201,23 +199,25 @@ class CallerIndex:
         self.call_postings: dict[str, str] = {}
         self.call_lengths: list[int] = []  # terms
         self.speaker_names: dict[str, str] = {}
-        self._kept: dict[str, Memory] = {}
-        self.fetch: Fetch = fetch or self._fetch_kept
         self.vector_cache: VectorCache | None = None
         self.vectors: Any = None
-        self.extend(memories, keep=fetch is None)
+        self.extend(memories)
         self.attach_vectors(vectors)
 
     # Saving and loading ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         state = {name: getattr(self, name) for name in self._STATE}
-        return orjson.dumps({"format": INDEX_FORMAT, **state})
+        # Compressed: repetitive JSON shrinks about fivefold, and a search that loads the
+        # index from a store larger than the page cache reads that much less from disk.
+        return zlib.compress(orjson.dumps({"format": INDEX_FORMAT, **state}), 1)
 
     @classmethod
-    def from_bytes(cls, data: bytes, fetch: Fetch, *, vectors: Any = DEFAULT) -> CallerIndex:
-        """An index saved by `to_bytes`; `fetch` returns the memories of the given ids
-        (those that still exist). Raises ValueError for data of another format."""
-        state = orjson.loads(data)
+    def from_bytes(cls, data: bytes, *, vectors: Any = DEFAULT) -> CallerIndex:
+        """An index saved by `to_bytes`. Raises ValueError for data of another format."""
+        try:
+            state = orjson.loads(zlib.decompress(data))
+        except zlib.error as error:
+            raise ValueError(f"not a caller index: {error}") from None
         if not isinstance(state, dict) or state.get("format") != INDEX_FORMAT:
             raise ValueError("not a caller index of this format")
         index = cls.__new__(cls)
@@ -226,13 +226,8 @@ class CallerIndex:
                 setattr(index, name, state[name])
         except KeyError as error:
             raise ValueError(f"caller index without {error}") from None
-        index._kept = {}
-        index.fetch = fetch
         index.attach_vectors(vectors)
         return index
-
-    def _fetch_kept(self, ids: Sequence[str]) -> Mapping[str, Memory]:
-        return {id_: self._kept[id_] for id_ in ids if id_ in self._kept}
 
     def attach_vectors(self, vectors: Any) -> None:
         """Rank with `vectors` too (as for `__init__`); the texts' vectors are looked up,
@@ -251,17 +246,14 @@ class CallerIndex:
                 self.vector_cache.fill_in_background(self.texts)
 
     # Building ----------------------------------------------------------------------------
-    def extend(self, memories: Iterable[Memory], *, keep: bool = False) -> None:
+    def extend(self, memories: Iterable[Memory]) -> None:
         """Add memories, in the order they were stored. Adding a caller's memories in any
         number of batches gives the index built from all of them at once, as long as a
-        call's turns and summary come in one batch (a stored call always does).
-        `keep`: hold the memories for `fetch` (an index not saved, and so not loaded)."""
+        call's turns are stored in one batch (a stored call always is)."""
         turns_by_call: dict[str, list[Memory]] = {}
         summaries: dict[str, Memory] = {}
         standalone: list[Memory] = []
         for memory in memories:
-            if keep:
-                self._kept[memory.id] = memory
             kind = memory.metadata.get("kind")
             conversation = str(memory.metadata.get("conversation_id", ""))
             if kind == "turn":
@@ -317,8 +309,11 @@ class CallerIndex:
         unit = len(self.ids)
         role = memory.metadata.get("role")
         turn_number = memory.metadata.get("turn_index")
+        self.user_id = self.user_id or memory.user_id
         self.ids.append(memory.id)
         self.texts.append(memory.content)
+        self.metadata.append(encode(memory.metadata).decode())
+        self.created.append(memory.created_at)
         self.roles.append(role if isinstance(role, str) else None)
         self.turn_numbers.append(turn_number if isinstance(turn_number, int) else None)
         self.lengths.append(sum(terms.values()) or 1)
@@ -503,15 +498,12 @@ class CallerIndex:
         return fused
 
     # Selection ---------------------------------------------------------------------------
-    def search(
-        self, query: str, limit: int, *, max_chars: int | None = None, fetch: Fetch | None = None
-    ) -> list[Memory]:
+    def search(self, query: str, limit: int, *, max_chars: int | None = None) -> list[Memory]:
         """Up to `limit` excerpts, best first: each is one call's best turns, in call order.
 
         Turns are taken best first until about `max_chars` characters of excerpt text are
         chosen; a turn joins its call's excerpt, or opens a new one while fewer than
         `limit` exist. Turns that do not fit are skipped for shorter ones further down.
-        `fetch`: how to read the quoted memories this time (default: the index's own).
         """
         budget = self.max_chars if max_chars is None else max_chars
         excerpts: dict[int, _Excerpt] = {}  # keyed by call, or by -1 - unit outside calls
@@ -529,19 +521,23 @@ class CallerIndex:
                 excerpt.units.add(index)
                 excerpt.chars += cost
             used += cost
-        ordered = [
-            sorted(excerpt.units, key=self.positions.__getitem__) for excerpt in excerpts.values()
-        ]
-        # Each excerpt is presented as its first turn's memory: only those are read back.
-        # One deleted since the index was loaded (a caller forgotten meanwhile) is left out.
-        heads = (fetch or self.fetch)([self.ids[units[0]] for units in ordered])
         return [
-            self._excerpt(units, excerpt.score, heads[self.ids[units[0]]])
-            for units, excerpt in zip(ordered, excerpts.values(), strict=True)
-            if self.ids[units[0]] in heads
+            self._excerpt(sorted(excerpt.units, key=self.positions.__getitem__), excerpt.score)
+            for excerpt in excerpts.values()
         ]
 
-    def _excerpt(self, units: list[int], score: float, first: Memory) -> Memory:
+    def _memory(self, unit: int) -> Memory:
+        return Memory(
+            id=self.ids[unit],
+            user_id=self.user_id,
+            content=self.texts[unit],
+            metadata=decode(self.metadata[unit]),
+            created_at=self.created[unit],
+        )
+
+    def _excerpt(self, units: list[int], score: float) -> Memory:
+        # Presented as its first turn's memory, with the excerpt's own text.
+        first = self._memory(units[0])
         if len(units) == 1 and self.unit_calls[units[0]] < 0:
             return _with_metadata(first, first.content, score=round(score, 4))
         lines: list[str] = []

@@ -192,27 +192,36 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
 
 
 # Reads on the event loop ---------------------------------------------------------------------
-def _in_one_step(coroutine: Coroutine[Any, Any, T]) -> T:
-    """The coroutine's result if it answers without suspending once (no thread, no wait)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as answered:
-        return cast(T, answered.value)
-    coroutine.close()
-    raise AssertionError("suspended: left the event loop")
+def _at_once(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The coroutine's result if, run on an event loop, it answers without suspending once
+    (no thread, no wait)."""
+
+    async def one_step() -> T:
+        try:
+            coroutine.send(None)
+        except StopIteration as answered:
+            return cast(T, answered.value)
+        coroutine.close()
+        raise AssertionError("suspended: left the event loop")
+
+    return asyncio.run(one_step())
 
 
-def test_a_search_with_the_saved_index_never_leaves_the_loop(
+def test_a_search_leaves_the_loop_only_to_load_the_callers_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embeddings, "default_cache", lambda: None)  # a query embedding would
     path = tmp_path / "memory.sqlite3"
     _store_visits(SQLiteStore(path))
+    reader = SQLiteStore(path)
 
-    reader = SQLiteStore(path)  # nothing kept in this process: the saved index is loaded
-    (excerpt, *_) = _in_one_step(reader.search(CALLER, "daughter tooth"))
+    with pytest.raises(AssertionError, match="suspended"):  # loaded in a thread: may read disk
+        _at_once(reader.search(CALLER, "daughter tooth"))
+    asyncio.run(reader.search(CALLER, "daughter tooth"))
+
+    (excerpt, *_) = _at_once(reader.search(CALLER, "daughter tooth"))  # now held here
     assert "daughter chipped a tooth" in excerpt.content
-    assert _in_one_step(reader.search("+14155550999", "daughter")) == []
+    assert _at_once(reader.search("+14155550999", "daughter")) == []
 
 
 def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
