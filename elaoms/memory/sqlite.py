@@ -489,14 +489,14 @@ class SQLiteStore(MemoryStore):
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
     ) -> list[Memory]:
-        # On the event loop when this process holds the caller's current index (they were
-        # searched moments ago, as a caller on the line is): ranking takes a few hundred
-        # microseconds, less than a thread hop, whose GIL hand-offs under load cost
-        # milliseconds. Loading or building an index reads much of the file, which may
-        # mean the disk (a store larger than the page cache): that happens in a thread,
-        # so the loop never waits for a disk.
+        # On the event loop when the caller's current index is at hand: held by this
+        # process, or saved (one compressed row of a few pages, about 0.5 ms to load and
+        # rank; its read is the only disk access, 1 ms at the 99.9th percentile on a store
+        # three times the page cache, docs/performance.md). A thread hop would cost more:
+        # its GIL hand-offs under load take milliseconds. Building or extending an index
+        # (reading and tokenizing calls) and a busy file go to a thread.
         try:
-            index = self._kept_current_index(self._reader(), user_id)
+            index = self._index_at_hand(self._reader(), user_id)
             if index is not None:
                 return index.search(query, limit, max_chars=max_chars)
         except sqlite3.Error as error:
@@ -506,16 +506,23 @@ class SQLiteStore(MemoryStore):
             lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
         )
 
-    def _kept_current_index(
-        self, connection: sqlite3.Connection, user_id: str
-    ) -> CallerIndex | None:
-        """The caller's index if this process holds it for their current memories and it
-        ranks without embeddings (a query embedding takes milliseconds). Else None."""
+    def _index_at_hand(self, connection: sqlite3.Connection, user_id: str) -> CallerIndex | None:
+        """The caller's index if it is current and ranks without embeddings (a query
+        embedding takes milliseconds): held by this process or saved. Else None."""
         version = _version(connection, user_id)
         if version[0] == 0:
             return CallerIndex(vectors=None)  # a caller we know nothing about
         index = self._kept_index(user_id, version)
-        return index if index is not None and index.vector_cache is None else None
+        if index is None:
+            row = _saved_row(connection, user_id)
+            if row is None or (row[0], row[1]) != version:
+                return None
+            index = self._load_index(user_id, row[2])
+            if index is None:
+                return None
+            index.attach_vectors(DEFAULT)
+            self._keep_index(user_id, version, index)
+        return index if index.vector_cache is None else None
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their

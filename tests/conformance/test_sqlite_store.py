@@ -207,21 +207,23 @@ def _at_once(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(one_step())
 
 
-def test_a_search_leaves_the_loop_only_to_load_the_callers_index(
+def test_a_search_with_a_current_saved_index_never_leaves_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embeddings, "default_cache", lambda: None)  # a query embedding would
     path = tmp_path / "memory.sqlite3"
-    _store_visits(SQLiteStore(path))
-    reader = SQLiteStore(path)
+    store = SQLiteStore(path)
+    _store_visits(store)
 
-    with pytest.raises(AssertionError, match="suspended"):  # loaded in a thread: may read disk
-        _at_once(reader.search(CALLER, "daughter tooth"))
-    asyncio.run(reader.search(CALLER, "daughter tooth"))
-
-    (excerpt, *_) = _at_once(reader.search(CALLER, "daughter tooth"))  # now held here
+    reader = SQLiteStore(path)  # nothing held in this process: the saved index is loaded
+    (excerpt, *_) = _at_once(reader.search(CALLER, "daughter tooth"))
     assert "daughter chipped a tooth" in excerpt.content
     assert _at_once(reader.search("+14155550999", "daughter")) == []
+
+    later = transcription("conv_visit_later", caller=CALLER, turns=[("user", "Root canal.")])
+    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
+    with pytest.raises(AssertionError, match="suspended"):  # behind: extended in a thread
+        _at_once(reader.search(CALLER, "root canal"))
 
 
 def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
