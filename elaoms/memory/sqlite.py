@@ -489,15 +489,21 @@ class SQLiteStore(MemoryStore):
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
     ) -> list[Memory]:
-        # On the event loop when the caller's current index is at hand: held by this
-        # process, or saved (one compressed row of a few pages, about 0.5 ms to load and
-        # rank; its read is the only disk access, 1 ms at the 99.9th percentile on a store
-        # three times the page cache, docs/performance.md). A thread hop would cost more:
-        # its GIL hand-offs under load take milliseconds. Building or extending an index
-        # (reading and tokenizing calls) and a busy file go to a thread.
+        # Reading the file may mean the disk: a store larger than the page cache is read
+        # from disk at random, and a disk read can take a second when the disk is busy.
+        # So the loop reads nothing it has not read moments ago: a caller whose index this
+        # process holds is checked and ranked on it (a few hundred microseconds, no thread
+        # hop, whose GIL hand-offs under load cost milliseconds); any other caller's saved
+        # index is read in a thread, in one query, and loaded and ranked back on the loop.
         try:
-            index = self._index_at_hand(self._reader(), user_id)
-            if index is not None:
+            if self._holds_index(user_id):
+                version = _version(self._reader(), user_id)
+                index = self._kept_index(user_id, version)
+                if index is not None and index.vector_cache is None:
+                    return index.search(query, limit, max_chars=max_chars)
+            version, row = await self._run(lambda: _current_row(self._connection(), user_id))
+            index = self._loaded_index(user_id, version, row)
+            if index is not None and index.vector_cache is None:
                 return index.search(query, limit, max_chars=max_chars)
         except sqlite3.Error as error:
             if not _busy(error):
@@ -506,23 +512,23 @@ class SQLiteStore(MemoryStore):
             lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
         )
 
-    def _index_at_hand(self, connection: sqlite3.Connection, user_id: str) -> CallerIndex | None:
-        """The caller's index if it is current and ranks without embeddings (a query
-        embedding takes milliseconds): held by this process or saved. Else None."""
-        version = _version(connection, user_id)
+    def _holds_index(self, user_id: str) -> bool:
+        with self._indexes_lock:
+            return user_id in self._indexes
+
+    def _loaded_index(
+        self, user_id: str, version: tuple[int, int], row: tuple[int, int, bytes] | None
+    ) -> CallerIndex | None:
+        """The index saved in `row`, kept in this process, if it is of `version`."""
         if version[0] == 0:
             return CallerIndex(vectors=None)  # a caller we know nothing about
-        index = self._kept_index(user_id, version)
-        if index is None:
-            row = _saved_row(connection, user_id)
-            if row is None or (row[0], row[1]) != version:
-                return None
-            index = self._load_index(user_id, row[2])
-            if index is None:
-                return None
+        if row is None or (row[0], row[1]) != version:
+            return None
+        index = self._load_index(user_id, row[2])
+        if index is not None:
             index.attach_vectors(DEFAULT)
             self._keep_index(user_id, version, index)
-        return index if index.vector_cache is None else None
+        return index
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their
@@ -748,6 +754,20 @@ def _saved_row(connection: sqlite3.Connection, user_id: str) -> tuple[int, int, 
         "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
     ).fetchone()
     return (row[0], row[1], bytes(row[2])) if row else None
+
+
+def _current_row(
+    connection: sqlite3.Connection, user_id: str
+) -> tuple[tuple[int, int], tuple[int, int, bytes] | None]:
+    """The caller's `_version` and `_saved_row`, in one query (one trip to a thread's
+    GIL hand-offs rather than two)."""
+    count, last, memories, last_seq, data = connection.execute(
+        "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
+        " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
+        "  WHERE user_id = ?) AS m LEFT JOIN caller_indexes AS i ON i.user_id = ?",
+        (user_id, user_id),
+    ).fetchone()
+    return (count, last), ((memories, last_seq, bytes(data)) if data is not None else None)
 
 
 def _version(connection: sqlite3.Connection, user_id: str) -> tuple[int, int]:
