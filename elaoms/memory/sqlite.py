@@ -39,6 +39,8 @@ from elaoms.search.ranking import DEFAULT, CallerIndex
 T = TypeVar("T")
 
 AGENT_PROFILE = "agent_profile"
+# A saved search index: (memories it covers, last seq it covers, data).
+SavedRow = tuple[int, int, bytes]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -497,38 +499,24 @@ class SQLiteStore(MemoryStore):
         # index is read in a thread, in one query, and loaded and ranked back on the loop.
         try:
             if self._holds_index(user_id):
-                version = _version(self._reader(), user_id)
-                index = self._kept_index(user_id, version)
+                index = self._kept_index(user_id, _version(self._reader(), user_id))
                 if index is not None and index.vector_cache is None:
                     return index.search(query, limit, max_chars=max_chars)
             version, row = await self._run(lambda: _current_row(self._connection(), user_id))
-            index = self._loaded_index(user_id, version, row)
-            if index is not None and index.vector_cache is None:
-                return index.search(query, limit, max_chars=max_chars)
+            if version[0] == 0:
+                return []  # a caller we know nothing about
+            index = self._saved_index(version, row)
+            if index is not None:
+                index.attach_vectors(DEFAULT)
+                self._keep_index(user_id, version, index)
+                if index.vector_cache is None:
+                    return index.search(query, limit, max_chars=max_chars)
         except sqlite3.Error as error:
             if not _busy(error):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
         return await self._run(
             lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
         )
-
-    def _holds_index(self, user_id: str) -> bool:
-        with self._indexes_lock:
-            return user_id in self._indexes
-
-    def _loaded_index(
-        self, user_id: str, version: tuple[int, int], row: tuple[int, int, bytes] | None
-    ) -> CallerIndex | None:
-        """The index saved in `row`, kept in this process, if it is of `version`."""
-        if version[0] == 0:
-            return CallerIndex(vectors=None)  # a caller we know nothing about
-        if row is None or (row[0], row[1]) != version:
-            return None
-        index = self._load_index(user_id, row[2])
-        if index is not None:
-            index.attach_vectors(DEFAULT)
-            self._keep_index(user_id, version, index)
-        return index
 
     def _index(self, user_id: str) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their
@@ -538,15 +526,19 @@ class SQLiteStore(MemoryStore):
         sees another worker's writes without any shared cache.
         """
         connection = self._connection()
-        version = _version(connection, user_id)
+        version, row = _current_row(connection, user_id)
         index = self._kept_index(user_id, version)
         if index is None:
-            index, saved = self._current_index(connection, user_id, version)
+            index, saved = self._current_index(connection, user_id, version, row)
             if not saved:
                 self._mark_unsaved(user_id)
             index.attach_vectors(DEFAULT)
             self._keep_index(user_id, version, index)
         return index
+
+    def _holds_index(self, user_id: str) -> bool:
+        with self._indexes_lock:
+            return user_id in self._indexes
 
     def _kept_index(self, user_id: str, version: tuple[int, int]) -> CallerIndex | None:
         with self._indexes_lock:
@@ -563,25 +555,32 @@ class SQLiteStore(MemoryStore):
             while len(self._indexes) > self._index_cache_size:
                 self._indexes.popitem(last=False)
 
-    def _load_index(self, user_id: str, data: bytes) -> CallerIndex | None:
+    def _saved_index(self, version: tuple[int, int], row: SavedRow | None) -> CallerIndex | None:
+        """The index saved in `row` if it describes `version` of the memories."""
+        return self._load_index(row[2]) if row and (row[0], row[1]) == version else None
+
+    def _load_index(self, data: bytes) -> CallerIndex | None:
         """A saved index (without vectors), or None when it is of another format."""
         try:
-            return CallerIndex.from_bytes(self.cipher.decrypt(bytes(data)), vectors=None)
+            return CallerIndex.from_bytes(self.cipher.decrypt(data), vectors=None)
         except ValueError:
             return None
 
     def _current_index(
-        self, connection: sqlite3.Connection, user_id: str, version: tuple[int, int]
+        self,
+        connection: sqlite3.Connection,
+        user_id: str,
+        version: tuple[int, int],
+        row: SavedRow | None,
     ) -> tuple[CallerIndex, bool]:
-        """The index of `version` of the caller's memories, and whether it is the saved
-        one. The saved index serves as is, or extended with the memories stored after it
-        (tokenizing those alone); with none saved, or memories deleted since, every memory
-        is read and tokenized."""
-        row = _saved_row(connection, user_id)
-        if row is not None and (index := self._load_index(user_id, row[2])) is not None:
+        """The index of `version` of the caller's memories, and whether it is the one
+        saved (`row`). The saved index serves as is, or extended with the memories stored
+        after it (tokenizing those alone); with none saved, or memories deleted since,
+        every memory is read and tokenized."""
+        if (index := self._saved_index(version, row)) is not None:
+            return index, True
+        if row is not None and (index := self._load_index(row[2])) is not None:
             saved_count, saved_last, _ = row
-            if (saved_count, saved_last) == version:
-                return index, True
             newer = self._list_memories(user_id, after_seq=saved_last)
             if saved_count + len(newer) == version[0]:  # nothing deleted since
                 index.extend(newer)
@@ -607,10 +606,10 @@ class SQLiteStore(MemoryStore):
 
     def _save_index(self, user_id: str) -> None:
         connection = self._connection()
-        version = _version(connection, user_id)
+        version, row = _current_row(connection, user_id)
         if version[0] == 0:  # forgotten meanwhile: nothing to index
             return
-        index, saved = self._current_index(connection, user_id, version)
+        index, saved = self._current_index(connection, user_id, version, row)
         if saved:
             return
         data = self.cipher.encrypt(index.to_bytes())
@@ -748,19 +747,11 @@ def _busy(error: sqlite3.Error) -> bool:
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _saved_row(connection: sqlite3.Connection, user_id: str) -> tuple[int, int, bytes] | None:
-    """(memories covered, last seq covered, data) of the caller's saved search index."""
-    row = connection.execute(
-        "SELECT memories, last_seq, data FROM caller_indexes WHERE user_id = ?", (user_id,)
-    ).fetchone()
-    return (row[0], row[1], bytes(row[2])) if row else None
-
-
 def _current_row(
     connection: sqlite3.Connection, user_id: str
-) -> tuple[tuple[int, int], tuple[int, int, bytes] | None]:
-    """The caller's `_version` and `_saved_row`, in one query (one trip to a thread's
-    GIL hand-offs rather than two)."""
+) -> tuple[tuple[int, int], SavedRow | None]:
+    """The caller's `_version` and their saved index's row, in one query (in a thread, one
+    round of GIL hand-offs rather than two)."""
     count, last, memories, last_seq, data = connection.execute(
         "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
         " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
