@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from elaoms.memory.base import (
     StoreUnavailableError,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call
+from elaoms.memory.held_indexes import HeldIndexes, Version
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.files import ensure_private_dir
@@ -119,10 +119,7 @@ class SQLiteStore(MemoryStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._indexes: OrderedDict[str, tuple[tuple[int, int], CallerIndex]] = OrderedDict()
-        self._indexes_lock = threading.Lock()
-        self._index_cache_size = index_cache_size
-        self._unsaved: set[str] = set()  # callers whose saved search index is behind
+        self._indexes = HeldIndexes(index_cache_size)
         self._initialize()
 
     # Connections -------------------------------------------------------------------------
@@ -221,7 +218,7 @@ class SQLiteStore(MemoryStore):
         )
         # The caller's saved search index is brought up to date by `maintain`, off the
         # delivery's path and once for several calls; searches meanwhile add what is new.
-        self._mark_unsaved(user_id)
+        self._indexes.mark_unsaved(user_id)
 
     def _insert_call(
         self,
@@ -498,8 +495,8 @@ class SQLiteStore(MemoryStore):
         # hop, whose GIL hand-offs under load cost milliseconds); any other caller's saved
         # index is read in a thread, in one query, and loaded and ranked back on the loop.
         try:
-            if self._holds_index(user_id):
-                index = self._kept_index(user_id, _version(self._reader(), user_id))
+            if self._indexes.holds(user_id):
+                index = self._indexes.get(user_id, _version(self._reader(), user_id))
                 if index is not None and index.vector_cache is None:
                     return index.search(query, limit, max_chars=max_chars)
             version, row = await self._run(lambda: _current_row(self._connection(), user_id))
@@ -508,7 +505,7 @@ class SQLiteStore(MemoryStore):
             index = self._saved_index(version, row)
             if index is not None:
                 index.attach_vectors(DEFAULT)
-                self._keep_index(user_id, version, index)
+                self._indexes.put(user_id, version, index)
                 if index.vector_cache is None:
                     return index.search(query, limit, max_chars=max_chars)
         except sqlite3.Error as error:
@@ -527,35 +524,16 @@ class SQLiteStore(MemoryStore):
         """
         connection = self._connection()
         version, row = _current_row(connection, user_id)
-        index = self._kept_index(user_id, version)
+        index = self._indexes.get(user_id, version)
         if index is None:
             index, saved = self._current_index(connection, user_id, version, row)
             if not saved:
-                self._mark_unsaved(user_id)
+                self._indexes.mark_unsaved(user_id)
             index.attach_vectors(DEFAULT)
-            self._keep_index(user_id, version, index)
+            self._indexes.put(user_id, version, index)
         return index
 
-    def _holds_index(self, user_id: str) -> bool:
-        with self._indexes_lock:
-            return user_id in self._indexes
-
-    def _kept_index(self, user_id: str, version: tuple[int, int]) -> CallerIndex | None:
-        with self._indexes_lock:
-            kept = self._indexes.get(user_id)
-            if kept is None or kept[0] != version:
-                return None
-            self._indexes.move_to_end(user_id)
-            return kept[1]
-
-    def _keep_index(self, user_id: str, version: tuple[int, int], index: CallerIndex) -> None:
-        with self._indexes_lock:
-            self._indexes[user_id] = (version, index)
-            self._indexes.move_to_end(user_id)
-            while len(self._indexes) > self._index_cache_size:
-                self._indexes.popitem(last=False)
-
-    def _saved_index(self, version: tuple[int, int], row: SavedRow | None) -> CallerIndex | None:
+    def _saved_index(self, version: Version, row: SavedRow | None) -> CallerIndex | None:
         """The index saved in `row` if it describes `version` of the memories."""
         return self._load_index(row[2]) if row and (row[0], row[1]) == version else None
 
@@ -570,7 +548,7 @@ class SQLiteStore(MemoryStore):
         self,
         connection: sqlite3.Connection,
         user_id: str,
-        version: tuple[int, int],
+        version: Version,
         row: SavedRow | None,
     ) -> tuple[CallerIndex, bool]:
         """The index of `version` of the caller's memories, and whether it is the one
@@ -587,21 +565,15 @@ class SQLiteStore(MemoryStore):
                 return index, False
         return CallerIndex(self._list_memories(user_id), vectors=None), False
 
-    def _mark_unsaved(self, user_id: str) -> None:
-        with self._indexes_lock:
-            self._unsaved.add(user_id)
-
     async def maintain(self) -> None:
         """Save the search index of every caller whose memories changed (or whose saved
         index a search found behind) since the last pass."""
-        with self._indexes_lock:
-            callers, self._unsaved = self._unsaved, set()
+        callers = self._indexes.take_unsaved()
         for number, user_id in enumerate(callers):
             try:
                 await self._run(lambda user_id=user_id: self._save_index(user_id))
             except StoreUnavailableError:
-                with self._indexes_lock:
-                    self._unsaved.update(list(callers)[number:])
+                self._indexes.remark_unsaved(callers[number:])
                 raise
 
     def _save_index(self, user_id: str) -> None:
@@ -635,8 +607,7 @@ class SQLiteStore(MemoryStore):
                 # Derived from the memories (their words): gone with them, not counted.
                 connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (user_id,))
                 self._delete_digests(connection, user_id)
-            with self._indexes_lock:
-                self._indexes.pop(user_id, None)
+            self._indexes.drop(user_id)
             return deleted
 
         return await self._run(delete)
@@ -747,9 +718,7 @@ def _busy(error: sqlite3.Error) -> bool:
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _current_row(
-    connection: sqlite3.Connection, user_id: str
-) -> tuple[tuple[int, int], SavedRow | None]:
+def _current_row(connection: sqlite3.Connection, user_id: str) -> tuple[Version, SavedRow | None]:
     """The caller's `_version` and their saved index's row, in one query (in a thread, one
     round of GIL hand-offs rather than two)."""
     count, last, memories, last_seq, data = connection.execute(
@@ -761,7 +730,7 @@ def _current_row(
     return (count, last), ((memories, last_seq, bytes(data)) if data is not None else None)
 
 
-def _version(connection: sqlite3.Connection, user_id: str) -> tuple[int, int]:
+def _version(connection: sqlite3.Connection, user_id: str) -> Version:
     """(count, last seq) of the caller's memories: changes with every insert or delete."""
     count, last = connection.execute(
         "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
