@@ -126,7 +126,40 @@ def query_periods(query: str) -> list[_Period]:
 
 
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 4
+INDEX_FORMAT = 5
+
+
+class Postings:
+    """term -> posting ("number frequency number frequency ..."). A dict while an index
+    grows; once saved and loaded, one text that a search looks its few terms up in: loading
+    then makes one string, not thousands of keys and values to build and later free."""
+
+    __slots__ = ("_terms", "_text")
+
+    def __init__(self, text: str = "") -> None:
+        self._text = text  # "\nterm\tposting\n..." as `text()` writes it
+        self._terms: dict[str, str] | None = None if text else {}
+
+    def get(self, term: str) -> str:
+        if self._terms is not None:
+            return self._terms.get(term, "")
+        start = self._text.find(f"\n{term}\t")  # terms hold neither tabs nor newlines
+        if start < 0:
+            return ""
+        start += len(term) + 2
+        return self._text[start : self._text.index("\n", start)]
+
+    def terms(self) -> dict[str, str]:
+        """The postings to change (the text, if loaded, is parsed once)."""
+        if self._terms is None:
+            lines = self._text.split("\n")
+            self._terms = dict(line.split("\t", 1) for line in lines if line)
+        return self._terms
+
+    def text(self) -> str:
+        if self._terms is None:
+            return self._text
+        return "\n" + "".join(f"{term}\t{posting}\n" for term, posting in self._terms.items())
 
 
 @dataclass(slots=True)
@@ -188,15 +221,14 @@ class CallerIndex:
         self.chars: list[int] = []  # rendered size in an excerpt, newline included
         self.unit_calls: list[int] = []  # index into the call lists; -1 outside any call
         self.positions: list[int] = []  # order of the turn within its call
-        # term -> "unit frequency unit frequency ...": text, so that loading an index makes
-        # one string per term, and only the query's terms are ever parsed.
-        self.postings: dict[str, str] = {}
+        # term -> "unit frequency unit frequency ...", the turns using it.
+        self.postings = Postings()
         self.total_length = 0
         self.call_keys: list[str] = []  # conversation ids
         self.call_turns: list[list[int]] = []
         self.call_started: list[float | None] = []
         # term -> "call frequency ...", counting each call's turns and summary.
-        self.call_postings: dict[str, str] = {}
+        self.call_postings = Postings()
         self.call_lengths: list[int] = []  # terms
         self.speaker_names: dict[str, str] = {}
         self.vector_cache: VectorCache | None = None
@@ -207,6 +239,8 @@ class CallerIndex:
     # Saving and loading ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         state = {name: getattr(self, name) for name in self._STATE}
+        state["postings"] = self.postings.text()
+        state["call_postings"] = self.call_postings.text()
         # Compressed: repetitive JSON shrinks about fivefold, and a search that loads the
         # index from a store larger than the page cache reads that much less from disk.
         return zlib.compress(orjson.dumps({"format": INDEX_FORMAT, **state}), 1)
@@ -226,6 +260,8 @@ class CallerIndex:
                 setattr(index, name, state[name])
         except KeyError as error:
             raise ValueError(f"caller index without {error}") from None
+        index.postings = Postings(str(index.postings))
+        index.call_postings = Postings(str(index.call_postings))
         index.attach_vectors(vectors)
         return index
 
@@ -286,17 +322,16 @@ class CallerIndex:
                 added.setdefault(call_of[conversation], Counter()).update(tokenize(summary.content))
             else:
                 standalone.append(summary)
+        call_postings = self.call_postings.terms()
         for call, gained in added.items():
             for term, count in gained.items():
-                posting = self.call_postings.get(term, "")
+                posting = call_postings.get(term, "")
                 if call in new_calls:  # calls are numbered in order: it goes last
-                    self.call_postings[term] = f"{posting} {call} {count}".lstrip()
+                    call_postings[term] = f"{posting} {call} {count}".lstrip()
                 else:  # a summary joining turns stored earlier
                     counts = dict(_pairs(posting))
                     counts[call] = counts.get(call, 0) + count
-                    self.call_postings[term] = " ".join(
-                        f"{c} {n}" for c, n in sorted(counts.items())
-                    )
+                    call_postings[term] = " ".join(f"{c} {n}" for c, n in sorted(counts.items()))
             self.call_lengths[call] += sum(gained.values())
         for memory in standalone:
             self._add(memory, call=-1, position=0)
@@ -321,11 +356,10 @@ class CallerIndex:
         self.unit_calls.append(call)
         self.positions.append(position)
         self.total_length += self.lengths[unit]
+        postings = self.postings.terms()
         for term, frequency in terms.items():
-            posting = self.postings.get(term)
-            self.postings[term] = (
-                f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
-            )
+            posting = postings.get(term)
+            postings[term] = f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
         return terms
 
     def _learn_speaker_names(self) -> None:
@@ -385,7 +419,7 @@ class CallerIndex:
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
         calls = len(self.call_keys)
         if calls > 1 and self.call_idf_power:
-            in_calls = _pair_count(self.call_postings.get(term, ""))
+            in_calls = _pair_count(self.call_postings.get(term))
             spread = _bm25_idf(calls, in_calls) / _bm25_idf(calls, 1)
             idf *= spread**self.call_idf_power
         return idf
@@ -395,7 +429,7 @@ class CallerIndex:
         average_length = self.total_length / max(1, len(self.ids))
         lengths = self.lengths
         for term in query_terms:
-            postings = _pairs(self.postings.get(term, ""))
+            postings = _pairs(self.postings.get(term))
             if not postings:
                 continue
             idf = self._idf(term, len(postings))
@@ -412,7 +446,7 @@ class CallerIndex:
         norms = [self.k1 * (1 - 0.75 + 0.75 * length / average_call_length) for length in lengths]
         scores = [0.0] * calls
         for term in query_terms:
-            postings = _pairs(self.call_postings.get(term, ""))
+            postings = _pairs(self.call_postings.get(term))
             idf = _bm25_idf(calls, len(postings))
             for call, frequency in postings:
                 scores[call] += idf * _saturate(frequency, norms[call], self.k1)
