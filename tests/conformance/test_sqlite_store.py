@@ -88,10 +88,16 @@ VISITS = (
 )
 
 
+def _store_call(
+    store: SQLiteStore, conversation_id: str, turns: list[tuple[str, str]] | None = None
+) -> None:
+    payload = transcription(conversation_id, caller=CALLER, turns=turns)
+    asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+
+
 def _store_visits(store: SQLiteStore, *, save: bool = True) -> None:
     for number, turns in enumerate(VISITS):
-        payload = transcription(f"conv_visit_{number}", caller=CALLER, turns=turns)
-        asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+        _store_call(store, f"conv_visit_{number}", turns)
     if save:
         asyncio.run(store.maintain())  # what the service's upkeep does every second
 
@@ -133,10 +139,7 @@ def test_a_call_stored_after_the_save_is_found_reading_that_call_alone(
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path)
     _store_visits(store)
-    later = transcription(
-        "conv_visit_later", caller=CALLER, turns=[("user", "The root canal went well.")]
-    )
-    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
+    _store_call(store, "conv_visit_later", [("user", "The root canal went well.")])
     assert _saved(path)[0] < _saved(path)[1]  # the delivery did not wait for the index
 
     reader = SQLiteStore(path)
@@ -182,8 +185,7 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     assert b"daughter" not in data and b"chipped" not in data
     assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
 
-    later = transcription("conv_visit_later", caller=CALLER)
-    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
+    _store_call(store, "conv_visit_later")
     asyncio.run(store.delete_user(CALLER))
     asyncio.run(store.maintain())  # the pass due for the later call saves nothing back
 
@@ -224,8 +226,7 @@ def test_the_loop_reads_only_what_it_read_moments_ago(
     (excerpt, *_) = _at_once(reader.search(CALLER, "daughter tooth"))
     assert "daughter chipped a tooth" in excerpt.content
 
-    later = transcription("conv_visit_later", caller=CALLER, turns=[("user", "Root canal.")])
-    asyncio.run(store.add_call(CALLER, later, call_memories(CALLER, later)))
+    _store_call(store, "conv_visit_later", [("user", "Root canal.")])
     with pytest.raises(AssertionError, match="suspended"):  # changed: read again
         _at_once(reader.search(CALLER, "root canal"))
     (excerpt, *_) = asyncio.run(reader.search(CALLER, "root canal"))
