@@ -494,12 +494,14 @@ class SQLiteStore(MemoryStore):
         # process holds is checked and ranked on it (a few hundred microseconds, no thread
         # hop, whose GIL hand-offs under load cost milliseconds); any other caller's saved
         # index is read in a thread, in one query, and loaded and ranked back on the loop.
+        current: tuple[Version, SavedRow | None] | None = None
         try:
             if self._indexes.holds(user_id):
                 index = self._indexes.get(user_id, _version(self._reader(), user_id))
                 if index is not None and index.vector_cache is None:
                     return index.search(query, limit, max_chars=max_chars)
-            version, row = await self._run(lambda: _current_row(self._connection(), user_id))
+            current = await self._run(lambda: _current_row(self._connection(), user_id))
+            version, row = current
             if version[0] == 0:
                 return []  # a caller we know nothing about
             index = self._saved_index(version, row)
@@ -511,19 +513,24 @@ class SQLiteStore(MemoryStore):
         except sqlite3.Error as error:
             if not _busy(error):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
+        # The index must be built or extended (or the loop's reader was busy): a thread,
+        # reusing the version and row just read, if any.
         return await self._run(
-            lambda: self._index(user_id).search(query, limit, max_chars=max_chars)
+            lambda: self._index(user_id, current).search(query, limit, max_chars=max_chars)
         )
 
-    def _index(self, user_id: str) -> CallerIndex:
+    def _index(
+        self, user_id: str, current: tuple[Version, SavedRow | None] | None = None
+    ) -> CallerIndex:
         """The caller's ranking index for a search: kept in this process while their
-        memories are unchanged, else the current one (`_current_index`).
+        memories are unchanged, else the current one (`_current_index`). `current`: the
+        caller's version and saved row, when just read.
 
         The version check is one indexed aggregate over the caller's own rows, so a worker
         sees another worker's writes without any shared cache.
         """
         connection = self._connection()
-        version, row = _current_row(connection, user_id)
+        version, row = current or _current_row(connection, user_id)
         index = self._indexes.get(user_id, version)
         if index is None:
             index, saved = self._current_index(connection, user_id, version, row)
