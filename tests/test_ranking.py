@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
 from datetime import UTC, datetime
+from unittest.mock import ANY
 
 import orjson
 import pytest
+import zstandard
 
 from elaoms.memory.base import Memory
 from elaoms.search import embeddings
@@ -173,9 +174,45 @@ def test_a_saved_index_answers_like_the_one_saved() -> None:
 
 
 def test_an_index_of_another_format_or_incomplete_is_refused() -> None:
-    with pytest.raises(ValueError):
-        CallerIndex.from_bytes(b'{"format": 0}')  # not even compressed
-    with pytest.raises(ValueError):
-        CallerIndex.from_bytes(zlib.compress(orjson.dumps({"format": 0})))
-    with pytest.raises(ValueError):
-        CallerIndex.from_bytes(zlib.compress(orjson.dumps({"format": INDEX_FORMAT})))
+    saved = zstandard.decompress(CallerIndex(call("c1", MAY_2023, "Hi.", "Hi!")).to_bytes())
+    for data in (
+        b'{"format": 0}',  # not even compressed
+        zstandard.compress(orjson.dumps({"format": 0})),
+        zstandard.compress(orjson.dumps({"format": INDEX_FORMAT})),
+        zstandard.compress(saved[:-1]),  # the last record cut short
+    ):
+        with pytest.raises(ValueError):
+            CallerIndex.from_bytes(data)
+
+
+def test_a_quoted_memory_keeps_its_own_metadata_saved_or_not() -> None:
+    """The metadata a call's memories share is kept once: each quote still carries
+    exactly the metadata its memory was stored with."""
+    memories = call("c1", MAY_2023, "The boiler leaks.", "Since when?", "Since Monday.")
+    memories.append(
+        Memory(
+            id="c1#name",
+            user_id="+14155550123",
+            content="Maria",
+            metadata={"kind": "data_collection", "conversation_id": "c1", "field": "name"},
+            created_at=12.5,
+        )
+    )
+    for memory in memories:
+        memory.metadata["flag"] = True
+    memories[2].metadata["flag"] = 1  # equal to True in Python, not in JSON
+    memories.append(Memory(id="note", user_id="+14155550123", content="Maria likes boilers."))
+    original = CallerIndex(memories)
+    for index in (original, CallerIndex.from_bytes(original.to_bytes())):
+        quoted = {m.id: m for m in index.search("boiler since Maria", limit=5)}
+        assert set(quoted) == {"c1#t0", "c1#name", "note"}
+        assert quoted["c1#name"].metadata == {**memories[3].metadata, "score": ANY}
+        assert quoted["c1#name"].created_at == 12.5
+        assert quoted["note"].metadata == {"score": ANY}
+        excerpt = quoted["c1#t0"]
+        assert excerpt.content.count("\n") == 2  # the whole call, in order
+        extra = {"kind": "excerpt", "role": "mixed", "turn_indexes": [0, 1, 2], "score": ANY}
+        assert excerpt.metadata == {**memories[0].metadata, **extra}
+        assert index._memory(2).metadata == memories[2].metadata
+        assert type(index._memory(2).metadata["flag"]) is int
+        assert index._memory(1).metadata["flag"] is True
