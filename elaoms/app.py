@@ -83,11 +83,12 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
         allowed_networks=parse_networks(settings.allowed_source_ips),
         trusted_proxy_header=settings.trusted_proxy_header,
     )
-    app.include_router(operations_router)
-    app.include_router(post_call_router)
+    # Routes are tried in order: the webhooks a caller waits on come first.
     app.include_router(client_data_router)
-    app.include_router(admin_router, include_in_schema=bool(settings.admin_api_key))
     app.include_router(search_router)
+    app.include_router(post_call_router)
+    app.include_router(operations_router)
+    app.include_router(admin_router, include_in_schema=bool(settings.admin_api_key))
     return app
 
 

@@ -101,6 +101,12 @@ def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory],
     shown: list[Memory] = []
     for excerpt in excerpts:
         header = f"\n\n{_date_marker(excerpt)}"
+        whole = f"{header}\n{excerpt.content}"
+        if used + len(whole) <= max_chars and excerpt.content.rpartition("\n")[2] != SEPARATOR:
+            parts.append(whole)  # whole: the common case, as the ranker keeps to a budget
+            used += len(whole)
+            shown.append(excerpt)
+            continue
         lines: list[str] = []
         size = used + len(header)
         for line in excerpt.content.split("\n"):
@@ -125,7 +131,7 @@ def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory],
 def _date_marker(memory: Memory) -> str:
     started = memory.metadata.get("call_started_at")
     if isinstance(started, int | float):
-        return f"[Call on {datetime.fromtimestamp(started, UTC):%Y-%m-%d}]"
+        return f"[Call on {datetime.fromtimestamp(started, UTC).date().isoformat()}]"
     return "[Earlier call]"
 
 
