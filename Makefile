@@ -28,7 +28,7 @@ run: install
 	$(BIN)/elaoms setup --non-interactive
 	$(BIN)/python main.py
 
-## Install everything (Python packages and the Redis server the tests use) and run every test.
+## Install everything (Python packages, and the Redis server and wrk the tests use) and run every test.
 test: install-test
 	./scripts/install-test-services.sh
 	$(BIN)/ruff check .

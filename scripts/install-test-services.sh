@@ -1,9 +1,14 @@
 #!/bin/sh
-# Installs the services the test suite starts on its own (a Redis server), on Debian and
-# Ubuntu. Idempotent: does nothing when redis-server is already on PATH.
+# Installs what the test suite runs besides Python packages, on Debian and Ubuntu: a Redis
+# server (the tests start their own throw-away servers) and wrk (the load benchmark's
+# client, which a smoke test runs at a tiny size). Idempotent: installs only what is
+# missing from PATH.
 set -eu
 
-if command -v redis-server >/dev/null 2>&1; then
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+if [ -z "$missing" ]; then
     exit 0
 fi
 
@@ -12,17 +17,19 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1; then
     SUDO="sudo"
 else
-    echo "redis-server is missing and this is not root (no sudo): install the redis-server package" >&2
+    echo "missing:$missing, and this is not root (no sudo): install these packages" >&2
     exit 1
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "redis-server is missing and apt-get is not available: install Redis 6 or newer" >&2
+    echo "missing:$missing, and apt-get is not available: install Redis 6 or newer and wrk" >&2
     exit 1
 fi
 
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends redis-server
-# The tests start their own throw-away servers; the packaged one need not run.
+# shellcheck disable=SC2086  # one word per package
+$SUDO apt-get install -y -q --no-install-recommends $missing
+# The packaged Redis need not run: the tests start their own.
 redis-server --version
+wrk --version 2>&1 | head -n 1 || true

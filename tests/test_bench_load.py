@@ -1,0 +1,47 @@
+"""The load benchmark still runs end to end, at a tiny size.
+
+Its figures are measured by hand (docs/performance.md); this only checks that the script
+seeds a store, starts the floor and the service with the production command, drives every
+endpoint with wrk without an error, and finds every accepted delivery stored. No timing is
+asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_load_benchmark_drives_every_endpoint_and_finds_every_delivery_stored(
+    tmp_path: Path,
+) -> None:
+    figures = tmp_path / "figures.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "load.py"),
+         "--callers", "6", "--calls", "2", "--duration", "1", "--post-call-max", "3000",
+         "--cache-dir", str(tmp_path / "seeds"), "--work-dir", str(tmp_path),
+         "--log-dir", str(tmp_path / "logs"), "--json", str(figures),
+         "--env", "SEARCH_EMBEDDINGS=off"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    (run,) = json.loads(figures.read_text())
+    results = {result["name"]: result for result in run["results"]}
+    assert list(results) == [
+        "floor",
+        "client-data known",
+        "client-data unknown",
+        "search-data",
+        "post-call",
+    ]
+    for result in results.values():
+        assert result["requests"] > 0 and result["errors"] == 0, result
+    assert not results["post-call"]["exhausted"]  # the run ended by its duration
+    assert run["all_stored"] is True, run["verified"]
+    assert run["stored_calls"] == 12 and run["worker_hwm_mb"] > 0
+    assert "targets" in completed.stdout
