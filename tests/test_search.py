@@ -15,6 +15,7 @@ import pytest
 
 from elaoms.memory.base import Memory
 from elaoms.memory.sqlite import SQLiteStore
+from elaoms.search.schemas import SearchResponse
 from elaoms.search.service import GUARD_LINE
 
 from conftest import (
@@ -162,6 +163,9 @@ def test_limit_outside_range_is_422_with_reason(client: httpx.Client, limit: int
 # Results ------------------------------------------------------------------------------------
 def test_finds_the_moment_with_date_and_guard_line(client: httpx.Client) -> None:
     body = search(client, query="daughter Sofia sore tooth appointment", user_id=ALICE).json()
+    assert (
+        SearchResponse.model_validate(body).model_dump(exclude_none=True) == body
+    )  # as documented
     assert body["status"] == "success"
     assert body["memories_found"] == len(body["memories"]) >= 1
     context = body["context"]

@@ -105,14 +105,14 @@ async def search_as_tool(
     services: Services, user_id: str, query: str, limit: int
 ) -> dict[str, Any]:
     """The body the search-data tool would answer, for this caller and query."""
-    from elaoms.search.schemas import search_response
+    from elaoms.search.schemas import search_answer
 
     # The tool's own service, with only the deadline an operator can afford.
     service = dataclasses.replace(
         services.search, timeout_ms=max(services.search.timeout_ms, CLI_SEARCH_TIMEOUT_MS)
     )
     result = await service.search(user_id, query, limit)
-    return search_response(result).model_dump(exclude_none=True)
+    return search_answer(result)
 
 
 def search(

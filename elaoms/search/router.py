@@ -11,10 +11,11 @@ from pydantic import ValidationError
 from elaoms.dependencies import get_services
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.operations.metrics import STORE_ERRORS
+from elaoms.payloads import encode
 from elaoms.phone import mask
 from elaoms.routing import WORKSPACE_SECRET_PARAMETER, PlainRoute
-from elaoms.search.schemas import SearchRequest, SearchResponse, search_response
-from elaoms.search.service import CallerConflictError, resolve_caller
+from elaoms.search.schemas import SearchRequest, SearchResponse, search_answer
+from elaoms.search.service import CallerConflictError, SearchResult, resolve_caller
 from elaoms.security import API_KEY_HEADER, require_workspace_secret
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,11 @@ async def search_data(request: Request) -> Response:
         )
     services = get_services(request)
     try:
-        answer = search_response(await services.search.search(caller, query, search.limit))
+        answer = search_answer(await services.search.search(caller, query, search.limit))
     except StoreUnavailableError as error:
         # The agent is mid-sentence: an empty answer lets the call go on; operators get
         # the log line and elaoms_store_errors_total.
         STORE_ERRORS.labels("search").inc()
         logger.warning("search for %s answered empty: store unavailable (%s)", mask(caller), error)
-        answer = SearchResponse(memories_found=0, context="", memories=[])
-    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+        answer = search_answer(SearchResult(memories=[], context=""))
+    return Response(encode(answer), media_type="application/json")
