@@ -662,7 +662,7 @@ def cpu_seconds(pid: int) -> float:
 WRK_SCRIPT = r"""
 -- args: path, requests file (signature TAB body per line), api key or "-", mode, ids file
 local reqs, n, i, once, ids = {}, 0, 0, false, nil
-statuses, received, queued, sent, exhausted = {}, 0, 0, 0, 0
+statuses, received, queued, sent, exhausted, late = {}, 0, 0, 0, 0, 0
 threads = {}
 
 function setup(thread) table.insert(threads, thread) end
@@ -693,6 +693,8 @@ end
 
 function response(status, headers, body)
   statuses[tostring(status)] = (statuses[tostring(status)] or 0) + 1
+  -- A search answered empty at its deadline is a 200, and a failure all the same.
+  if body:find('"timed_out":true', 1, true) then late = late + 1 end
   if ids then
     if body:find('"received"', 1, true) then
       received = received + 1
@@ -714,10 +716,10 @@ function done(summary, latency, requests)
   io.write(string.format(
     'WRKJSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
     '"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"max":%d,"mean":%f,' ..
-    '"received":%d,"queued":%d,"sent":%d,"exhausted":%d,"statuses":{%s}}\n',
+    '"received":%d,"queued":%d,"sent":%d,"exhausted":%d,"late":%d,"statuses":{%s}}\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
-    latency.mean, t:get("received"), t:get("queued"), t:get("sent"), t:get("exhausted"),
+    latency.mean, t:get("received"), t:get("queued"), t:get("sent"), t:get("exhausted"), t:get("late"),
     table.concat(parts, ",")))
 end
 """
@@ -808,7 +810,7 @@ def run_wrk(
         p99=raw["p99"] / 1000,
         max=raw["max"] / 1000,
         requests=raw["requests"],
-        errors=socket_errors + raw["status"],
+        errors=socket_errors + raw["status"] + raw["late"],
         statuses=raw["statuses"],
         server_cpu=cpu_share,
         received=raw["received"],
