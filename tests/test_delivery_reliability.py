@@ -7,6 +7,7 @@ import errno
 import json
 import sqlite3
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,11 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_call(tmp_path: Path) -> No
         for payload, result in zip(deliveries, results, strict=True)
         if isinstance(result, httpx.Response) and result.status_code == 200
     }
-    assert 0 < len(acknowledged) < len(deliveries), "the kill must land mid-burst"
+    outcomes = Counter(
+        result.status_code if isinstance(result, httpx.Response) else type(result).__name__
+        for result in results
+    )
+    assert 0 < len(acknowledged) < len(deliveries), f"the kill must land mid-burst: {outcomes}"
 
     restarted = ServiceProcess(tmp_path).start()
     try:
