@@ -7,6 +7,7 @@ import asyncio
 import json
 import multiprocessing
 import sqlite3
+import zlib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -172,6 +173,31 @@ def test_an_index_older_than_a_deletion_is_not_used(tmp_path: Path) -> None:
     asyncio.run(reader.maintain())
     saved, stored = _saved(path)
     assert saved == stored
+
+
+def test_an_index_saved_in_an_earlier_format_is_rebuilt_then_saved_anew(tmp_path: Path) -> None:
+    """A store from an earlier release (format 5: zlib-compressed JSON) answers as it did,
+    and its upkeep saves the index in the current format."""
+    path = tmp_path / "memory.sqlite3"
+    _store_visits(SQLiteStore(path))
+    earlier = zlib.compress(json.dumps({"format": 5, "user_id": CALLER}).encode(), 1)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "UPDATE caller_indexes SET data = ? WHERE user_id = ?", (earlier, CALLER)
+        )
+
+    reader = SQLiteStore(path)
+    expected = CallerIndex(asyncio.run(reader.list_memories(CALLER)), vectors=None)
+    assert asyncio.run(reader.search(CALLER, "daughter tooth")) == expected.search(
+        "daughter tooth", limit=5
+    )
+    asyncio.run(reader.maintain())
+    with sqlite3.connect(path) as connection:
+        (data,) = connection.execute(
+            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
+        ).fetchone()
+    saved = CallerIndex.from_bytes(data, vectors=None)  # readable in this format
+    assert saved.search("insurance crown", limit=5) == expected.search("insurance crown", limit=5)
 
 
 def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Path) -> None:
