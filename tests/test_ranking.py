@@ -123,6 +123,17 @@ def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
     assert CallerIndex(memories).speaker_names == {}
 
 
+def test_a_name_is_a_whole_word_never_lower_cased_and_capitalised_after_a_word() -> None:
+    from elaoms.search.ranking import _capitalised_mid_sentence, _said_lower_cased
+
+    assert _said_lower_cased("maria", "so maria said") and _said_lower_cased("maria", "maria.")
+    assert not _said_lower_cased("maria", "Maria mariam amaria maria_x maria2 Mariana")
+    assert _capitalised_mid_sentence("maria", "Thanks, Maria!")
+    assert _capitalised_mid_sentence("maria", "Hi Maria")
+    assert not _capitalised_mid_sentence("maria", "Maria here. Hello. Maria, hi Mariana")
+    assert not _capitalised_mid_sentence("maria", "Hi  Maria")  # a word, then one space
+
+
 QUERIES = ("What will Maria buy?", "weather picnic", "busy Friday", "red bike in May 2023", "boat")
 
 

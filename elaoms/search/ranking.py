@@ -64,8 +64,6 @@ _CALENDAR_WORDS = frozenset(
     if name
 )
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
-_LOWER_WORD = re.compile(r"\b[a-z]+\b")
-_MID_SENTENCE_CAPITALISED = re.compile(r"(?<=[A-Za-z0-9,;:] )[A-Z][a-z]+\b")
 
 
 @lru_cache(maxsize=65536)
@@ -506,24 +504,24 @@ class CallerIndex:
 
         Learnt again from every turn when the index grows (in the background, after a
         call): keeping what it learns from would make every saved index several thousand
-        words larger, and every search loads one.
+        words larger, and every search loads one. Only the few words said often enough by
+        one role are looked for lower-cased and inside sentences, in all turns at once.
         """
         words_said: dict[str, dict[str, set[int]]] = {}  # role -> word -> calls
-        lower: set[str] = set()
-        mid_sentence: set[str] = set()  # "Hi Maria": a name; "Hello." opens a sentence
         texts = self.texts
+        turns: list[str] = []
         for unit, call in enumerate(self.unit_calls):
             if call < 0:
                 continue
             text = texts[unit]
+            turns.append(text)
             said = words_said.setdefault(self.roles[unit] or "", {})
             for word in set(_CAPITALISED.findall(text)):
                 said.setdefault(word.lower(), set()).add(call)
-            lower.update(_LOWER_WORD.findall(text))
-            mid_sentence.update(word.lower() for word in _MID_SENTENCE_CAPITALISED.findall(text))
         self.speaker_names = {}
         if len(words_said) != 2:
             return
+        everything = "\n".join(turns)  # on separate lines: no pattern below spans two turns
         needed = max(2, self.speaker_name_calls * len(self.call_keys))
         (role_a, said_a), (role_b, said_b) = words_said.items()
         for speaker, said_by_other, said_by_self in (
@@ -534,10 +532,10 @@ class CallerIndex:
                 if (
                     len(calls) >= needed
                     and len(said_by_self.get(word, ())) <= 0.1 * len(calls)
-                    and word not in lower
-                    and word in mid_sentence
                     and word not in STOP_WORDS
                     and word not in _CALENDAR_WORDS
+                    and not _said_lower_cased(word, everything)
+                    and _capitalised_mid_sentence(word, everything)
                 ):
                     self.speaker_names[word] = speaker
 
@@ -732,6 +730,30 @@ class CallerIndex:
             turn_indexes=[self.turn_numbers[unit] for unit in units],
             score=round(score, 4),
         )
+
+
+# The two searches below look for the word, then check what precedes it: a pattern that
+# opens with `\b` or a look-behind is not searched by its literal prefix, and was twenty
+# times slower on a long history.
+_WORD_CHARACTER = re.compile(r"\w")
+_WORD_AND_SPACE = re.compile(r"[A-Za-z0-9,;:] ")
+
+
+def _said_lower_cased(word: str, text: str) -> bool:
+    """Whether lower-cased `word` is a whole word of `text` (a common word, not a name)."""
+    return any(
+        match.start() == 0 or not _WORD_CHARACTER.match(text, match.start() - 1)
+        for match in re.finditer(rf"{re.escape(word)}\b", text)
+    )
+
+
+def _capitalised_mid_sentence(word: str, text: str) -> bool:
+    """Whether `text` capitalises `word` after a word and a space: "Hi Maria" names
+    someone, "Hello." only opens a sentence."""
+    return any(
+        match.start() >= 2 and _WORD_AND_SPACE.match(text, match.start() - 2)
+        for match in re.finditer(rf"{re.escape(word.capitalize())}\b", text)
+    )
 
 
 def _pairs(posting: str) -> list[tuple[int, int]]:
