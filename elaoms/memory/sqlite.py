@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
 from elaoms.memory.base import (
     CallDigest,
     CallHistory,
@@ -130,8 +132,25 @@ class SQLiteStore(MemoryStore):
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, self.file_mode)
             os.close(fd)
         os.chmod(self.path, self.file_mode)
-        # executescript manages its own transaction; concurrent workers run it harmlessly.
-        self._connection().executescript(SCHEMA)
+        connection = self._connection()
+
+        # WAL is a lasting property of the file, set once here. Workers starting together
+        # on a new file: switching it to WAL, or two of them creating the schema, can fail
+        # "database is locked" at once (SQLite answers at once rather than wait where
+        # waiting could deadlock); one in 12 such starts failed a worker, and gunicorn
+        # then stops every worker. So the setup is tried again until the lock is free.
+        @retry(
+            retry=retry_if_exception(_busy_error),
+            wait=wait_random_exponential(multiplier=0.01, max=0.5),
+            stop=stop_after_delay(30),
+            reraise=True,
+        )
+        def set_up() -> None:
+            connection.execute("PRAGMA journal_mode=WAL")
+            # executescript manages its own transaction: a schema made meanwhile is kept.
+            connection.executescript(SCHEMA)
+
+        set_up()
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -139,7 +158,6 @@ class SQLiteStore(MemoryStore):
             connection = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
-            connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA busy_timeout=30000")
             # Deleted rows are overwritten, so a forgotten caller is gone from the file too.
@@ -716,6 +734,10 @@ class SQLiteStore(MemoryStore):
 
 def _agent_memory_id(agent_id: str) -> str:
     return f"agent_profile:{agent_id}"
+
+
+def _busy_error(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.Error) and _busy(error)
 
 
 def _busy(error: sqlite3.Error) -> bool:

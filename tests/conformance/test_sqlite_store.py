@@ -82,6 +82,34 @@ def test_four_processes_writing_at_once_land_every_call_exactly_once(tmp_path: P
     assert turns == one_call * len(expected)
 
 
+def _open_new_stores(
+    folder: str, rounds: int, barrier: multiprocessing.synchronize.Barrier
+) -> None:
+    for number in range(rounds):
+        barrier.wait(30)
+        SQLiteStore(Path(folder) / f"round-{number}.sqlite3")  # raises if it cannot
+
+
+def test_workers_starting_together_on_a_new_file_all_start(tmp_path: Path) -> None:
+    """gunicorn -w 4 on a first deploy: every worker opens the new file at once. One that
+    fails to set it up stops them all (gunicorn halts when a worker cannot boot)."""
+    rounds = 25
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(WORKERS)
+    workers = [
+        context.Process(target=_open_new_stores, args=(str(tmp_path), rounds, barrier))
+        for _ in range(WORKERS)
+    ]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+    assert [process.exitcode for process in workers] == [0] * WORKERS
+    for number in range(rounds):
+        with sqlite3.connect(tmp_path / f"round-{number}.sqlite3") as connection:
+            assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 CALLER = "+14155550123"
 VISITS = (
     [("agent", "Hi Maria, how can I help?"), ("user", "My daughter chipped a tooth.")],
