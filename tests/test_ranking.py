@@ -11,7 +11,14 @@ import zstandard
 
 from elaoms.memory.base import Memory
 from elaoms.search import embeddings
-from elaoms.search.ranking import INDEX_FORMAT, SEPARATOR, CallerIndex, query_periods
+from elaoms.search.ranking import (
+    INDEX_FORMAT,
+    SEPARATOR,
+    CallerIndex,
+    _capitalised_mid_sentence,
+    _said_lower_cased,
+    query_periods,
+)
 
 from conftest import turn_memories
 
@@ -124,8 +131,6 @@ def test_no_speaker_name_from_too_few_calls_or_common_words() -> None:
 
 
 def test_a_name_is_a_whole_word_never_lower_cased_and_capitalised_after_a_word() -> None:
-    from elaoms.search.ranking import _capitalised_mid_sentence, _said_lower_cased
-
     assert _said_lower_cased("maria", "so maria said") and _said_lower_cased("maria", "maria.")
     assert not _said_lower_cased("maria", "Maria mariam amaria maria_x maria2 Mariana")
     assert _capitalised_mid_sentence("maria", "Thanks, Maria!")

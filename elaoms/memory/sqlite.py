@@ -140,7 +140,7 @@ class SQLiteStore(MemoryStore):
         # waiting could deadlock); one in 12 such starts failed a worker, and gunicorn
         # then stops every worker. So the setup is tried again until the lock is free.
         @retry(
-            retry=retry_if_exception(_busy_error),
+            retry=retry_if_exception(_busy),
             wait=wait_random_exponential(multiplier=0.01, max=0.5),
             stop=stop_after_delay(30),
             reraise=True,
@@ -736,13 +736,11 @@ def _agent_memory_id(agent_id: str) -> str:
     return f"agent_profile:{agent_id}"
 
 
-def _busy_error(error: BaseException) -> bool:
-    return isinstance(error, sqlite3.Error) and _busy(error)
-
-
-def _busy(error: sqlite3.Error) -> bool:
+def _busy(error: BaseException) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED, extended codes included: the lock, not the store, is
     what failed."""
+    if not isinstance(error, sqlite3.Error):
+        return False
     primary = getattr(error, "sqlite_errorcode", 0) & 0xFF
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 

@@ -143,6 +143,15 @@ def _saved(path: Path) -> tuple[int, int]:
     return (row[0] if row else 0), count
 
 
+def _saved_index_data(path: Path) -> bytes:
+    """The caller's saved index, as stored."""
+    with sqlite3.connect(path) as connection:
+        (data,) = connection.execute(
+            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
+        ).fetchone()
+    return bytes(data)
+
+
 def test_another_worker_searches_with_the_index_saved_by_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,11 +229,7 @@ def test_an_index_saved_in_an_earlier_format_is_rebuilt_then_saved_anew(tmp_path
         "daughter tooth", limit=5
     )
     asyncio.run(reader.maintain())
-    with sqlite3.connect(path) as connection:
-        (data,) = connection.execute(
-            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
-        ).fetchone()
-    saved = CallerIndex.from_bytes(data, vectors=None)  # readable in this format
+    saved = CallerIndex.from_bytes(_saved_index_data(path), vectors=None)  # this format
     assert saved.search("insurance crown", limit=5) == expected.search("insurance crown", limit=5)
 
 
@@ -232,10 +237,7 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path, cipher=PayloadCipher(Fernet.generate_key().decode(), enabled=True))
     _store_visits(store)
-    with sqlite3.connect(path) as connection:
-        (data,) = connection.execute(
-            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
-        ).fetchone()
+    data = _saved_index_data(path)
     assert b"daughter" not in data and b"chipped" not in data
     assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
 
