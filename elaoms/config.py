@@ -96,7 +96,14 @@ class Settings(BaseSettings):
     client_data_timeout_ms: int = 500
     user_context_max_chars: int = 1000
     greeting_data_collection_id: str = "next_call_greeting"
-    greeting_disclosure: GreetingDisclosure = GreetingDisclosure.NAME_AND_TOPIC
+    greeting_disclosure: GreetingDisclosure = Field(
+        default=GreetingDisclosure.NAME,
+        description=(
+            "What a first message may say to whoever presents a caller's number (caller ID "
+            "can be spoofed): none, name (default), or name_and_topic (the last call's "
+            "topic and follow-up, read aloud before anyone is verified)"
+        ),
+    )
     agent_profile_ttl: int = 3600
     elevenlabs_api_timeout_seconds: float = 2.0
     llm_base_url: str = ""

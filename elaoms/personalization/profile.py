@@ -15,34 +15,21 @@ from typing import Any
 
 from elaoms.memory.base import CallDigest, CallHistory, MemoryStore
 from elaoms.memory.digest import NAME_SOURCES, vocabulary
-from elaoms.phone import normalize_caller_id
+from elaoms.phone import phone_caller, stored_identity
 
 RECENT_CALLS = 5
 
-# What carriers put in the caller ID of a withheld number (Twilio's "+266696687" spells
-# ANONYMOUS on a keypad). All such callers would share one profile: they are strangers.
-WITHHELD_CALLER_IDS = frozenset(
-    {
-        "anonymous",
-        "restricted",
-        "private",
-        "unknown",
-        "unavailable",
-        "blocked",
-        "+266696687",
-        "+7378742833",
-        "+2562533",
-        "+8656696",
-    }
-)
-
 
 def caller_identity(raw: str | None) -> str | None:
-    """The caller's user id for personalization; None for a missing or withheld number."""
-    user_id = normalize_caller_id(raw)
-    if user_id is None or user_id.lower() in WITHHELD_CALLER_IDS:
-        return None
-    return user_id
+    """The store key of the phone caller a client-data `caller_id` names; None for a
+    missing or withheld number (withheld callers are strangers to each other)."""
+    return phone_caller(raw).key
+
+
+def profiled(user_id: str) -> bool:
+    """Whether the calls filed under store key `user_id` are one caller's (a phone caller
+    or an app user), not a call kept on its own or a pool of withheld callers."""
+    return stored_identity(user_id).is_caller
 
 
 async def caller_history(store: MemoryStore, user_id: str) -> CallHistory:
