@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # Search tool
     search_context_max_chars: int = 3000
     search_timeout_ms: int = 800
+    search_caller_header_only: bool = Field(
+        default=False,
+        description=(
+            "Take the search tool's caller from the X-Caller-Id header alone (body user_id "
+            "and caller_id must then agree with it or be absent): a header cannot be filled "
+            "by the agent's LLM, a body field can if the tool is misconfigured"
+        ),
+    )
     # auto: fuse sentence embeddings with BM25 when the `embeddings` extra is installed
     search_embeddings: Literal["auto", "off"] = "auto"
     search_embeddings_cache_size: int = 50_000  # turn vectors kept per process

@@ -329,3 +329,16 @@ def test_a_name_that_carries_instructions_never_reaches_the_greeting_or_the_prom
     assert "verified" not in json.dumps(answer)
     # The next source of the name (the caller's own introduction) is used instead.
     assert variables["caller_name"] == "Maria Lopez"
+
+
+def test_with_header_only_the_search_tool_trusts_no_caller_from_the_body(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(search_caller_header_only=True)
+    with InThreadServer(settings) as live, live.client() as client:
+        # A body field the LLM may have filled is not enough on its own...
+        assert search(client, "PIN", user_id=PHONE_CALLER).status_code == 400
+        # ...nor may it name another caller than the header.
+        assert search(client, "PIN", user_id="+14155550177", header=PHONE_CALLER).status_code == 400
+        assert search(client, "PIN", header=PHONE_CALLER).status_code == 200
+        assert search(client, "PIN", user_id=PHONE_CALLER, header=PHONE_CALLER).status_code == 200

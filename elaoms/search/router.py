@@ -68,12 +68,20 @@ async def search_data(request: Request) -> Response:
     query = (search.query or "").strip()
     if not query:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Missing query parameter")
+    services = get_services(request)
+    header = request.headers.get(CALLER_HEADER)
     try:
-        identity = resolve_caller(
-            search.user_id, search.caller_id, request.headers.get(CALLER_HEADER)
-        )
+        identity = resolve_caller(search.user_id, search.caller_id, header)
     except CallerConflictError as error:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
+    if services.settings.search_caller_header_only and resolve_caller(header) != identity:
+        # Body fields may be set to "LLM prompt" in the tool's configuration; a header can
+        # only be a constant, a secret or a dynamic variable. Trust the header alone.
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"Missing caller: SEARCH_CALLER_HEADER_ONLY needs the {CALLER_HEADER} "
+            "header (from {{system__caller_id}})",
+        )
     if identity.kind is CallerKind.NONE:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
@@ -84,7 +92,6 @@ async def search_data(request: Request) -> Response:
         # A withheld number is many strangers: nothing of anyone's is theirs to read. The
         # agent gets an ordinary empty answer and the call goes on.
         return Response(encode(search_answer(NOTHING)), media_type="application/json")
-    services = get_services(request)
     try:
         answer = search_answer(await services.search.search(caller, query, search.limit))
     except StoreUnavailableError as error:
