@@ -6,9 +6,11 @@ is the whole story (recognizing a withheld number).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,14 +19,17 @@ from typer.testing import CliRunner
 
 from elaoms.cli import app
 from elaoms.config import GreetingDisclosure, Settings
+from elaoms.memory.units import call_memories
 from elaoms.personalization.greeting import template_greeting
 from elaoms.phone import CallerKind, app_user, operator_caller, phone_caller
+from elaoms.services import Services
 from elaoms.webhooks.identity import call_identity
 
 from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
     ServiceProcess,
+    base_env,
     load_fixture,
     signed_headers,
     transcription,
@@ -342,3 +347,36 @@ def test_with_header_only_the_search_tool_trusts_no_caller_from_the_body(
         assert search(client, "PIN", user_id="+14155550177", header=PHONE_CALLER).status_code == 400
         assert search(client, "PIN", header=PHONE_CALLER).status_code == 200
         assert search(client, "PIN", user_id=PHONE_CALLER, header=PHONE_CALLER).status_code == 200
+
+
+def test_an_operator_can_still_erase_what_an_older_version_pooled_under_a_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    for name, value in base_env(data).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    payload = transcription("conv_pooled_long_ago", caller="+266696687")
+
+    async def store_pooled() -> None:
+        services = Services.build(Settings(_env_file=None))
+        try:  # as the old ingestion did: filed under the marker itself
+            await services.store.add_call(
+                "+266696687", payload, call_memories("+266696687", payload)
+            )
+        finally:
+            await services.close()
+
+    asyncio.run(store_pooled())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["calls", "--caller", "anonymous", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert runner.invoke(app, ["forget", "+266696687", "--yes"]).exit_code == 2
+    listed = runner.invoke(app, ["calls", "--caller", "+266696687", "--json"])
+    assert [call["conversation_id"] for call in json.loads(listed.stdout)] == [
+        "conv_pooled_long_ago"
+    ]
+    forgot = runner.invoke(app, ["forget", "+266696687", "--yes", "--withheld-pool", "--json"])
+    assert forgot.exit_code == 0, forgot.output
+    listed = runner.invoke(app, ["calls", "--caller", "+266696687", "--json"])
+    assert json.loads(listed.stdout) == []

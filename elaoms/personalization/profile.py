@@ -83,8 +83,9 @@ def build_facts(user_id: str, history: CallHistory) -> dict[str, Any]:
     last = history.recent[0] if history.recent else None
     topics: list[str] = []
     for entry in recent:
-        if entry["title"] and entry["title"] not in topics:
-            topics.append(entry["title"])
+        title = entry["title"]
+        if isinstance(title, str) and title and title not in topics:
+            topics.append(title)
     return {
         "user_id": user_id,
         "name": name,
