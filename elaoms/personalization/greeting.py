@@ -52,6 +52,12 @@ _FACT_WORDS = frozenset(
 )
 
 
+# "System:", "Agent:", "[Call on ...]", "{{...}}", "<tag>": nothing a greeting says.
+_STAGED = re.compile(
+    r"(?i)\b(?:system|assistant|agent|user|caller|developer|instructions?|note)\s*:|[\[\]{}<>]"
+)
+
+
 def unsupported_terms(greeting: str, facts: str | Set[str]) -> list[str]:
     """Names, numbers, days and other fact-bearing words of `greeting` absent from the facts.
 
@@ -120,6 +126,11 @@ def acceptable(greeting: str | None, facts: str | Set[str], origin: str) -> str 
         return None
     if len(text) > GREETING_MAX_CHARS:
         logger.info("%s greeting refused: %d characters", origin, len(text))
+        return None
+    if _STAGED.search(text):
+        # The first message becomes the agent's own first turn: a speaker label or a
+        # bracketed note in it is text from a call posing as instructions to the agent.
+        logger.warning("%s greeting refused: it carries a speaker label or markup", origin)
         return None
     if unsupported := unsupported_terms(text, facts):
         logger.warning(
