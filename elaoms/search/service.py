@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from elaoms.memory.base import Memory, MemoryStore
-from elaoms.phone import NO_CALLER, CallerIdentity, mask, phone_caller
+from elaoms.phone import NO_CALLER, CallerIdentity, CallerKind, mask, phone_caller
 from elaoms.search.ranking import SEPARATOR, one_line
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,19 @@ def resolve_caller(*candidates: str | None) -> CallerIdentity:
     conversation id is no caller here (`CallerKind.WITHHELD`), so a value the LLM made up
     cannot reach memories filed under another namespace.
     """
-    identities = {phone_caller(candidate) for candidate in candidates}
-    identities.discard(NO_CALLER)
-    if len(identities) > 1:
-        raise CallerConflictError("user_id, caller_id and X-Caller-Id name different callers")
-    return identities.pop() if identities else NO_CALLER
+    found = NO_CALLER
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        identity = phone_caller(candidate)  # cached: the same few values every call
+        if identity is found or identity.kind is CallerKind.NONE:
+            continue
+        if found.kind is not CallerKind.NONE and (
+            identity.kind is not found.kind or identity.key != found.key
+        ):
+            raise CallerConflictError("user_id, caller_id and X-Caller-Id name different callers")
+        found = identity
+    return found
 
 
 @dataclass(frozen=True, slots=True)
