@@ -100,9 +100,13 @@ def template_greeting(
     opening = f"Hi {name}, welcome back" if name else "Welcome back"
     parts = [f"{opening} to {business}." if business else f"{opening}."]
     if disclosure is GreetingDisclosure.NAME_AND_TOPIC:
-        if title := facts.get("last_call_title"):
+        # Both are the caller's words as the analysis took them down: one that stages a
+        # speaker or markup is left out rather than made the agent's first turn.
+        title = facts.get("last_call_title")
+        if title and not _STAGED.search(title):
             parts.append(f"Last time we talked about: {title.rstrip('.')}.")
-        if follow_up := (facts.get("open_follow_ups") or [None])[0]:
+        follow_up = (facts.get("open_follow_ups") or [None])[0]
+        if follow_up and not _STAGED.search(follow_up):
             text = truncate(follow_up, FOLLOW_UP_MAX_CHARS).rstrip(".")
             parts.append(f"We noted a follow-up: {text}.")
     parts.append(CLOSING)
