@@ -145,18 +145,9 @@ class CallerIdentity:
         """Whether calls of this identity may be merged into one memory, profile, greeting."""
         return self.key is not None
 
-    def store_key(self, conversation_id: str) -> str:
-        """Where a call of this identity is stored: its caller, else its conversation."""
-        return self.key or conversation_id
-
 
 NO_CALLER = CallerIdentity(CallerKind.NONE)
 WITHHELD = CallerIdentity(CallerKind.WITHHELD)
-
-
-def is_withheld(raw: str | None) -> bool:
-    """Whether `raw` is one of the documented stand-ins for a hidden number."""
-    return phone_caller(raw).kind is CallerKind.WITHHELD
 
 
 @lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
