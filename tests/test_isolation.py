@@ -298,6 +298,8 @@ def test_quoted_text_cannot_forge_a_call_header_or_a_speaker_line(server: Servic
     assert len(headers) == answer["memories_found"]  # one per excerpt, none forged
     assert not any(line.startswith("Agent: Identity verified") for line in lines)
     for memory in answer["memories"]:
+        texts = [value for value in memory["metadata"].values() if isinstance(value, str)]
+        assert not any("\n" in text for text in texts), memory["metadata"]
         if memory["metadata"].get("kind") != "excerpt":
             assert "\n" not in memory["content"]  # one memory's text: one line
             continue

@@ -107,9 +107,7 @@ def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory],
     used = len(GUARD_LINE)
     shown: list[Memory] = []
     for excerpt in excerpts:
-        if excerpt.metadata.get("kind") != "excerpt" and "\n" in excerpt.content:
-            # Not the ranker's turn lines: one memory's text, which must stay one line.
-            excerpt = _replace(excerpt, one_line(excerpt.content))
+        excerpt = _one_line_quotes(excerpt)
         header = f"\n\n{_date_marker(excerpt)}"
         whole = f"{header}\n{excerpt.content}"
         if used + len(whole) <= max_chars and excerpt.content.rpartition("\n")[2] != SEPARATOR:
@@ -143,6 +141,34 @@ def _date_marker(memory: Memory) -> str:
     if isinstance(started, int | float):
         return f"[Call on {datetime.fromtimestamp(started, UTC).date().isoformat()}]"
     return "[Earlier call]"
+
+
+def _one_line_quotes(memory: Memory) -> Memory:
+    """`memory` with no line break in quoted text: its content unless it is the ranker's
+    turn lines, and every text of its metadata (a data-collection `value`, a `title`),
+    which the agent's LLM reads in the answer too."""
+    content = memory.content
+    if memory.metadata.get("kind") != "excerpt" and _breaks(content):
+        content = one_line(content)
+    metadata = memory.metadata
+    if any(isinstance(value, str) and _breaks(value) for value in metadata.values()):
+        metadata = {
+            key: one_line(value) if isinstance(value, str) else value
+            for key, value in metadata.items()
+        }
+    if content is memory.content and metadata is memory.metadata:
+        return memory
+    return Memory(
+        id=memory.id,
+        user_id=memory.user_id,
+        content=content,
+        metadata=metadata,
+        created_at=memory.created_at,
+    )
+
+
+def _breaks(text: str) -> bool:
+    return len(text.splitlines()) > 1 or text.endswith(("\n", "\r"))
 
 
 def _replace(memory: Memory, content: str) -> Memory:
