@@ -176,7 +176,16 @@ def phone_caller(raw: str | None) -> CallerIdentity:
         return WITHHELD
     if "+" + re.sub(r"\D", "", text) in WITHHELD_NUMBERS:
         return WITHHELD  # "266696687" without its "+" reads as another number
+    if _all_zeros(number):
+        return WITHHELD  # "0000000000", "+1 000-000-0000": what some trunks send for none
     return CallerIdentity(CallerKind.PHONE, number)
+
+
+def _all_zeros(number: str) -> bool:
+    try:
+        return phonenumbers.parse(number).national_number == 0
+    except phonenumbers.NumberParseException:
+        return False
 
 
 def _sip_caller(scheme: str, user: str, host: str | None) -> CallerIdentity:

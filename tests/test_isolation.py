@@ -56,6 +56,8 @@ WITHHELD_FORMS = [
     '"Anonymous" <sip:anonymous@anonymous.invalid>;tag=1928301774',
     "sip:anonymous@203.0.113.7",
     "client:Anonymous",
+    "0000000000",
+    "+1 000-000-0000",
 ]
 
 
