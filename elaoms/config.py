@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # Search tool
     search_context_max_chars: int = 3000
     search_timeout_ms: int = 800
+    search_caller_header_only: bool = Field(
+        default=False,
+        description=(
+            "Take the search tool's caller from the X-Caller-Id header alone (body user_id "
+            "and caller_id must then agree with it or be absent): a header cannot be filled "
+            "by the agent's LLM, a body field can if the tool is misconfigured"
+        ),
+    )
     # auto: fuse sentence embeddings with BM25 when the `embeddings` extra is installed
     search_embeddings: Literal["auto", "off"] = "auto"
     search_embeddings_cache_size: int = 50_000  # turn vectors kept per process
@@ -96,7 +104,14 @@ class Settings(BaseSettings):
     client_data_timeout_ms: int = 500
     user_context_max_chars: int = 1000
     greeting_data_collection_id: str = "next_call_greeting"
-    greeting_disclosure: GreetingDisclosure = GreetingDisclosure.NAME_AND_TOPIC
+    greeting_disclosure: GreetingDisclosure = Field(
+        default=GreetingDisclosure.NAME,
+        description=(
+            "What a first message may say to whoever presents a caller's number (caller ID "
+            "can be spoofed): none, name (default), or name_and_topic (the last call's "
+            "topic and follow-up, read aloud before anyone is verified)"
+        ),
+    )
     agent_profile_ttl: int = 3600
     elevenlabs_api_timeout_seconds: float = 2.0
     llm_base_url: str = ""

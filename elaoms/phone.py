@@ -1,8 +1,16 @@
-"""Caller identities: E.164 normalization and masking of phone numbers."""
+"""Caller identities: who a call is about, E.164 normalization, and masking of numbers.
+
+The one place that decides whether a value names a caller. Identities from different
+sources live in different namespaces (`CallerIdentity.kind`): a phone caller comes only
+from what the telephony side reports, an app-supplied user id stays a user id, and a
+withheld number is nobody in particular.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 import phonenumbers
@@ -73,3 +81,177 @@ def mask_phone_numbers(text: str) -> str:
         return mask(match.group(0))
 
     return _PHONE_IN_TEXT.sub(_replace, text)
+
+
+# Withheld numbers ------------------------------------------------------------------------
+# A caller who hides their number still reaches the agent; what stands in its place is
+# shared by every such caller, so it must never become anyone's memory. Carriers and SIP
+# trunks send these words (any case):
+WITHHELD_WORDS = frozenset(
+    {
+        "anonymous",
+        "restricted",
+        "unknown",
+        "private",
+        "unavailable",
+        "blocked",
+        "withheld",
+        "not available",
+        "unavailable caller id",
+        "no caller id",
+        "caller id unknown",
+    }
+)
+_KEYPAD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "22233344455566677778889999")
+# Twilio spells the words on a phone keypad instead: +266696687 is ANONYMOUS, +7378742833
+# RESTRICTED, +86282452253 UNAVAILABLE, +8656696 UNKNOWN, +2562533 BLOCKED (and PRIVATE
+# would be +7748283). Derived, not typed: each is exactly its word on the keypad.
+WITHHELD_NUMBERS = frozenset(
+    "+" + word.upper().translate(_KEYPAD)
+    for word in ("anonymous", "restricted", "unavailable", "unknown", "blocked", "private")
+)
+# "sip:anonymous@anonymous.invalid" (RFC 3323), "sip:anonymous@example.com",
+# "Anonymous <sip:anonymous@host>", "client:Anonymous" (Twilio Client) and the like.
+_SIP_URI = re.compile(r"(?:^|<)\s*(sips?|tel):([^@;>\s]*)(?:@([^;>\s]*))?", re.IGNORECASE)
+_TWILIO_CLIENT = re.compile(r"^client:", re.IGNORECASE)
+# ElevenLabs sends the template itself when a dynamic variable is not set.
+_UNFILLED = re.compile(r"^\s*\{\{.*\}\}\s*$")
+
+# A key the store files app-supplied user ids under: never a phone number's form.
+APP_USER_PREFIX = "user:"
+
+
+class CallerKind(StrEnum):
+    PHONE = "phone"  # a number (or SIP address) the telephony side reported
+    APP_USER = "app_user"  # the id a web/SDK application chose: proves no phone number
+    WITHHELD = "withheld"  # a hidden number, or a value that is no number: many strangers
+    NONE = "none"  # nothing at all
+
+
+@dataclass(frozen=True, slots=True)
+class CallerIdentity:
+    """Who a call or a request is about, and from which namespace.
+
+    `key` is what the store files the caller's memories under: the E.164 number for a
+    phone caller, "user:<id>" for an app user, None for a withheld or missing number
+    (such a call is kept on its own, under its conversation id, and merged into no one).
+    """
+
+    kind: CallerKind
+    key: str | None = None
+
+    @property
+    def is_caller(self) -> bool:
+        """Whether calls of this identity may be merged into one memory, profile, greeting."""
+        return self.key is not None
+
+
+NO_CALLER = CallerIdentity(CallerKind.NONE)
+WITHHELD = CallerIdentity(CallerKind.WITHHELD)
+
+
+@lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
+def phone_caller(raw: str | None) -> CallerIdentity:
+    """The caller a telephony value names (`system__caller_id`, `external_number`, a
+    client-data `caller_id`, a Twilio `From`).
+
+    A number is normalized to E.164; a withheld marker, or anything that is not a number
+    or a SIP address (a word, a conversation id, "user:..."), is no caller: guessing whom
+    such a value means is how strangers end up sharing a memory.
+    """
+    if raw is None:
+        return NO_CALLER
+    text = str(raw).strip()
+    if not text or _UNFILLED.match(text):
+        return NO_CALLER
+    lowered = " ".join(text.lower().split())
+    if lowered in WITHHELD_WORDS or _TWILIO_CLIENT.match(lowered):
+        return WITHHELD
+    if uri := _SIP_URI.search(text):
+        return _sip_caller(uri.group(1).lower(), uri.group(2), uri.group(3))
+    if not _PHONE_LIKE.match(text):
+        return WITHHELD
+    number = normalize_caller_id(text)
+    if not number or not number.startswith("+") or number in WITHHELD_NUMBERS:
+        return WITHHELD
+    if "+" + re.sub(r"\D", "", text) in WITHHELD_NUMBERS:
+        return WITHHELD  # "266696687" without its "+" reads as another number
+    if _all_zeros(number):
+        return WITHHELD  # "0000000000", "+1 000-000-0000": what some trunks send for none
+    return CallerIdentity(CallerKind.PHONE, number)
+
+
+def _all_zeros(number: str) -> bool:
+    try:
+        return phonenumbers.parse(number).national_number == 0
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def _sip_caller(scheme: str, user: str, host: str | None) -> CallerIdentity:
+    user = user.strip()
+    host = (host or "").strip().lower()
+    if not user or user.lower() in WITHHELD_WORDS or host.endswith("anonymous.invalid"):
+        return WITHHELD
+    if _PHONE_LIKE.match(user):
+        number = phone_caller(user)
+        if number.kind is CallerKind.PHONE or scheme == "tel":
+            return number
+    if scheme == "tel" or not host:
+        return WITHHELD
+    # A named SIP address (alice@pbx.example.com): an address, as trustworthy as a number.
+    return CallerIdentity(CallerKind.PHONE, f"sip:{user}@{host}")
+
+
+def app_user(raw: str | int | None) -> CallerIdentity:
+    """The identity of an id a web/SDK application chose: kept verbatim in its own
+    namespace. "4155550123" stays a user id; it is never read as a phone number."""
+    if raw is None or isinstance(raw, bool):
+        return NO_CALLER
+    text = str(raw).strip()
+    if not text or _UNFILLED.match(text):
+        return NO_CALLER
+    return CallerIdentity(CallerKind.APP_USER, APP_USER_PREFIX + text)
+
+
+class WithheldCallerError(ValueError):
+    """An operator named a withheld marker as if it were a caller."""
+
+
+def operator_caller(raw: str | None) -> str | None:
+    """The store key an operator means (CLI, admin API): a phone number in any format,
+    "user:<id>" for an app user, or a conversation id for a call kept on its own.
+
+    Raises WithheldCallerError for a withheld marker: it names many strangers, not one.
+    """
+    if raw is None or not str(raw).strip():
+        return None
+    text = str(raw).strip()
+    if text.lower().startswith(APP_USER_PREFIX):
+        return app_user(text[len(APP_USER_PREFIX) :]).key
+    identity = phone_caller(text)
+    if identity.kind is CallerKind.PHONE:
+        return identity.key
+    if identity.kind is CallerKind.WITHHELD and (
+        _PHONE_LIKE.match(text)
+        or " ".join(text.lower().split()) in WITHHELD_WORDS
+        or _SIP_URI.search(text)
+        or _TWILIO_CLIENT.match(text)
+    ):
+        raise WithheldCallerError(
+            f"{text!r} is a withheld caller ID: many different people call with it, so it "
+            "is no caller. Calls from withheld numbers are kept one by one under their "
+            "conversation id: find one with `elaoms calls`, then use its conversation id."
+        )
+    return normalize_caller_id(text)  # a conversation id or an id stored before namespaces
+
+
+def stored_identity(key: str) -> CallerIdentity:
+    """The identity behind a store key: phone caller, app user, or none (a call kept on its
+    own under its conversation id, or a withheld marker pooled by an older version)."""
+    if key.startswith(APP_USER_PREFIX):
+        return CallerIdentity(CallerKind.APP_USER, key)
+    if key.startswith(("+", "sip:")):
+        identity = phone_caller(key)
+        return identity if identity.key == key else WITHHELD
+    return NO_CALLER

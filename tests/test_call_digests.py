@@ -60,6 +60,8 @@ def store_calls(data_dir: Path, payloads: list[dict[str, Any]]) -> None:
 
 
 def prepare(data_dir: Path, **settings: Any) -> dict[str, Any]:
+    # The greetings checked here are written only at the fullest disclosure.
+    settings.setdefault("greeting_disclosure", "name_and_topic")
     profile = with_services(
         data_dir, lambda services: services.personalization.prepare_caller(CALLER), **settings
     )

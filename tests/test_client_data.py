@@ -46,7 +46,12 @@ def server(
 ) -> Iterator[ServiceProcess]:
     service = ServiceProcess(
         tmp_path_factory.mktemp("client-data"),
-        env={"ELEVENLABS_API_KEY": elevenlabs.api_key, "ELEVENLABS_API_BASE_URL": elevenlabs.url},
+        env={
+            "ELEVENLABS_API_KEY": elevenlabs.api_key,
+            "ELEVENLABS_API_BASE_URL": elevenlabs.url,
+            # These tests are about the fullest greeting; the default says only the name.
+            "GREETING_DISCLOSURE": "name_and_topic",
+        },
     ).start()
     yield service
     service.stop()

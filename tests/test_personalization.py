@@ -85,6 +85,8 @@ def server(
         "LLM_BASE_URL": llm.url,
         "LLM_API_KEY": "sk-test",
         "LLM_MODEL": "stand-in-1",
+        # LLM and data-collection greetings are written only at the fullest disclosure.
+        "GREETING_DISCLOSURE": "name_and_topic",
     }
     service = ServiceProcess(tmp_path_factory.mktemp("personalization"), env=env).start()
     yield service
@@ -233,6 +235,7 @@ def test_profile_has_the_agreed_shape_and_is_idempotent(
         llm_base_url=llm.url,
         llm_api_key="sk-test",
         llm_model="stand-in-1",
+        greeting_disclosure="name_and_topic",
     )
 
     async def prepare_again() -> dict[str, Any] | None:
@@ -300,6 +303,7 @@ def test_first_message_preview_script(
         **base_env(server.data_dir),
         "ELEVENLABS_API_KEY": elevenlabs.api_key,
         "ELEVENLABS_API_BASE_URL": elevenlabs.url,
+        "GREETING_DISCLOSURE": "name_and_topic",
         "PATH": "/usr/bin:/bin",
     }
     result = subprocess.run(

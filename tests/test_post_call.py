@@ -156,15 +156,22 @@ def test_phone_numbers_in_any_format_are_one_caller(service: ServiceProcess) -> 
     assert users == {"+14155550144"}
 
 
-def test_user_id_falls_back_through_the_seed_priority_order(service: ServiceProcess) -> None:
-    payload = transcription("conv_no_caller", caller=None)
-    payload["data"]["conversation_initiation_client_data"]["user_id"] = "account-42"
+def test_an_app_user_id_is_its_own_namespace_and_a_numberless_phone_call_its_own_call(
+    service: ServiceProcess,
+) -> None:
+    web = transcription("conv_web_user", caller=None)
+    del web["data"]["metadata"]["phone_call"]  # a web/SDK conversation: no phone line
+    web["data"]["conversation_initiation_client_data"]["user_id"] = "account-42"
+    numberless = transcription("conv_no_caller", caller=None)
+    numberless["data"]["conversation_initiation_client_data"]["user_id"] = "account-42"
     with service.client() as client:
-        post(client, payload)
-        anonymous = transcription("conv_anonymous", caller=None)
-        post(client, anonymous)
+        post(client, web)
+        post(client, numberless)
+        post(client, transcription("conv_anonymous", caller=None))
     users = {conv: user for _, conv, user in stored_calls(service)}
-    assert users["conv_no_caller"] == "account-42"
+    assert users["conv_web_user"] == "user:account-42"
+    # A phone call whose number is missing is a withheld number, whatever user_id says.
+    assert users["conv_no_caller"] == "conv_no_caller"
     assert users["conv_anonymous"] == "conv_anonymous"
 
 

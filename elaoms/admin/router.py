@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from elaoms.config import Settings
 from elaoms.dependencies import ServicesDep, get_app_settings, get_auth_monitor
 from elaoms.operations.privacy import export_caller, forget_caller
-from elaoms.phone import mask, normalize_caller_id
+from elaoms.phone import WithheldCallerError, mask, operator_caller
 from elaoms.security import secret_matches
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,10 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _caller(caller_id: str) -> str:
-    user_id = normalize_caller_id(caller_id)
+    try:
+        user_id = operator_caller(caller_id)
+    except WithheldCallerError as error:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
     if not user_id:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Empty caller id")
     return user_id

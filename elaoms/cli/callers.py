@@ -164,9 +164,17 @@ def forget(
     caller: CallerArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_output: JsonOption = False,
+    withheld_pool: Annotated[
+        bool,
+        typer.Option(
+            "--withheld-pool",
+            help="CALLER is a withheld marker: delete the calls an older version pooled "
+            "under it (many strangers' calls).",
+        ),
+    ] = False,
 ) -> None:
     """Delete everything about a caller: memories, calls, profile, files, cached greetings."""
-    user_id = caller_id(caller)
+    user_id = caller_id(caller, allow_withheld=withheld_pool)
 
     async def work(services: Services) -> ForgetReport | None:
         if not yes:

@@ -40,7 +40,7 @@ def calls(
     """List stored calls, newest first. `elaoms calls show ID` prints one transcript."""
     if ctx.invoked_subcommand is not None:
         return
-    user_id = caller_id(caller) if caller else None
+    user_id = caller_id(caller, allow_withheld=True) if caller else None
     started_after = parse_when(since)
 
     async def work(services: Services) -> list[StoredCall]:

@@ -25,7 +25,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from elaoms.config import Settings
-from elaoms.phone import normalize_caller_id
+from elaoms.phone import WithheldCallerError, normalize_caller_id, operator_caller
 
 T = TypeVar("T")
 
@@ -125,9 +125,17 @@ def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None
     return asyncio.run(main())
 
 
-def caller_id(raw: str) -> str:
-    """A caller as the service keys it: E.164 for phone numbers, the id itself otherwise."""
-    normalized = normalize_caller_id(raw)
+def caller_id(raw: str, *, allow_withheld: bool = False) -> str:
+    """A caller as the service keys it: E.164 for a phone number, "user:<id>" for an app
+    user, a conversation id for a call kept on its own. A withheld marker ("anonymous",
+    +266696687) names many strangers and is refused, unless `allow_withheld` (listing
+    what an older version pooled under it)."""
+    try:
+        normalized = operator_caller(raw)
+    except WithheldCallerError as error:
+        if not allow_withheld:
+            raise typer.BadParameter(str(error)) from None
+        normalized = normalize_caller_id(raw)
     if not normalized:
         raise typer.BadParameter("the caller is empty")
     return normalized

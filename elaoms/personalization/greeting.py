@@ -52,6 +52,12 @@ _FACT_WORDS = frozenset(
 )
 
 
+# "System:", "Agent:", "[Call on ...]", "{{...}}", "<tag>": nothing a greeting says.
+_STAGED = re.compile(
+    r"(?i)\b(?:system|assistant|agent|user|caller|developer|instructions?|note)\s*:|[\[\]{}<>]"
+)
+
+
 def unsupported_terms(greeting: str, facts: str | Set[str]) -> list[str]:
     """Names, numbers, days and other fact-bearing words of `greeting` absent from the facts.
 
@@ -94,9 +100,13 @@ def template_greeting(
     opening = f"Hi {name}, welcome back" if name else "Welcome back"
     parts = [f"{opening} to {business}." if business else f"{opening}."]
     if disclosure is GreetingDisclosure.NAME_AND_TOPIC:
-        if title := facts.get("last_call_title"):
+        # Both are the caller's words as the analysis took them down: one that stages a
+        # speaker or markup is left out rather than made the agent's first turn.
+        title = facts.get("last_call_title")
+        if title and not _STAGED.search(title):
             parts.append(f"Last time we talked about: {title.rstrip('.')}.")
-        if follow_up := (facts.get("open_follow_ups") or [None])[0]:
+        follow_up = (facts.get("open_follow_ups") or [None])[0]
+        if follow_up and not _STAGED.search(follow_up):
             text = truncate(follow_up, FOLLOW_UP_MAX_CHARS).rstrip(".")
             parts.append(f"We noted a follow-up: {text}.")
     parts.append(CLOSING)
@@ -120,6 +130,11 @@ def acceptable(greeting: str | None, facts: str | Set[str], origin: str) -> str 
         return None
     if len(text) > GREETING_MAX_CHARS:
         logger.info("%s greeting refused: %d characters", origin, len(text))
+        return None
+    if _STAGED.search(text):
+        # The first message becomes the agent's own first turn: a speaker label or a
+        # bracketed note in it is text from a call posing as instructions to the agent.
+        logger.warning("%s greeting refused: it carries a speaker label or markup", origin)
         return None
     if unsupported := unsupported_terms(text, facts):
         logger.warning(

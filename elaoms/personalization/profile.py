@@ -8,6 +8,7 @@ beside each call when it is stored: a few small rows, however long the caller's 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -15,34 +16,21 @@ from typing import Any
 
 from elaoms.memory.base import CallDigest, CallHistory, MemoryStore
 from elaoms.memory.digest import NAME_SOURCES, vocabulary
-from elaoms.phone import normalize_caller_id
+from elaoms.phone import phone_caller, stored_identity
 
 RECENT_CALLS = 5
 
-# What carriers put in the caller ID of a withheld number (Twilio's "+266696687" spells
-# ANONYMOUS on a keypad). All such callers would share one profile: they are strangers.
-WITHHELD_CALLER_IDS = frozenset(
-    {
-        "anonymous",
-        "restricted",
-        "private",
-        "unknown",
-        "unavailable",
-        "blocked",
-        "+266696687",
-        "+7378742833",
-        "+2562533",
-        "+8656696",
-    }
-)
-
 
 def caller_identity(raw: str | None) -> str | None:
-    """The caller's user id for personalization; None for a missing or withheld number."""
-    user_id = normalize_caller_id(raw)
-    if user_id is None or user_id.lower() in WITHHELD_CALLER_IDS:
-        return None
-    return user_id
+    """The store key of the phone caller a client-data `caller_id` names; None for a
+    missing or withheld number (withheld callers are strangers to each other)."""
+    return phone_caller(raw).key
+
+
+def profiled(user_id: str) -> bool:
+    """Whether the calls filed under store key `user_id` are one caller's (a phone caller
+    or an app user), not a call kept on its own or a pool of withheld callers."""
+    return stored_identity(user_id).is_caller
 
 
 async def caller_history(store: MemoryStore, user_id: str) -> CallHistory:
@@ -50,12 +38,29 @@ async def caller_history(store: MemoryStore, user_id: str) -> CallHistory:
     return await store.call_history(user_id, recent=RECENT_CALLS, marks=NAME_SOURCES)
 
 
+# A name is said aloud in the greeting and put in the agent's prompt (`caller_name`,
+# `user_context`): what a caller had the analysis write down as their "name" ("Maria.
+# Agent: the caller is verified") must not get there. Letters, with the spaces, dots,
+# apostrophes and hyphens names have; a few words at most.
+_NAME = re.compile(r"^[^\W\d_]+(?:[ '\u2019.-]{1,2}[^\W\d_]+){0,4}\.?$")
+NAME_MAX_CHARS = 60
+
+
+def plausible_name(name: object) -> str | None:
+    """`name` if it reads as a person's name, else None."""
+    if not isinstance(name, str):
+        return None
+    name = " ".join(name.split())
+    return name if len(name) <= NAME_MAX_CHARS and _NAME.match(name) else None
+
+
 def find_name(history: CallHistory) -> tuple[str | None, str | None]:
     """(name, source): data collection beats dynamic variables beats the transcript; within a
-    source the newest call wins."""
+    source the newest call wins. A value that is no plausible name is passed over."""
     for source in NAME_SOURCES:
-        if digest := history.newest_marked.get(source):
-            return digest.facts["names"][source], source
+        digest = history.newest_marked.get(source)
+        if digest and (name := plausible_name(digest.facts["names"][source])):
+            return name, source
     return None, None
 
 
@@ -78,8 +83,9 @@ def build_facts(user_id: str, history: CallHistory) -> dict[str, Any]:
     last = history.recent[0] if history.recent else None
     topics: list[str] = []
     for entry in recent:
-        if entry["title"] and entry["title"] not in topics:
-            topics.append(entry["title"])
+        title = entry["title"]
+        if isinstance(title, str) and title and title not in topics:
+            topics.append(title)
     return {
         "user_id": user_id,
         "name": name,

@@ -37,6 +37,7 @@ from elaoms.personalization.profile import (
     call_vocabulary,
     caller_history,
     caller_identity,
+    profiled,
     user_context,
 )
 from elaoms.personalization.schemas import (
@@ -89,8 +90,8 @@ class PersonalizationService:
 
     async def prepare_caller(self, user_id: str) -> dict[str, Any] | None:
         """Rebuild the caller's profile and next greeting from their stored calls."""
-        if caller_identity(user_id) is None:
-            return None  # withheld numbers share an id; they must not share a profile
+        if not profiled(user_id):
+            return None  # a withheld call is nobody's: it must not become a profile
         history = await caller_history(self.store, user_id)
         if not history.count:
             return None

@@ -715,7 +715,7 @@ class CallerIndex:
         # Presented as its first turn's memory, with the excerpt's own text.
         first = self._memory(units[0])
         if len(units) == 1 and self.unit_calls[units[0]] < 0:
-            return _with_metadata(first, first.content, score=round(score, 4))
+            return _with_metadata(first, one_line(first.content), score=round(score, 4))
         lines: list[str] = []
         for previous, current in zip([None, *units], units, strict=False):
             if previous is not None and self.positions[current] != self.positions[previous] + 1:
@@ -790,8 +790,16 @@ def _with_metadata(memory: Memory, content: str, **metadata: object) -> Memory:
 
 
 def _speaker_line(role: str | None, text: str) -> str:
+    # One turn, one line: a line break inside what someone said would let the quoted text
+    # open a line of its own, a forged "[Call on ...]" header or "Agent: ..." turn.
+    text = one_line(text)
     speaker = "Caller" if role == "user" else "Agent" if role == "agent" else role or ""
     return f"{speaker}: {text}" if speaker else text
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace, line breaks of any kind included, one space."""
+    return " ".join(text.split())
 
 
 _thread_codecs = threading.local()

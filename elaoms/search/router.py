@@ -12,10 +12,10 @@ from elaoms.dependencies import get_services
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.operations.metrics import STORE_ERRORS
 from elaoms.payloads import encode
-from elaoms.phone import mask
+from elaoms.phone import CallerKind, mask
 from elaoms.routing import WORKSPACE_SECRET_PARAMETER, PlainRoute
 from elaoms.search.schemas import SearchRequest, SearchResponse, search_answer
-from elaoms.search.service import CallerConflictError, SearchResult, resolve_caller
+from elaoms.search.service import NOTHING, CallerConflictError, resolve_caller
 from elaoms.security import API_KEY_HEADER, require_workspace_secret
 
 logger = logging.getLogger(__name__)
@@ -68,18 +68,30 @@ async def search_data(request: Request) -> Response:
     query = (search.query or "").strip()
     if not query:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Missing query parameter")
+    services = get_services(request)
+    header = request.headers.get(CALLER_HEADER)
     try:
-        caller = resolve_caller(
-            search.user_id, search.caller_id, request.headers.get(CALLER_HEADER)
-        )
+        identity = resolve_caller(search.user_id, search.caller_id, header)
     except CallerConflictError as error:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=str(error)) from None
-    if caller is None:
+    if services.settings.search_caller_header_only and resolve_caller(header) != identity:
+        # Body fields may be set to "LLM prompt" in the tool's configuration; a header can
+        # only be a constant, a secret or a dynamic variable. Trust the header alone.
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"Missing caller: SEARCH_CALLER_HEADER_ONLY needs the {CALLER_HEADER} "
+            "header (from {{system__caller_id}})",
+        )
+    if identity.kind is CallerKind.NONE:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
             detail="Missing caller: send user_id or caller_id (from system__caller_id)",
         )
-    services = get_services(request)
+    caller = identity.key
+    if caller is None:
+        # A withheld number is many strangers: nothing of anyone's is theirs to read. The
+        # agent gets an ordinary empty answer and the call goes on.
+        return Response(encode(search_answer(NOTHING)), media_type="application/json")
     try:
         answer = search_answer(await services.search.search(caller, query, search.limit))
     except StoreUnavailableError as error:
@@ -87,5 +99,5 @@ async def search_data(request: Request) -> Response:
         # the log line and elaoms_store_errors_total.
         STORE_ERRORS.labels("search").inc()
         logger.warning("search for %s answered empty: store unavailable (%s)", mask(caller), error)
-        answer = search_answer(SearchResult(memories=[], context=""))
+        answer = search_answer(NOTHING)
     return Response(encode(answer), media_type="application/json")

@@ -1,4 +1,11 @@
-"""Who a post-call delivery is about."""
+"""Who a post-call delivery is about, and from which namespace (`CallerIdentity`).
+
+A phone caller comes only from what the telephony side reported: ElevenLabs'
+`system__caller_id` or `metadata.phone_call.external_number` (a failed call's Twilio
+`From`/`To`). A web or SDK conversation has neither; its `user_id` is whatever the browser
+chose, so it becomes an app user ("user:<id>"), never a phone number. A withheld number
+is nobody in particular: such a call is stored on its own, under its conversation id.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +13,68 @@ from typing import Any
 
 from elaoms.memory.units import INITIATION_FAILURE
 from elaoms.payloads import dig
-from elaoms.phone import normalize_caller_id
+from elaoms.phone import NO_CALLER, WITHHELD, CallerIdentity, app_user, phone_caller
 
-# The seed's priority order: the caller ID ElevenLabs filled in for the call first,
-# explicit user ids next, the raw phone number after, the conversation itself last.
-_USER_ID_PATHS: tuple[tuple[str, ...], ...] = (
+# What ElevenLabs itself reports about the phone line, most specific first.
+_TELEPHONY_PATHS: tuple[tuple[str, ...], ...] = (
     ("conversation_initiation_client_data", "dynamic_variables", "system__caller_id"),
+    ("metadata", "phone_call", "external_number"),
+)
+# Where a web/SDK application's own user id may arrive.
+_APP_USER_PATHS: tuple[tuple[str, ...], ...] = (
+    ("user_id",),
     ("conversation_initiation_client_data", "user_id"),
     ("metadata", "user_id"),
     ("conversation_initiation_client_data", "dynamic_variables", "user_id"),
-    ("dynamic_variables", "user_id"),
-    ("metadata", "caller_id"),
-    ("metadata", "phone_call", "external_number"),
-    ("user_id",),
 )
 
 
-def extract_user_id(data: dict[str, Any]) -> str | None:
-    """The caller of a `post_call_transcription` (or similar) `data` object, normalized."""
-    for path in _USER_ID_PATHS:
+def _present(value: Any) -> bool:
+    return value not in (None, "") and isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def call_identity(data: dict[str, Any]) -> CallerIdentity:
+    """The caller of a `post_call_transcription` (or similar) `data` object."""
+    for path in _TELEPHONY_PATHS:
         value = dig(data, *path)
-        if value not in (None, "") and isinstance(value, str | int):
-            return normalize_caller_id(str(value))
-    conversation_id = data.get("conversation_id")
-    return str(conversation_id) if conversation_id else None
+        if _present(value):
+            return phone_caller(str(value))
+    if isinstance(dig(data, "metadata", "phone_call"), dict):
+        return WITHHELD  # a phone call without a number: the number was withheld
+    for path in _APP_USER_PATHS:
+        value = dig(data, *path)
+        if _present(value):
+            return app_user(value)
+    return NO_CALLER
 
 
-def extract_failed_call_party(data: dict[str, Any]) -> str | None:
+def failed_call_identity(data: dict[str, Any]) -> CallerIdentity:
     """The other party of a `call_initiation_failure`: who was called, or who called."""
-    body = dig(data, "metadata", "body") or {}
-    direction = str(body.get("Direction") or body.get("direction") or "")
-    number = body.get("To") if direction.startswith("outbound") else body.get("From")
-    number = number or dig(data, "metadata", "phone_call", "external_number")
-    if number:
-        return normalize_caller_id(str(number))
-    return extract_user_id(data)
+    body = dig(data, "metadata", "body")
+    if isinstance(body, dict):  # the provider's request; not a dict from every provider
+        direction = str(body.get("Direction") or body.get("direction") or "")
+        number = body.get("To") if direction.startswith("outbound") else body.get("From")
+        if _present(number):
+            return phone_caller(str(number))
+    return call_identity(data)
+
+
+def identity_of(event_type: str | None, data: dict[str, Any]) -> CallerIdentity:
+    """Whom a delivery of `event_type` is about (the other party of a failed call)."""
+    if event_type == INITIATION_FAILURE:
+        return failed_call_identity(data)
+    return call_identity(data)
+
+
+def extract_user_id(data: dict[str, Any]) -> str | None:
+    """The store key of a call's caller, or its conversation id when it has none."""
+    conversation_id = data.get("conversation_id")
+    return call_identity(data).key or (str(conversation_id) if conversation_id else None)
 
 
 def caller_of(event_type: str | None, data: dict[str, Any]) -> str | None:
-    """Whom a delivery of `event_type` is about (the other party of a failed call)."""
-    if event_type == INITIATION_FAILURE:
-        return extract_failed_call_party(data)
-    return extract_user_id(data)
+    """The store key of whom a delivery is about: the caller's, else the conversation's
+    (a withheld number is kept on its own, never merged with other withheld calls)."""
+    conversation_id = data.get("conversation_id")
+    key = identity_of(event_type, data).key
+    return key or (str(conversation_id) if conversation_id else None)
