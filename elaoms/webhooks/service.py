@@ -24,6 +24,7 @@ from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall
 from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, call_memories, failure_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
+from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
 from elaoms.phone import mask
@@ -97,6 +98,7 @@ class IngestService:
         return await self._receive_other(body, envelope)
 
     def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
+        reason = mask_phone_numbers(reason)  # kept in a file and answered: no number in it
         try:
             path = self.storage.quarantine(body, reason)
         except OSError as error:
