@@ -287,6 +287,9 @@ class SQLiteStore(MemoryStore):
             connection.execute("PRAGMA busy_timeout=30000")
             # Deleted rows are overwritten, so a forgotten caller is gone from the file too.
             connection.execute("PRAGMA secure_delete=ON")
+            # Sorts and VACUUM's copy stay in memory: a temporary file in /tmp would hold
+            # rows in clear outside the data directory.
+            connection.execute("PRAGMA temp_store=MEMORY")
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
