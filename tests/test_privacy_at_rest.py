@@ -1,5 +1,8 @@
 """What stays on disk: encrypted at rest, and nothing left of a caller after forget."""
 
+# Fixtures shared with other modules are imported by name, which ruff reads as shadowing.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
@@ -15,6 +18,12 @@ from elaoms.memory.units import call_memories
 from elaoms.operations.crypto import PayloadCipher
 
 from conftest import ServiceProcess, signed_headers, transcription, wait_until
+from openmemory_standin import (  # noqa: F401 - fixtures by name
+    StandIn,
+    fresh_standin,
+    openmemory_store,
+    standin,
+)
 from standins import ask
 
 CALLER = "+13125550142"
@@ -259,3 +268,35 @@ def _run(coroutine: Any) -> Any:
     import asyncio
 
     return asyncio.run(coroutine)
+
+
+# The OpenMemory backend's ledger -----------------------------------------------------------
+def test_the_openmemory_ledger_is_encrypted_and_forget_lasts_there_too(
+    fresh_standin: StandIn, tmp_path: Path
+) -> None:
+    cipher = PayloadCipher(Fernet.generate_key().decode(), enabled=True)
+    store = openmemory_store(fresh_standin, tmp_path, cipher=cipher)
+    ledger = tmp_path / "openmemory-ledger.sqlite3"
+
+    async def scenario() -> None:
+        payload = call("conv_om_1")
+        first = await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+        assert first.created
+        await store.put_caller_profile(CALLER, {"caller_name": "Maria Lopez"})
+        assert leaks(tmp_path) == []  # the ledger and its -wal, store open
+        assert [found.user_id for found in await store.list_calls(CALLER)] == [CALLER]
+
+        await store.forget_conversations(["conv_om_1"])
+        await store.delete_user(CALLER)
+        assert not [m for m in fresh_standin.state.memories.values() if m["user_id"] == CALLER]
+        sent = len(fresh_standin.state.requests)
+        again = await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+        assert again.forgotten and not again.memory_id
+        assert len(fresh_standin.state.requests) == sent  # nothing sent to the server
+        assert await store.list_calls(CALLER) == []
+        await store.close()
+
+    _run(scenario())
+    with sqlite3.connect(ledger) as connection:
+        for table in ("calls", "caller_profiles", "call_digests", "openmemory_units"):
+            assert connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
