@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.fernet import Fernet
 
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
 from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.privacy import names_caller
 
 from conftest import ServiceProcess, signed_headers, transcription, wait_until
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -300,3 +302,25 @@ def test_the_openmemory_ledger_is_encrypted_and_forget_lasts_there_too(
     with sqlite3.connect(ledger) as connection:
         for table in ("calls", "caller_profiles", "call_digests", "openmemory_units"):
             assert connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"data": {"caller": "(312) 555-0142"}}',
+        '{"n": "+1 312-555-0142"}',
+        "caller=%2B13125550142&x=1",
+        "q=%28312%29+555-0142",
+        "call 312.555.0142 back",
+        '{"id": "13125550142"}',
+    ],
+)
+def test_a_quarantined_body_naming_the_caller_in_any_spelling_is_found(text: str) -> None:
+    assert names_caller(text.encode(), CALLER)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"n": "+13125550143"}', "room 0142", '{"n": "+44 20 7946 0142"}', "5550142"]
+)
+def test_a_body_naming_another_number_is_not_taken_for_the_caller(text: str) -> None:
+    assert not names_caller(text.encode(), CALLER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -39,6 +40,7 @@ from elaoms.payloads import decode, encode
 from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 AGENT_PROFILE = "agent_profile"
 # A saved search index: (memories it covers, last seq it covers, data).
@@ -114,6 +116,8 @@ CALL_COLUMNS = (
     " payload, stored_at, caller"
 )
 HASH_KEY = "hash_key"
+# Present while encryption is on and every row is encrypted (no start-up scan needed).
+ALL_PROTECTED = "all_rows_protected"
 # Newest first, as `MemoryStore.call_history` defines it (SQLite sorts NULL lowest).
 NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
 
@@ -123,6 +127,7 @@ class SQLiteStore(MemoryStore):
     caller_profiles_on_loop = True
     schema = SCHEMA
     _hash_key = b""
+    _flush_due = False  # a forget's -wal checkpoint still to complete
 
     def __init__(
         self,
@@ -173,8 +178,7 @@ class SQLiteStore(MemoryStore):
                 if "caller" not in columns:  # a file made before callers were hashed
                     writing.execute("ALTER TABLE calls ADD COLUMN caller BLOB")
             self._hash_key = self._load_hash_key()
-            if self.cipher.enabled:
-                self._protect_plain_rows()
+            self._protect_plain_rows()
 
         set_up()
 
@@ -198,6 +202,18 @@ class SQLiteStore(MemoryStore):
         caller keys become keyed hashes, words are encrypted, saved indexes rebuilt. Runs at
         start-up when encryption is on; a no-op once done. Old page images are then flushed
         from the -wal and the file is rebuilt (VACUUM), so no copy in clear remains."""
+        marked = (
+            self._connection()
+            .execute("SELECT 1 FROM store_keys WHERE name = ?", (ALL_PROTECTED,))
+            .fetchone()
+        )
+        if not self.cipher.enabled:
+            if marked:  # rows written from now on are in clear: look again next time
+                with self._write() as connection:
+                    connection.execute("DELETE FROM store_keys WHERE name = ?", (ALL_PROTECTED,))
+            return
+        if marked:  # every row is protected: skip the scans (a second or so on a big store)
+            return
         plain = f"NOT LIKE '{KEYED_HASH_PREFIX}%'"
         seal = self.cipher.encrypt
         with self._write() as connection:
@@ -250,6 +266,9 @@ class SQLiteStore(MemoryStore):
                 )
                 changed += 1
             changed += self._protect_more_rows(connection, plain)
+            connection.execute(
+                "INSERT OR REPLACE INTO store_keys VALUES (?, ?)", (ALL_PROTECTED, b"1")
+            )
         if changed:
             self.flush()
             self._connection().execute("VACUUM")
@@ -259,10 +278,22 @@ class SQLiteStore(MemoryStore):
         """Tables a subclass adds (the OpenMemory ledger's): their caller keys hashed."""
         return 0
 
-    def flush(self) -> None:
+    def flush(self, timeout: float = 10.0) -> bool:
         """Copy the -wal into the file and empty it: with `secure_delete`, deleted or
-        replaced rows are then gone from both (a forget, the start-up encryption)."""
-        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        replaced rows are then gone from both (a forget, the start-up encryption). Another
+        worker's read in progress holds the -wal back: tried again until `timeout`.
+        True when the -wal is empty."""
+        deadline = time.monotonic() + timeout
+        while True:
+            busy, _, _ = self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                self._flush_due = False
+                return True
+            if time.monotonic() > deadline:
+                logger.warning("the -wal could not be emptied (readers busy): retried later")
+                self._flush_due = True  # `maintain` tries again every second
+                return False
+            time.sleep(0.05)
 
     # Caller keys and sealed text ----------------------------------------------------------
     def _key(self, user_id: str) -> str:
@@ -735,6 +766,8 @@ class SQLiteStore(MemoryStore):
     async def maintain(self) -> None:
         """Save the search index of every caller whose memories changed (or whose saved
         index a search found behind) since the last pass."""
+        if self._flush_due:
+            await self._run(lambda: self.flush(timeout=0))
         callers = self._indexes.take_unsaved()
         for number, user_id in enumerate(callers):
             try:

@@ -22,7 +22,7 @@ from typing import Any
 # letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
 # the lengths E.164 allows, with up to three separators between any two of them.
 _SEPARATOR = r"(?:[ \t().+\-]|%2[0589dDeE])"
-_PHONE_RUN = re.compile(
+PHONE_RUN = re.compile(
     rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
 )
 # Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
@@ -40,7 +40,7 @@ def mask_phone_numbers(text: str) -> str:
         digits = re.sub(r"\D", "", found[len(match.group("prefix") or "") :])
         return f"{match.group('prefix') or ''}***{digits[-SHOWN_DIGITS:]}"
 
-    return _PHONE_RUN.sub(replace, text)
+    return PHONE_RUN.sub(replace, text)
 
 
 def _masking_record_factory(
