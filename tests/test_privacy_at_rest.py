@@ -324,3 +324,35 @@ def test_a_quarantined_body_naming_the_caller_in_any_spelling_is_found(text: str
 )
 def test_a_body_naming_another_number_is_not_taken_for_the_caller(text: str) -> None:
     assert not names_caller(text.encode(), CALLER)
+
+
+def test_with_encryption_off_the_store_format_stays_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    payload = call("conv_plain")
+    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    with sqlite3.connect(path) as connection:
+        assert {row[0] for row in connection.execute("SELECT user_id FROM calls")} == {CALLER}
+        contents = [row[0] for row in connection.execute("SELECT content FROM memories")]
+        assert any("quokka" in content for content in contents)
+        assert connection.execute("SELECT caller FROM calls").fetchone() == (None,)
+
+
+def test_an_openmemory_ledger_written_in_clear_is_encrypted_when_encryption_is_turned_on(
+    fresh_standin: StandIn, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        plain = openmemory_store(fresh_standin, tmp_path)
+        payload = call("conv_om_plain")
+        await plain.add_call(CALLER, payload, call_memories(CALLER, payload))
+        await plain.close()
+        assert leaks(tmp_path)
+
+        cipher = PayloadCipher(Fernet.generate_key().decode(), enabled=True)
+        store = openmemory_store(fresh_standin, tmp_path, cipher=cipher)
+        assert [found.user_id for found in await store.list_calls(CALLER)] == [CALLER]
+        assert await store.search(CALLER, "quokka")
+        assert leaks(tmp_path) == []
+        await store.close()
+
+    _run(scenario())
