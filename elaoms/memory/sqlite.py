@@ -183,15 +183,16 @@ class SQLiteStore(MemoryStore):
         set_up()
 
     def _load_hash_key(self) -> bytes:
-        """The store's keyed-hash secret, made on first use; kept wrapped with the current
-        ENCRYPTION_KEY when encryption is on (re-wrapped after a key rotation)."""
+        """The store's keyed-hash secret, made on first use. With encryption on it is kept
+        wrapped with ENCRYPTION_KEY and re-wrapped at every start (one small write), so
+        after a rotation it is under the new key and the old one can go."""
         with self._write() as connection:
             row = connection.execute(
                 "SELECT value FROM store_keys WHERE name = ?", (HASH_KEY,)
             ).fetchone()
             key = self.cipher.decrypt(bytes(row[0])) if row else new_hash_key()
             stored = self.cipher.encrypt(key)
-            if row is None or (self.cipher.enabled and bytes(row[0]) != stored):
+            if row is None or self.cipher.enabled:
                 connection.execute(
                     "INSERT OR REPLACE INTO store_keys VALUES (?, ?)", (HASH_KEY, stored)
                 )
