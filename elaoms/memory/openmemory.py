@@ -635,6 +635,10 @@ class OpenMemoryStore(MemoryStore):
         await self.ledger.put_caller_profile(user_id, profile)
 
     # Life cycle --------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """The ledger's upkeep: a forget's -wal checkpoint that readers held back."""
+        await self.ledger.maintain()
+
     async def check(self) -> None:
         """Reachable, key accepted, user ids not bound to the key, content kept whole."""
         try:
