@@ -356,3 +356,26 @@ def test_an_openmemory_ledger_written_in_clear_is_encrypted_when_encryption_is_t
         await store.close()
 
     _run(scenario())
+
+
+def test_a_forget_s_checkpoint_held_back_by_a_reader_is_completed_by_the_upkeep(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "memory.sqlite3"
+    store = SQLiteStore(path)
+    store.checkpoint_timeout = 0  # do not wait for the reader below
+    payload = call("conv_held_back")
+    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    reader = sqlite3.connect(path, isolation_level=None)  # another worker, mid-read
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM memories").fetchone()
+
+    _run(store.delete_user(CALLER))
+    wal = Path(f"{path}-wal")
+    assert b"quokka" in wal.read_bytes()  # the reader holds the old pages back
+
+    reader.execute("COMMIT")
+    reader.close()
+    _run(store.maintain())  # the service's upkeep, every second
+    assert b"quokka" not in wal.read_bytes() + path.read_bytes()
+    assert leaks(tmp_path) == []

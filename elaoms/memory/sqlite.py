@@ -128,6 +128,7 @@ class SQLiteStore(MemoryStore):
     schema = SCHEMA
     _hash_key = b""
     _flush_due = False  # a forget's -wal checkpoint still to complete
+    checkpoint_timeout = 10.0  # how long a forget waits for other workers' reads to end
 
     def __init__(
         self,
@@ -279,12 +280,12 @@ class SQLiteStore(MemoryStore):
         """Tables a subclass adds (the OpenMemory ledger's): their caller keys hashed."""
         return 0
 
-    def flush(self, timeout: float = 10.0) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Copy the -wal into the file and empty it: with `secure_delete`, deleted or
         replaced rows are then gone from both (a forget, the start-up encryption). Another
         worker's read in progress holds the -wal back: tried again until `timeout`.
         True when the -wal is empty."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.checkpoint_timeout if timeout is None else timeout)
         while True:
             busy, _, _ = self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
