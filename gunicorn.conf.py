@@ -11,3 +11,9 @@ worker_class = "uvicorn.workers.UvicornWorker"
 # Post-call audio bodies run to tens of megabytes; give slow uploads time.
 timeout = 120
 graceful_timeout = 30
+
+# Phone numbers are masked in every log record from the master's first line on; workers
+# are forked from it and inherit the masking (the app installs it again, idempotently).
+from elaoms.operations.logs import install_masking  # noqa: E402
+
+install_masking()

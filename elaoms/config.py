@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # What `elaoms setup` writes until the operator pastes the secret ElevenLabs shows.
@@ -78,7 +78,20 @@ class Settings(BaseSettings):
     alert_webhook_url: str = ""
     redis_url: str = ""
     redis_ttl: int = 3600
-    file_permissions_mode: int = 0o600
+    file_permissions_mode: int = Field(
+        default=0o600,
+        description="Mode of every file the service writes, in octal (600, 0600 or 0o600).",
+    )
+    # Kept under another attribute name: `directory_permissions_mode` is the property that
+    # falls back to the file mode plus execute bits when this is unset.
+    directory_permissions_mode_setting: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "directory_permissions_mode", "directory_permissions_mode_setting"
+        ),
+        description="Mode of every directory the service creates, in octal (700, 0700 or "
+        "0o700); default: FILE_PERMISSIONS_MODE plus the matching execute bits.",
+    )
     enable_encryption_at_rest: bool = False
     encryption_key: str = ""
     admin_api_key: str = ""
@@ -119,22 +132,37 @@ class Settings(BaseSettings):
     llm_model: str = ""
     llm_timeout_seconds: float = 20.0
 
-    @field_validator("file_permissions_mode", mode="before")
+    @field_validator("file_permissions_mode", "directory_permissions_mode_setting", mode="before")
     @classmethod
     def _parse_mode(cls, value: object) -> object:
-        # Accept "384", "0o600" and "600"-style octal strings from .env files.
+        # A mode written as text is always octal, as chmod reads it: "600", "0600" and
+        # "0o600" are all rw-------. Read as decimal, "600" became 0o1130 (owner locked
+        # out, group may write). Only a Python int (0o600 in code) is taken as a number.
         if isinstance(value, str):
-            text = value.strip().lower()
-            if text.startswith("0o"):
-                return int(text, 8)
-            if text.startswith("0") and len(text) > 1:
-                return int(text, 8)
-            return int(text)
+            return parse_octal_mode(value)
         return value
+
+    # Refused at start-up, before any file is written. A valid file mode also makes a valid
+    # derived directory mode (execute bits are added only where reading is allowed).
+    @field_validator("file_permissions_mode")
+    @classmethod
+    def _check_file_mode(cls, mode: int) -> int:
+        check_mode("FILE_PERMISSIONS_MODE", mode, owner=0o600)
+        return mode
+
+    @field_validator("directory_permissions_mode_setting")
+    @classmethod
+    def _check_directory_mode(cls, mode: int | None) -> int | None:
+        if mode is not None:
+            check_mode("DIRECTORY_PERMISSIONS_MODE", mode, owner=0o700)
+        return mode
 
     @property
     def directory_permissions_mode(self) -> int:
-        """Directories get the file mode plus the matching execute bits (0o600 -> 0o700)."""
+        """DIRECTORY_PERMISSIONS_MODE, else the file mode plus the matching execute bits
+        (0o600 -> 0o700)."""
+        if self.directory_permissions_mode_setting is not None:
+            return self.directory_permissions_mode_setting
         mode = self.file_permissions_mode
         return mode | ((mode & 0o444) >> 2)
 
@@ -149,6 +177,54 @@ class Settings(BaseSettings):
     @property
     def webhooks_authenticated(self) -> bool:
         return bool(self.elevenlabs_client_data_workspace_secret)
+
+
+def parse_octal_mode(text: str) -> int:
+    """ "600", "0600", "0o600" -> 0o600; anything else that is not octal is refused."""
+    cleaned = text.strip().lower()
+    digits = cleaned[2:] if cleaned.startswith("0o") else cleaned
+    if not digits or any(char not in "01234567" for char in digits):
+        hint = ""
+        if digits.isdigit():  # the decimal spelling older examples used ("384" = 0o600)
+            hint = f"; as a decimal number it would be {int(digits):o}, so write that"
+        raise ValueError(
+            f"{text!r} is not an octal file mode (write it like 600, 0600 or 0o600{hint})"
+        )
+    mode = int(digits, 8)
+    if mode > 0o7777:
+        raise ValueError(f"{text!r} is not a file mode (at most four octal digits)")
+    return mode
+
+
+def check_mode(name: str, mode: int, *, owner: int) -> None:
+    """Refuse a mode that locks the service out of its own files or opens them to others:
+    the owner needs `owner` (rw for files, rwx for directories); the group may read, never
+    write; others get nothing (transcripts and phone numbers are personal data)."""
+    problems = []
+    if mode & owner != owner:
+        problems.append(f"the owner needs {_symbolic(owner)}")
+    if mode & 0o020:
+        problems.append("the group must not write")
+    if mode & 0o007:
+        problems.append("others must get no access")
+    if mode & ~0o777:
+        problems.append("no setuid, setgid or sticky bit")
+    if problems:
+        raise ValueError(
+            f"{name}={mode:04o} ({_symbolic(mode)}) is refused: {'; '.join(problems)}"
+            f" (e.g. {owner:o} or {owner | (owner & 0o500) >> 3:o})"
+        )
+
+
+def _symbolic(mode: int) -> str:
+    return "".join(
+        letter if mode & bit else "-"
+        for bit, letter in zip(
+            (0o400, 0o200, 0o100, 0o040, 0o020, 0o010, 0o004, 0o002, 0o001),
+            "rwxrwxrwx",
+            strict=True,
+        )
+    )
 
 
 @lru_cache

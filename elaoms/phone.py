@@ -57,13 +57,14 @@ def normalize_caller_id(raw: str | None) -> str | None:
 
 
 def mask(identifier: str | None) -> str:
-    """A caller identifier fit for logs: "+14155550123" becomes "+1415***0123"."""
+    """A caller identifier fit for logs: at most its last four characters show
+    ("+14155550123" becomes "***0123")."""
     if not identifier:
         return "<none>"
     text = str(identifier)
     if len(text) <= 6:
         return "***"
-    return f"{text[:5]}***{text[-4:]}" if len(text) > 9 else f"{text[:2]}***{text[-2:]}"
+    return f"***{text[-4:]}" if len(text) > 9 else f"***{text[-2:]}"
 
 
 # Runs of 7+ digits, optionally with a leading + and common separators: what a phone

@@ -12,7 +12,7 @@ from elaoms.elevenlabs.client import ElevenLabsClient
 from elaoms.memory import MemoryStore, create_store
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.anomaly import AuthFailureMonitor
-from elaoms.operations.cache import TwoLevelCache
+from elaoms.operations.cache import TwoLevelCache, use_caller_key_secret
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.personalization.greeting import LLMGreetingWriter
 from elaoms.personalization.service import PersonalizationService
@@ -51,6 +51,13 @@ class Services:
         store = store or create_store(settings, cipher)
         alerts = AlertSink(
             settings.alert_webhook_url, min_interval_seconds=settings.anomaly_window_seconds
+        )
+        # Any secret all replicas share keys the caller hashes in Redis (a rotation only
+        # costs cache misses).
+        use_caller_key_secret(
+            settings.elevenlabs_client_data_workspace_secret
+            or settings.elevenlabs_post_call_hmac_key
+            or settings.encryption_key
         )
         cache = TwoLevelCache(settings.redis_url, redis_ttl=settings.redis_ttl)
         ingest = IngestService(settings, store, storage, alerts=alerts, receipts=cache)

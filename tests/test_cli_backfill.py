@@ -176,6 +176,35 @@ def test_backfill_stores_every_page_within_the_limit_and_a_second_run_stores_not
     assert len(api.fetched) == fetched_before  # nothing fetched twice
 
 
+def test_backfill_does_not_bring_back_a_forgotten_caller_but_stores_their_new_calls(
+    api: Conversations, env: dict[str, str]
+) -> None:
+    finished = add_calls(api)
+    report_of(backfill("--agent", AGENT_ID))
+    forgotten = runner.invoke(app, ["forget", CALLERS[0], "--yes", "--json"])
+    assert forgotten.exit_code == 0, forgotten.output
+    gone = sorted(finished[0::3])  # CALLERS[0]'s three calls
+    assert sorted(json.loads(forgotten.stdout)["conversations"]) == gone
+
+    # The same conversations listed again (the state file is gone: a complete run).
+    new = transcription("conv_new_after_forget", CALLERS[0])["data"]
+    new["metadata"]["start_time_unix_secs"] = FIRST_START + DAY
+    api.add_conversation(new)
+    fetched_before = len(api.fetched)
+    report = report_of(backfill("--agent", AGENT_ID))
+
+    assert report["forgotten"] == 3  # skipped, counted, not even fetched
+    assert report["stored"] == 1  # a new call from the number is new memory
+    assert api.fetched[fetched_before:] == ["conv_new_after_forget"]
+    settings = Settings(_env_file=None)
+    for conversation_id in gone:
+        assert not stored_file(settings, CALLERS[0], conversation_id).exists()
+    calls = runner.invoke(app, ["calls", "--caller", CALLERS[0], "--json"])
+    assert [call["conversation_id"] for call in json.loads(calls.stdout)] == [
+        "conv_new_after_forget"
+    ]
+
+
 def test_backfill_takes_only_the_date_range(api: Conversations, env: dict[str, str]) -> None:
     add_calls(api)
     # conv_past_1 (2025-11-20) to conv_past_3 (2025-11-18)

@@ -143,7 +143,7 @@ def test_slow_or_broken_store_gets_the_default_answer_in_time(
         assert answer["dynamic_variables"]["caller_name"] == "there"  # placeholders still there
         assert answer["dynamic_variables"]["is_returning_caller"] is False
         warning = next(r.getMessage() for r in caplog.records if "default answer" in r.message)
-        assert "+1415***0302" in warning and "no answer within" in warning
+        assert "***0302" in warning and "no answer within" in warning
         assert "4155550302" not in caplog.text
 
         store.delay, store.broken = 0.0, True

@@ -126,7 +126,7 @@ def test_json_logs_mask_phone_numbers(tmp_path: Path) -> None:
     assert any("conv_json_logs" in line["message"] for line in lines)
     assert {"time", "level", "logger", "message"} <= set(lines[0])
     assert "+14155550702" not in server.logs()
-    assert "+1415***0702" in server.logs()
+    assert "***0702" in server.logs()
 
 
 def test_a_burst_of_bad_signatures_raises_one_alert(

@@ -93,6 +93,7 @@ class BackfillReport:
     stored: int = 0  # new in the store
     queued: int = 0  # kept on disk; the service stores them when the store answers
     already_stored: int = 0
+    forgotten: int = 0  # forgotten with their caller (`elaoms forget`): not stored again
     quarantined: int = 0  # the API answered something ingestion could not read
     out_of_range: int = 0  # another agent or outside the dates
     unfinished: int = 0  # still in progress on ElevenLabs' side
@@ -287,6 +288,8 @@ async def _backfill_one(
 ) -> tuple[str, str | None, str | None]:
     """(outcome, error, caller): outcome is a BackfillReport counter name, or "failed"."""
     try:
+        if await services.store.is_forgotten(conversation_id):
+            return "forgotten", None, None
         if await services.store.get_call(conversation_id) is not None:
             return "already_stored", None, None
         data = await api.get_conversation(conversation_id)
@@ -297,7 +300,7 @@ async def _backfill_one(
         return "failed", str(failure), None
     except Exception as failure:  # one bad conversation must not stop the others
         return "failed", f"{type(failure).__name__}: {failure}", None
-    statuses = {"received": "stored", "queued": "queued"}
+    statuses = {"received": "stored", "queued": "queued", "forgotten": "forgotten"}
     outcome = statuses.get(acknowledgement.status, "quarantined")
     return outcome, None, extract_user_id(data) or conversation_id
 
@@ -397,6 +400,7 @@ def _print_report(report: BackfillReport, options: BackfillOptions) -> None:
         console.print(f"resumed from {escape(str(options.state_path))}")
     console.print(
         f"[green]{report.stored} new[/], {report.already_stored} already stored, "
+        f"{report.forgotten} forgotten (skipped), "
         f"{report.queued} queued, {report.quarantined} quarantined "
         f"({report.listed} listed on {report.pages} page(s), {report.out_of_range} filtered "
         f"out, {report.unfinished} still in progress, {report.gone} gone)"

@@ -71,6 +71,8 @@ class CallHistory:
 class CallReceipt:
     memory_id: str
     created: bool  # False when the same call was already stored (a duplicate delivery)
+    # True when the conversation was forgotten with its caller: nothing stored, no memory id.
+    forgotten: bool = False
 
 
 class MemoryStore(abc.ABC):
@@ -178,6 +180,15 @@ class MemoryStore(abc.ABC):
     @abc.abstractmethod
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         """Replace the prepared profile of a caller."""
+
+    # Forgotten conversations -------------------------------------------------------------
+    async def forget_conversations(self, conversation_ids: Collection[str]) -> None:
+        """Remember that these conversations were forgotten (as keyed hashes): `add_call`
+        then stores nothing for them and answers `forgotten=True`. None kept by default."""
+
+    async def is_forgotten(self, conversation_id: str) -> bool:
+        """Whether `forget_conversations` was told about this conversation."""
+        return False
 
     # Life cycle --------------------------------------------------------------------------
     async def maintain(self) -> None:

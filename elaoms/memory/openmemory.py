@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -57,7 +58,7 @@ from elaoms.memory.base import (
     StoredCall,
     StoreUnavailableError,
 )
-from elaoms.memory.sqlite import AGENT_PROFILE, SQLiteStore
+from elaoms.memory.sqlite import AGENT_PROFILE, SCHEMA, SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.metrics import FOREIGN_MEMORIES_DROPPED
@@ -122,10 +123,18 @@ class Ledger(SQLiteStore):
     """
 
     name = "openmemory-ledger"
+    schema = SCHEMA + LEDGER_SCHEMA
 
-    def _initialize(self) -> None:
-        super()._initialize()
-        self._connection().executescript(LEDGER_SCHEMA)
+    def _protect_more_rows(self, connection: sqlite3.Connection, plain: str) -> int:
+        changed = 0
+        for seq, user_id in connection.execute(
+            f"SELECT seq, user_id FROM openmemory_units WHERE user_id {plain}"
+        ).fetchall():
+            connection.execute(
+                "UPDATE openmemory_units SET user_id = ? WHERE seq = ?", (self._key(user_id), seq)
+            )
+            changed += 1
+        return changed
 
     async def units(self, event_type: str, conversation_id: str) -> tuple[dict[str, str], int]:
         """The call's units already on the server, and the add order they were given (a
@@ -161,7 +170,7 @@ class Ledger(SQLiteStore):
                     "INSERT OR REPLACE INTO openmemory_units"
                     " (user_id, event_type, conversation_id, unit, openmemory_id, call_order)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (user_id, event_type, conversation_id, unit, memory_id, order),
+                    (self._key(user_id), event_type, conversation_id, unit, memory_id, order),
                 )
 
         await self._run(insert)
@@ -200,7 +209,7 @@ class Ledger(SQLiteStore):
                 .execute(
                     "SELECT count(*), coalesce(max(seq), 0) FROM openmemory_units"
                     " WHERE user_id = ?",
-                    (user_id,),
+                    (self._key(user_id),),
                 )
                 .fetchone()
             )
@@ -214,14 +223,15 @@ class Ledger(SQLiteStore):
 
         def delete() -> int:
             with self._write() as connection:
-                connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (user_id,))
+                key = self._key(user_id)
+                connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (key,))
                 self._delete_digests(connection, user_id)
-                return sum(
-                    connection.execute(
-                        f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
-                    ).rowcount
+                deleted = sum(
+                    connection.execute(f"DELETE FROM {table} WHERE user_id = ?", (key,)).rowcount
                     for table in ("calls", "caller_profiles")
                 )
+            self.flush()  # the deleted rows' page images leave the -wal too
+            return deleted
 
         return await self._run(delete)
 
@@ -392,6 +402,8 @@ class OpenMemoryStore(MemoryStore):
         existing = await self.ledger.receipt(event_type, conversation_id)
         if existing:
             return CallReceipt(memory_id=existing, created=False)
+        if await self.ledger.is_forgotten(conversation_id):  # nothing goes to the server
+            return CallReceipt(memory_id="", created=False, forgotten=True)
         units = memories or [_placeholder(user_id, payload, event_type, conversation_id)]
         done, order = await self.ledger.units(event_type, conversation_id)
         missing = [(position, unit) for position, unit in enumerate(units) if unit.id not in done]
@@ -565,6 +577,12 @@ class OpenMemoryStore(MemoryStore):
         self._views.pop(user_id, None)
         return deleted + await self.ledger.forget(user_id)
 
+    async def forget_conversations(self, conversation_ids: Collection[str]) -> None:
+        await self.ledger.forget_conversations(conversation_ids)
+
+    async def is_forgotten(self, conversation_id: str) -> bool:
+        return await self.ledger.is_forgotten(conversation_id)
+
     # Profiles ----------------------------------------------------------------------------
     async def _agent_item(self, agent_id: str) -> dict[str, Any] | None:
         profiles = [
@@ -617,6 +635,10 @@ class OpenMemoryStore(MemoryStore):
         await self.ledger.put_caller_profile(user_id, profile)
 
     # Life cycle --------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """The ledger's upkeep: a forget's -wal checkpoint that readers held back."""
+        await self.ledger.maintain()
+
     async def check(self) -> None:
         """Reachable, key accepted, user ids not bound to the key, content kept whole."""
         try:

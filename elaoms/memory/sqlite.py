@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -33,12 +34,13 @@ from elaoms.memory.base import (
 from elaoms.memory.digest import DIGEST_VERSION, digest_call
 from elaoms.memory.held_indexes import HeldIndexes, Version
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
-from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
 from elaoms.operations.files import ensure_private_dir
 from elaoms.payloads import decode, encode
 from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 AGENT_PROFILE = "agent_profile"
 # A saved search index: (memories it covers, last seq it covers, data).
@@ -55,6 +57,7 @@ CREATE TABLE IF NOT EXISTS calls (
     memory_id TEXT NOT NULL,
     payload BLOB NOT NULL,
     stored_at REAL NOT NULL,
+    caller BLOB,  -- the caller id, encrypted, when `user_id` is its keyed hash
     PRIMARY KEY (event_type, conversation_id)
 );
 CREATE INDEX IF NOT EXISTS calls_by_user ON calls (user_id, started_at);
@@ -96,7 +99,25 @@ CREATE TABLE IF NOT EXISTS call_digests (
 -- digest from the index alone: only the few digests returned are read.
 CREATE INDEX IF NOT EXISTS call_digests_by_user
     ON call_digests (user_id, event_type, started_at, conversation_id, marks, version);
+-- The store's secret for keyed hashes (wrapped with ENCRYPTION_KEY when encryption is on).
+CREATE TABLE IF NOT EXISTS store_keys (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+-- Conversations forgotten with their caller: a keyed hash of the conversation id (never
+-- the number), so a replayed or backfilled copy is answered and not stored again.
+CREATE TABLE IF NOT EXISTS forgotten_conversations (
+    conversation_key TEXT PRIMARY KEY,
+    forgotten_at REAL NOT NULL
+);
 """
+CALL_COLUMNS = (
+    "event_type, conversation_id, user_id, agent_id, event_timestamp, started_at, memory_id,"
+    " payload, stored_at, caller"
+)
+HASH_KEY = "hash_key"
+# Present while encryption is on and every row is encrypted (no start-up scan needed).
+ALL_PROTECTED = "all_rows_protected"
 # Newest first, as `MemoryStore.call_history` defines it (SQLite sorts NULL lowest).
 NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
 
@@ -104,6 +125,10 @@ NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
 class SQLiteStore(MemoryStore):
     name = "sqlite"
     caller_profiles_on_loop = True
+    schema = SCHEMA
+    _hash_key = b""
+    _flush_due = False  # a forget's -wal checkpoint still to complete
+    checkpoint_timeout = 10.0  # how long a forget waits for other workers' reads to end
 
     def __init__(
         self,
@@ -148,9 +173,142 @@ class SQLiteStore(MemoryStore):
         def set_up() -> None:
             connection.execute("PRAGMA journal_mode=WAL")
             # executescript manages its own transaction: a schema made meanwhile is kept.
-            connection.executescript(SCHEMA)
+            connection.executescript(self.schema)
+            with self._write() as writing:  # one worker adds the column, the others see it
+                columns = {row[1] for row in writing.execute("PRAGMA table_info(calls)")}
+                if "caller" not in columns:  # a file made before callers were hashed
+                    writing.execute("ALTER TABLE calls ADD COLUMN caller BLOB")
+            self._hash_key = self._load_hash_key()
+            self._protect_plain_rows()
 
         set_up()
+
+    def _load_hash_key(self) -> bytes:
+        """The store's keyed-hash secret, made on first use. With encryption on it is kept
+        wrapped with ENCRYPTION_KEY and re-wrapped at every start (one small write), so
+        after a rotation it is under the new key and the old one can go."""
+        with self._write() as connection:
+            row = connection.execute(
+                "SELECT value FROM store_keys WHERE name = ?", (HASH_KEY,)
+            ).fetchone()
+            key = self.cipher.decrypt(bytes(row[0])) if row else new_hash_key()
+            stored = self.cipher.encrypt(key)
+            if row is None or self.cipher.enabled:
+                connection.execute(
+                    "INSERT OR REPLACE INTO store_keys VALUES (?, ?)", (HASH_KEY, stored)
+                )
+        return key
+
+    def _protect_plain_rows(self) -> None:
+        """Encrypt what an older version (or this one with encryption off) left in clear:
+        caller keys become keyed hashes, words are encrypted, saved indexes rebuilt. Runs at
+        start-up when encryption is on; a no-op once done. Old page images are then flushed
+        from the -wal and the file is rebuilt (VACUUM), so no copy in clear remains."""
+        marked = (
+            self._connection()
+            .execute("SELECT 1 FROM store_keys WHERE name = ?", (ALL_PROTECTED,))
+            .fetchone()
+        )
+        if not self.cipher.enabled:
+            if marked:  # rows written from now on are in clear: look again next time
+                with self._write() as connection:
+                    connection.execute("DELETE FROM store_keys WHERE name = ?", (ALL_PROTECTED,))
+            return
+        if marked:  # every row is protected: skip the scans (a second or so on a big store)
+            return
+        plain = f"NOT LIKE '{KEYED_HASH_PREFIX}%'"
+        seal = self.cipher.encrypt
+        with self._write() as connection:
+            changed = 0
+            for rowid, user_id, payload in connection.execute(
+                f"SELECT rowid, user_id, payload FROM calls WHERE user_id {plain}"
+            ).fetchall():
+                connection.execute(
+                    "UPDATE calls SET user_id = ?, caller = ?, payload = ? WHERE rowid = ?",
+                    (
+                        self._key(user_id),
+                        seal(user_id.encode()),
+                        seal(self.cipher.decrypt(bytes(payload))),
+                        rowid,
+                    ),
+                )
+                changed += 1
+            for seq, user_id, content, metadata in connection.execute(
+                f"SELECT seq, user_id, content, metadata FROM memories WHERE user_id {plain}"
+                " AND (kind IS NULL OR kind != ?)",
+                (AGENT_PROFILE,),
+            ).fetchall():
+                connection.execute(
+                    "UPDATE memories SET user_id = ?, content = ?, metadata = ? WHERE seq = ?",
+                    (self._key(user_id), self._seal(content), self._seal(metadata), seq),
+                )
+                changed += 1
+            changed += connection.execute(
+                f"DELETE FROM caller_indexes WHERE user_id {plain}"
+            ).rowcount
+            for user_id, profile in connection.execute(
+                f"SELECT user_id, profile FROM caller_profiles WHERE user_id {plain}"
+            ).fetchall():
+                connection.execute(
+                    "UPDATE caller_profiles SET user_id = ?, profile = ? WHERE user_id = ?",
+                    (self._key(user_id), seal(self.cipher.decrypt(bytes(profile))), user_id),
+                )
+                changed += 1
+            for rowid, user_id, facts, words in connection.execute(
+                f"SELECT rowid, user_id, facts, words FROM call_digests WHERE user_id {plain}"
+            ).fetchall():
+                connection.execute(
+                    "UPDATE call_digests SET user_id = ?, facts = ?, words = ? WHERE rowid = ?",
+                    (
+                        self._key(user_id),
+                        seal(self.cipher.decrypt(bytes(facts))),
+                        seal(self.cipher.decrypt(bytes(words))),
+                        rowid,
+                    ),
+                )
+                changed += 1
+            changed += self._protect_more_rows(connection, plain)
+            connection.execute(
+                "INSERT OR REPLACE INTO store_keys VALUES (?, ?)", (ALL_PROTECTED, b"1")
+            )
+        if changed:
+            self.flush()
+            self._connection().execute("VACUUM")
+            self.flush()
+
+    def _protect_more_rows(self, connection: sqlite3.Connection, plain: str) -> int:
+        """Tables a subclass adds (the OpenMemory ledger's): their caller keys hashed."""
+        return 0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Copy the -wal into the file and empty it: with `secure_delete`, deleted or
+        replaced rows are then gone from both (a forget, the start-up encryption). Another
+        worker's read in progress holds the -wal back: tried again until `timeout`.
+        True when the -wal is empty."""
+        deadline = time.monotonic() + (self.checkpoint_timeout if timeout is None else timeout)
+        while True:
+            busy, _, _ = self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                self._flush_due = False
+                return True
+            if time.monotonic() > deadline:
+                logger.warning("the -wal could not be emptied (readers busy): retried later")
+                self._flush_due = True  # `maintain` tries again every second
+                return False
+            time.sleep(0.05)
+
+    # Caller keys and sealed text ----------------------------------------------------------
+    def _key(self, user_id: str) -> str:
+        """The `user_id` column's value: the caller id itself, or with encryption on its
+        keyed hash (the number is then kept only encrypted, in `calls.caller`)."""
+        return keyed_hash(self._hash_key, user_id) if self.cipher.enabled else user_id
+
+    def _seal(self, text: str) -> str:
+        return self.cipher.encrypt(text.encode()).decode() if self.cipher.enabled else text
+
+    def _open(self, value: str | bytes) -> str:
+        data = value if isinstance(value, bytes) else value.encode()
+        return self.cipher.decrypt(data).decode()
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -162,6 +320,9 @@ class SQLiteStore(MemoryStore):
             connection.execute("PRAGMA busy_timeout=30000")
             # Deleted rows are overwritten, so a forgotten caller is gone from the file too.
             connection.execute("PRAGMA secure_delete=ON")
+            # Sorts and VACUUM's copy stay in memory: a temporary file in /tmp would hold
+            # rows in clear outside the data directory.
+            connection.execute("PRAGMA temp_store=MEMORY")
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
@@ -232,7 +393,7 @@ class SQLiteStore(MemoryStore):
         connection.executemany(
             "INSERT OR IGNORE INTO memories"
             " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [_memory_row(memory) for memory in memories],
+            [self._memory_row(memory) for memory in memories],
         )
         # The caller's saved search index is brought up to date by `maintain`, off the
         # delivery's path and once for several calls; searches meanwhile add what is new.
@@ -256,19 +417,22 @@ class SQLiteStore(MemoryStore):
         ).fetchone()
         if existing:
             return CallReceipt(memory_id=existing[0], created=False)
+        if self._is_forgotten(connection, conversation_id):
+            return CallReceipt(memory_id="", created=False, forgotten=True)
         event_timestamp = payload.get("event_timestamp")
         connection.execute(
-            "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 event_type,
                 conversation_id,
-                user_id,
+                self._key(user_id),
                 data.get("agent_id"),
                 event_timestamp if isinstance(event_timestamp, int) else None,
                 call_started_at(data, event_timestamp),
                 memory_id,
                 self.cipher.encrypt(encode(payload)),
                 time.time(),
+                self.cipher.encrypt(user_id.encode()) if self.cipher.enabled else None,
             ),
         )
         self._put_digest(connection, user_id, event_type, digest_call(payload))
@@ -281,7 +445,7 @@ class SQLiteStore(MemoryStore):
             row = (
                 self._connection()
                 .execute(
-                    "SELECT * FROM calls WHERE event_type = ? AND conversation_id = ?",
+                    f"SELECT {CALL_COLUMNS} FROM calls WHERE event_type = ? AND conversation_id = ?",
                     (event_type, conversation_id),
                 )
                 .fetchone()
@@ -300,7 +464,7 @@ class SQLiteStore(MemoryStore):
     ) -> list[StoredCall]:
         clauses, parameters = [], []
         for column, value, operator in (
-            ("user_id", user_id, "="),
+            ("user_id", None if user_id is None else self._key(user_id), "="),
             ("agent_id", agent_id, "="),
             ("started_at", since, ">="),
         ):
@@ -308,7 +472,7 @@ class SQLiteStore(MemoryStore):
                 clauses.append(f"{column} {operator} ?")
                 parameters.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT * FROM calls {where} ORDER BY started_at DESC, stored_at DESC"
+        sql = f"SELECT {CALL_COLUMNS} FROM calls {where} ORDER BY started_at DESC, stored_at DESC"
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
@@ -319,10 +483,21 @@ class SQLiteStore(MemoryStore):
         return await self._run(query)
 
     def _call(self, row: tuple[Any, ...]) -> StoredCall:
-        event_type, conversation_id, user_id, agent_id, event_ts, started, memory_id, blob, _ = row
+        (
+            event_type,
+            conversation_id,
+            key,
+            agent_id,
+            event_ts,
+            started,
+            memory_id,
+            blob,
+            _,
+            caller,
+        ) = row
         return StoredCall(
             conversation_id=conversation_id,
-            user_id=user_id,
+            user_id=self._open(bytes(caller)) if caller is not None else key,
             agent_id=agent_id,
             event_type=event_type,
             event_timestamp=event_ts,
@@ -343,7 +518,7 @@ class SQLiteStore(MemoryStore):
             count, first, last = connection.execute(
                 "SELECT count(*), min(started_at), max(started_at) FROM call_digests"
                 " WHERE user_id = ? AND event_type = ?",
-                (user_id, TRANSCRIPTION),
+                (self._key(user_id), TRANSCRIPTION),
             ).fetchone()
             newest = self._digests(connection, user_id, limit=recent)
             newest_marked: dict[str, CallDigest] = {}
@@ -386,7 +561,7 @@ class SQLiteStore(MemoryStore):
         sql = "SELECT conversation_id, agent_id, started_at, marks, facts"
         sql += ", words" if words else ""
         sql += " FROM call_digests WHERE user_id = ? AND event_type = ?"
-        parameters: list[Any] = [user_id, TRANSCRIPTION]
+        parameters: list[Any] = [self._key(user_id), TRANSCRIPTION]
         if mark is not None:
             sql += " AND instr(' ' || marks || ' ', ?) > 0"
             parameters.append(f" {mark} ")
@@ -417,7 +592,7 @@ class SQLiteStore(MemoryStore):
             (
                 event_type,
                 digest.conversation_id,
-                user_id,
+                self._key(user_id),
                 digest.agent_id,
                 digest.started_at,
                 DIGEST_VERSION,
@@ -438,7 +613,7 @@ class SQLiteStore(MemoryStore):
             .execute(
                 "SELECT (SELECT count(*) FROM calls WHERE user_id = ?),"
                 " (SELECT count(*) FROM call_digests WHERE user_id = ? AND version = ?)",
-                (user_id, user_id, DIGEST_VERSION),
+                (self._key(user_id), self._key(user_id), DIGEST_VERSION),
             )
             .fetchone()
         )
@@ -452,7 +627,7 @@ class SQLiteStore(MemoryStore):
                 "SELECT c.event_type, c.payload FROM calls c LEFT JOIN call_digests d"
                 " ON d.event_type = c.event_type AND d.conversation_id = c.conversation_id"
                 " AND d.version = ? WHERE c.user_id = ? AND d.conversation_id IS NULL",
-                (DIGEST_VERSION, user_id),
+                (DIGEST_VERSION, self._key(user_id)),
             ).fetchall()
             for event_type, payload in rows:
                 digest = digest_call(decode(self.cipher.decrypt(bytes(payload))))
@@ -461,12 +636,12 @@ class SQLiteStore(MemoryStore):
                 "DELETE FROM call_digests WHERE user_id = ? AND NOT EXISTS (SELECT 1 FROM calls"
                 " WHERE calls.event_type = call_digests.event_type"
                 " AND calls.conversation_id = call_digests.conversation_id)",
-                (user_id,),
+                (self._key(user_id),),
             )
 
     def _delete_digests(self, connection: sqlite3.Connection, user_id: str) -> None:
         # Derived from the calls: gone with them, and not counted apart.
-        connection.execute("DELETE FROM call_digests WHERE user_id = ?", (user_id,))
+        connection.execute("DELETE FROM call_digests WHERE user_id = ?", (self._key(user_id),))
 
     # Memories ----------------------------------------------------------------------------
     async def add_memory(
@@ -497,11 +672,11 @@ class SQLiteStore(MemoryStore):
             "SELECT id, user_id, content, metadata, created_at FROM memories"
             " WHERE user_id = ? AND seq > ? AND (kind IS NULL OR kind != ?) ORDER BY seq"
         )
-        parameters: list[Any] = [user_id, after_seq, AGENT_PROFILE]
+        parameters: list[Any] = [self._key(user_id), after_seq, AGENT_PROFILE]
         if limit is not None:
             sql += " LIMIT ?"
             parameters.append(limit)
-        return [_memory(row) for row in self._connection().execute(sql, parameters)]
+        return [self._memory(user_id, row) for row in self._connection().execute(sql, parameters)]
 
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
@@ -515,10 +690,10 @@ class SQLiteStore(MemoryStore):
         current: tuple[Version, SavedRow | None] | None = None
         try:
             if self._indexes.holds(user_id):
-                index = self._indexes.get(user_id, _version(self._reader(), user_id))
+                index = self._indexes.get(user_id, _version(self._reader(), self._key(user_id)))
                 if index is not None and index.vector_cache is None:
                     return index.search(query, limit, max_chars=max_chars)
-            current = await self._run(lambda: _current_row(self._connection(), user_id))
+            current = await self._run(lambda: _current_row(self._connection(), self._key(user_id)))
             version, row = current
             if version[0] == 0:
                 return []  # a caller we know nothing about
@@ -548,7 +723,7 @@ class SQLiteStore(MemoryStore):
         sees another worker's writes without any shared cache.
         """
         connection = self._connection()
-        version, row = current or _current_row(connection, user_id)
+        version, row = current or _current_row(connection, self._key(user_id))
         index = self._indexes.get(user_id, version)
         if index is None:
             index, saved = self._current_index(connection, user_id, version, row)
@@ -593,6 +768,8 @@ class SQLiteStore(MemoryStore):
     async def maintain(self) -> None:
         """Save the search index of every caller whose memories changed (or whose saved
         index a search found behind) since the last pass."""
+        if self._flush_due:
+            await self._run(lambda: self.flush(timeout=0))
         callers = self._indexes.take_unsaved()
         for number, user_id in enumerate(callers):
             try:
@@ -603,7 +780,7 @@ class SQLiteStore(MemoryStore):
 
     def _save_index(self, user_id: str) -> None:
         connection = self._connection()
-        version, row = _current_row(connection, user_id)
+        version, row = _current_row(connection, self._key(user_id))
         if version[0] == 0:  # forgotten meanwhile: nothing to index
             return
         index, saved = self._current_index(connection, user_id, version, row)
@@ -613,12 +790,12 @@ class SQLiteStore(MemoryStore):
         with self._write() as connection:
             # Only if no memory came or went meanwhile: the index describes `version`. A
             # writer that changed them marked the caller for the next pass.
-            if _version(connection, user_id) == version:
+            if _version(connection, self._key(user_id)) == version:
                 connection.execute(
                     "INSERT INTO caller_indexes VALUES (?, ?, ?, ?) ON CONFLICT (user_id)"
                     " DO UPDATE SET memories = excluded.memories,"
                     " last_seq = excluded.last_seq, data = excluded.data",
-                    (user_id, *version, data),
+                    (self._key(user_id), *version, data),
                 )
 
     async def delete_user(self, user_id: str) -> int:
@@ -627,15 +804,64 @@ class SQLiteStore(MemoryStore):
                 deleted = 0
                 for table in ("memories", "calls", "caller_profiles"):
                     deleted += connection.execute(
-                        f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
+                        f"DELETE FROM {table} WHERE user_id = ?", (self._key(user_id),)
                     ).rowcount
                 # Derived from the memories (their words): gone with them, not counted.
-                connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (user_id,))
+                connection.execute(
+                    "DELETE FROM caller_indexes WHERE user_id = ?", (self._key(user_id),)
+                )
                 self._delete_digests(connection, user_id)
             self._indexes.drop(user_id)
+            # The deleted rows' page images stay in the -wal until a checkpoint.
+            self.flush()
             return deleted
 
         return await self._run(delete)
+
+    def _memory(self, user_id: str, row: tuple[Any, ...]) -> Memory:
+        return Memory(
+            id=row[0],
+            user_id=user_id,
+            content=self._open(row[2]),
+            metadata=json.loads(self._open(row[3])),
+            created_at=row[4],
+        )
+
+    def _memory_row(self, memory: Memory) -> tuple[Any, ...]:
+        return (
+            memory.id,
+            self._key(memory.user_id),
+            memory.metadata.get("kind") or memory.metadata.get("type"),
+            self._seal(memory.content),
+            self._seal(json.dumps(memory.metadata, separators=(",", ":"))),
+            memory.created_at,
+        )
+
+    # Forgotten conversations -------------------------------------------------------------
+    def _conversation_key(self, conversation_id: str) -> str:
+        return keyed_hash(self._hash_key, f"conversation:{conversation_id}")
+
+    def _is_forgotten(self, connection: sqlite3.Connection, conversation_id: str) -> bool:
+        return (
+            connection.execute(
+                "SELECT 1 FROM forgotten_conversations WHERE conversation_key = ?",
+                (self._conversation_key(conversation_id),),
+            ).fetchone()
+            is not None
+        )
+
+    async def forget_conversations(self, conversation_ids: Collection[str]) -> None:
+        def insert() -> None:
+            with self._write() as connection:
+                connection.executemany(
+                    "INSERT OR IGNORE INTO forgotten_conversations VALUES (?, ?)",
+                    [(self._conversation_key(cid), time.time()) for cid in conversation_ids],
+                )
+
+        await self._run(insert)
+
+    async def is_forgotten(self, conversation_id: str) -> bool:
+        return await self._run(lambda: self._is_forgotten(self._connection(), conversation_id))
 
     # Profiles ----------------------------------------------------------------------------
     async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
@@ -700,7 +926,7 @@ class SQLiteStore(MemoryStore):
         self, connection: sqlite3.Connection, user_id: str
     ) -> dict[str, Any] | None:
         row = connection.execute(
-            "SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,)
+            "SELECT profile FROM caller_profiles WHERE user_id = ?", (self._key(user_id),)
         ).fetchone()
         return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
 
@@ -713,7 +939,7 @@ class SQLiteStore(MemoryStore):
                 connection.execute(
                     "INSERT INTO caller_profiles VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
                     " SET profile = excluded.profile, updated_at = excluded.updated_at",
-                    (user_id, blob, time.time()),
+                    (self._key(user_id), blob, time.time()),
                 )
 
         await self._run(upsert)
@@ -763,20 +989,3 @@ def _version(connection: sqlite3.Connection, user_id: str) -> Version:
         "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
     ).fetchone()
     return count, last
-
-
-def _memory(row: tuple[Any, ...]) -> Memory:
-    return Memory(
-        id=row[0], user_id=row[1], content=row[2], metadata=json.loads(row[3]), created_at=row[4]
-    )
-
-
-def _memory_row(memory: Memory) -> tuple[Any, ...]:
-    return (
-        memory.id,
-        memory.user_id,
-        memory.metadata.get("kind") or memory.metadata.get("type"),
-        memory.content,
-        json.dumps(memory.metadata, separators=(",", ":")),
-        memory.created_at,
-    )

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from elaoms import SERVICE_NAME
+from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import ALERTS
 
 logger = logging.getLogger("elaoms.alerts")
@@ -28,6 +29,9 @@ class AlertSink:
         self.posts_sent = 0
 
     def raise_alert(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
+        # The alert webhook is outside our logs' masking: an error text may quote a number.
+        message = mask_phone_numbers(message)
+        details = {key: _masked(value) for key, value in (details or {}).items()}
         ALERTS.labels(kind).inc()
         logger.error("ALERT %s: %s %s", kind, message, details or "")
         if not self.webhook_url:
@@ -53,3 +57,7 @@ class AlertSink:
             self.posts_sent += 1
         except httpx.HTTPError as error:
             logger.warning("alert webhook failed: %s", error)
+
+
+def _masked(value: Any) -> Any:
+    return mask_phone_numbers(value) if isinstance(value, str) else value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -28,10 +29,28 @@ RedisOperation = Callable[[aioredis.Redis], Awaitable[Any]]
 CALLER_KEY_PREFIX = "elaoms:caller:"
 
 
+# Set once per process from a secret every worker and replica shares (`use_caller_key_secret`).
+_caller_key_secret = b""
+
+
+def use_caller_key_secret(secret: str) -> None:
+    """Key the caller hashes in Redis with `secret`: a plain SHA-256 of a phone number is
+    reversed by trying the few billion numbers of a country in minutes."""
+    global _caller_key_secret
+    _caller_key_secret = (
+        hashlib.sha256(b"elaoms caller cache keys\0" + secret.encode()).digest() if secret else b""
+    )
+
+
 def caller_key(user_id: str) -> str:
-    """The cache key of a caller's prepared profile. Hashed: phone numbers stay out of Redis
-    keys (KEYS, MONITOR and slow logs show keys to whoever operates Redis)."""
-    return CALLER_KEY_PREFIX + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+    """The cache key of a caller's prepared profile. Hashed, and keyed when a secret is set:
+    phone numbers stay out of Redis keys (KEYS, MONITOR and slow logs show keys to whoever
+    operates Redis)."""
+    if _caller_key_secret:
+        digest = hmac.new(_caller_key_secret, user_id.encode(), hashlib.sha256).hexdigest()
+    else:
+        digest = hashlib.sha256(user_id.encode()).hexdigest()
+    return CALLER_KEY_PREFIX + digest[:32]
 
 
 class TwoLevelCache:

@@ -1,15 +1,46 @@
-"""Logging set-up: text or JSON lines, with phone numbers masked in every record."""
+"""Logging set-up: text or JSON lines, with phone numbers masked in every record.
+
+Masking happens in one place, the log record factory: every record made in the process
+(ours, uvicorn's access and error logs, gunicorn's, a library's) has its message and
+traceback masked before any handler or formatter sees it. `gunicorn.conf.py` installs it
+in gunicorn's master too, so its workers inherit it from the first line they log.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from elaoms.phone import mask_phone_numbers
+# A phone number in any spelling a log line may hold: E.164 (+13125550142), URL-encoded
+# by a client or by uvicorn's access log (%2B13125550142, %28312%29%20555-0142), national
+# ((312) 555-0142, 312-555-0142, 312.555.0142), or a bare run of digits right after a
+# letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
+# the lengths E.164 allows, with up to three separators between any two of them.
+_SEPARATOR = r"(?:[ \t().+\-]|%2[0589dDeE])"
+PHONE_RUN = re.compile(
+    rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
+)
+# Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
+_NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
+SHOWN_DIGITS = 4
+
+
+def mask_phone_numbers(text: str) -> str:
+    """`text` with every phone-number-looking run replaced by its last four digits."""
+
+    def replace(match: re.Match[str]) -> str:
+        found = match.group(0)
+        if match.group("prefix") is None and _NOT_A_PHONE.fullmatch(found):
+            return found
+        digits = re.sub(r"\D", "", found[len(match.group("prefix") or "") :])
+        return f"{match.group('prefix') or ''}***{digits[-SHOWN_DIGITS:]}"
+
+    return PHONE_RUN.sub(replace, text)
 
 
 def _masking_record_factory(
@@ -29,6 +60,8 @@ def _masking_record_factory(
             record.exc_text = mask_phone_numbers(
                 logging.Formatter().formatException(record.exc_info)
             )
+        if record.stack_info:
+            record.stack_info = mask_phone_numbers(record.stack_info)
         return record
 
     factory._elaoms_masking = True  # type: ignore[attr-defined]
@@ -48,15 +81,21 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def install_masking() -> None:
+    """Mask phone numbers in every log record made from now on, in this process and in
+    processes forked from it (idempotent)."""
+    current_factory = logging.getLogRecordFactory()
+    if not getattr(current_factory, "_elaoms_masking", False):
+        logging.setLogRecordFactory(_masking_record_factory(current_factory))
+
+
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonLineFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    current_factory = logging.getLogRecordFactory()
-    if not getattr(current_factory, "_elaoms_masking", False):
-        logging.setLogRecordFactory(_masking_record_factory(current_factory))
+    install_masking()
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_elaoms", False):
@@ -67,7 +106,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     # Uvicorn's access log prints query strings and paths; route it through our filter too,
     # at LOG_LEVEL: gunicorn's worker sets these loggers to its own level (INFO), which
     # wrote an access line per request even with LOG_LEVEL=WARNING.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True

@@ -6,6 +6,11 @@ store (calls, memories, prepared profile), the webhook files on disk (deliveries
 audio, plus their pending links), audio still waiting for its transcription, and cached
 profiles or greetings. Quarantined bodies that name the caller are included too: they are
 the caller's data even though we could not process them.
+
+Forgetting lasts: the caller's conversations are remembered as forgotten (keyed hashes of
+their ids, never the number), so a replayed or backfilled copy is answered and not stored
+again, while a new call from the same number is new memory. The store's -wal is
+checkpointed after the delete, so no deleted row stays readable on disk.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
-from elaoms.phone import mask
-from elaoms.webhooks.storage import safe_name
+import phonenumbers
+
+from elaoms.phone import DEFAULT_REGION, mask
+from elaoms.webhooks.storage import caller_dir_name, safe_name
 
 if TYPE_CHECKING:
     from elaoms.services import Services
@@ -63,6 +71,8 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
     storage = services.storage
     report = ForgetReport(user_id=user_id)
     report.conversations = await _conversations_of(services, user_id)
+    # First: a delivery of these conversations arriving meanwhile is no longer stored.
+    await services.store.forget_conversations(report.conversations)
     removed = await asyncio.to_thread(storage.forget, user_id)
     report.files_deleted = [str(path) for path in removed]
     for conversation_id in report.conversations:
@@ -74,6 +84,7 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
         str(path) for path in await asyncio.to_thread(_forget_quarantined, services, user_id)
     ]
     report.store_items_deleted = await services.store.delete_user(user_id)
+    await services.ingest.forget_receipts(report.conversations)
     report.cache_invalidated = await _invalidate_cache(services, user_id)
     logger.info(
         "forgot caller %s: %d store items, %d files",
@@ -178,25 +189,50 @@ def _read_json(services: Services, path: Path) -> Any:
 
 
 def _forget_quarantined(services: Services, user_id: str) -> list[Path]:
-    """Quarantined bodies that mention the caller (they never reached a caller directory)."""
+    """Quarantined bodies that mention the caller (they never reached a caller directory),
+    in any spelling of the number: each body is decrypted and every phone number in it is
+    compared in E.164."""
     root = services.storage.quarantine_root
     if not root.exists():
         return []
-    needles = {user_id.encode(), safe_name(user_id).encode()}
-    if user_id.startswith("+"):
-        needles.add(user_id[1:].encode())
     removed: list[Path] = []
     for body_path in sorted(root.glob("*.body")):
         try:
             body = services.storage.read(body_path)
         except (OSError, ValueError):
             continue
-        if any(needle in body for needle in needles):
+        if names_caller(body, user_id):
             for path in (body_path, body_path.with_suffix(".reason.json")):
                 if path.exists():
                     path.unlink(missing_ok=True)
                     removed.append(path)
     return removed
+
+
+def names_caller(body: bytes, user_id: str) -> bool:
+    """Whether `body` names the caller: their id as stored, its file-name and directory
+    forms, or a phone number (in any spelling, URL-encoded too) equal to it in E.164."""
+    needles = {user_id, safe_name(user_id), caller_dir_name(user_id)}
+    if user_id.startswith("+"):
+        needles.add(user_id[1:])
+    text = body.decode("utf-8", errors="replace")
+    if any(needle in text for needle in needles):
+        return True
+    if not user_id.startswith("+"):
+        return False
+    # Every spelling ends with the number's last four digits: only the text just before
+    # each of their occurrences is parsed (running the phone-number matcher over megabytes
+    # of base64 audio took seconds per body).
+    last_four, position = user_id[-4:], 0
+    while (position := text.find(last_four, position) + 1) > 0:
+        window = unquote_plus(text[max(0, position - 48) : position + 3])
+        for match in phonenumbers.PhoneNumberMatcher(
+            window, DEFAULT_REGION, leniency=phonenumbers.Leniency.POSSIBLE
+        ):
+            found = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
+            if found == user_id:
+                return True
+    return False
 
 
 async def _invalidate_cache(services: Services, user_id: str) -> bool:

@@ -24,6 +24,7 @@ from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall
 from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, call_memories, failure_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
+from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
 from elaoms.phone import mask
@@ -48,7 +49,7 @@ CallStoredHook = Callable[[str, dict[str, Any], CallReceipt], Awaitable[None]]
 class Acknowledgement:
     """What the post-call webhook answers (always with HTTP 200)."""
 
-    status: str  # received | queued | quarantined
+    status: str  # received | queued | quarantined | forgotten
     memory_id: str | None = None
     detail: str | None = None
 
@@ -97,6 +98,7 @@ class IngestService:
         return await self._receive_other(body, envelope)
 
     def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
+        reason = mask_phone_numbers(reason)  # kept in a file and answered: no number in it
         try:
             path = self.storage.quarantine(body, reason)
         except OSError as error:
@@ -122,6 +124,12 @@ class IngestService:
             data = shape.model_validate(envelope.data)
         except ValidationError as error:
             return self._quarantine(body, _describe(error, prefix="data"))
+        # Before the receipts: another worker's copy may still hold the forgotten memory id.
+        if await self.store.is_forgotten(data.conversation_id):
+            logger.info(
+                "%s %s was forgotten: not stored again", envelope.type, data.conversation_id
+            )
+            return Acknowledgement(status="forgotten")
         if known := await self.receipts.get(_receipt_key(envelope.type, data.conversation_id)):
             return Acknowledgement(status="received", memory_id=known)
         user_id = caller_of(envelope.type, envelope.data) or data.conversation_id
@@ -145,6 +153,8 @@ class IngestService:
                 else (f"data.full_audio is not valid base64: {error}")
             )
             return self._quarantine(body, reason)
+        if await self.store.is_forgotten(data.conversation_id):
+            return Acknowledgement(status="forgotten")
         call = await self._stored_call(data.conversation_id)
         user_id = call.user_id if call else None
         path = await asyncio.to_thread(
@@ -193,6 +203,8 @@ class IngestService:
             )
         except Exception:  # timed out, or the store failed: the retries go on
             return Acknowledgement(status="queued")
+        if receipt is not None and receipt.forgotten:
+            return Acknowledgement(status="forgotten")
         if receipt is None:  # another worker holds this delivery: it was a duplicate
             call = await self._stored_call(conversation_id, event_type)
             if call is None:
@@ -249,6 +261,12 @@ class IngestService:
             if stored is not None and not stored.done():
                 stored.set_result(receipt)
             conversation_id = str((payload.get("data") or {}).get("conversation_id"))
+            if receipt.forgotten:  # forgotten while it waited: its copy on disk goes too
+                self.storage.done(entry)
+                self.storage.delivery_path(
+                    user_id, str(payload.get("type")), conversation_id
+                ).unlink(missing_ok=True)
+                return receipt
             await self.receipts.set(
                 _receipt_key(str(payload.get("type")), conversation_id),
                 receipt.memory_id,
@@ -285,6 +303,12 @@ class IngestService:
         """Let in-flight background work finish (shutdown, tests)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def forget_receipts(self, conversation_ids: list[str]) -> None:
+        """Drop the cached receipts of forgotten conversations (here and in Redis)."""
+        for conversation_id in conversation_ids:
+            for event_type in (TRANSCRIPTION, INITIATION_FAILURE):
+                await self.receipts.delete(_receipt_key(event_type, conversation_id))
 
 
 def _receipt_key(event_type: str, conversation_id: str) -> str:

@@ -143,11 +143,11 @@ def _saved(path: Path) -> tuple[int, int]:
     return (row[0] if row else 0), count
 
 
-def _saved_index_data(path: Path) -> bytes:
-    """The caller's saved index, as stored."""
+def _saved_index_data(path: Path, caller_key: str = CALLER) -> bytes:
+    """The caller's saved index, as stored (`caller_key`: the caller's `user_id` column)."""
     with sqlite3.connect(path) as connection:
         (data,) = connection.execute(
-            "SELECT data FROM caller_indexes WHERE user_id = ?", (CALLER,)
+            "SELECT data FROM caller_indexes WHERE user_id = ?", (caller_key,)
         ).fetchone()
     return bytes(data)
 
@@ -237,7 +237,7 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path, cipher=PayloadCipher(Fernet.generate_key().decode(), enabled=True))
     _store_visits(store)
-    data = _saved_index_data(path)
+    data = _saved_index_data(path, store._key(CALLER))
     assert b"daughter" not in data and b"chipped" not in data
     assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
 
