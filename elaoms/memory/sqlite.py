@@ -23,6 +23,8 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 
 from elaoms.memory.base import (
     CallDigest,
+    CallerPage,
+    CallerSummary,
     CallHistory,
     CallReceipt,
     Memory,
@@ -96,6 +98,20 @@ CREATE TABLE IF NOT EXISTS call_digests (
 -- digest from the index alone: only the few digests returned are read.
 CREATE INDEX IF NOT EXISTS call_digests_by_user
     ON call_digests (user_id, event_type, started_at, conversation_id, marks, version);
+-- Calls per day for everyone (the console's chart) from the index alone.
+CREATE INDEX IF NOT EXISTS call_digests_by_start ON call_digests (event_type, started_at);
+CREATE INDEX IF NOT EXISTS calls_by_agent ON calls (agent_id);
+-- The console's list of callers: one row per prepared profile, written with it, so a page
+-- of 100,000 callers is an index range. `name_key` is what a name search matches: the
+-- folded name, or with encryption at rest keyed hashes of its words (`PayloadCipher.blind`).
+CREATE TABLE IF NOT EXISTS caller_directory (
+    user_id TEXT PRIMARY KEY,
+    name_key TEXT NOT NULL,
+    call_count INTEGER NOT NULL,
+    last_started_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS caller_directory_by_last
+    ON caller_directory (last_started_at, user_id);
 """
 # Newest first, as `MemoryStore.call_history` defines it (SQLite sorts NULL lowest).
 NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
@@ -151,6 +167,24 @@ class SQLiteStore(MemoryStore):
             connection.executescript(SCHEMA)
 
         set_up()
+        self._fill_caller_directory()
+
+    def _fill_caller_directory(self) -> None:
+        """Files from before the directory existed: one pass over their profiles."""
+        connection = self._connection()
+        if connection.execute("SELECT 1 FROM caller_directory LIMIT 1").fetchone():
+            return
+        if not connection.execute("SELECT 1 FROM caller_profiles LIMIT 1").fetchone():
+            return
+        with self._write() as writer:
+            for user_id, blob in writer.execute(
+                "SELECT user_id, profile FROM caller_profiles"
+            ).fetchall():
+                try:
+                    profile = decode(self.cipher.decrypt(bytes(blob)))
+                except Exception:  # a profile we cannot read is rebuilt after the next call
+                    continue
+                self._put_directory_entry(writer, user_id, profile)
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -629,6 +663,7 @@ class SQLiteStore(MemoryStore):
                     deleted += connection.execute(
                         f"DELETE FROM {table} WHERE user_id = ?", (user_id,)
                     ).rowcount
+                self._delete_directory_entry(connection, user_id)
                 # Derived from the memories (their words): gone with them, not counted.
                 connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (user_id,))
                 self._delete_digests(connection, user_id)
@@ -715,8 +750,113 @@ class SQLiteStore(MemoryStore):
                     " SET profile = excluded.profile, updated_at = excluded.updated_at",
                     (user_id, blob, time.time()),
                 )
+                self._put_directory_entry(connection, user_id, profile)
 
         await self._run(upsert)
+
+    # Callers -----------------------------------------------------------------------------
+    def _put_directory_entry(
+        self, connection: sqlite3.Connection, user_id: str, profile: dict[str, Any]
+    ) -> None:
+        last = profile.get("last_call_at")
+        connection.execute(
+            "INSERT INTO caller_directory VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
+            " SET name_key = excluded.name_key, call_count = excluded.call_count,"
+            " last_started_at = excluded.last_started_at",
+            (
+                user_id,
+                self._name_key(profile.get("name")),
+                int(profile.get("call_count") or 0),
+                int(last) if isinstance(last, int | float) else None,
+            ),
+        )
+
+    def _delete_directory_entry(self, connection: sqlite3.Connection, user_id: str) -> None:
+        connection.execute("DELETE FROM caller_directory WHERE user_id = ?", (user_id,))
+
+    def _name_key(self, name: object) -> str:
+        words = str(name or "").casefold().split()
+        # Spaces around every word: a word search is then one LIKE '% word %'.
+        return f" {' '.join(self.cipher.blind(word) for word in words)} " if words else ""
+
+    async def list_callers(
+        self,
+        *,
+        number: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> CallerPage:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        digits = "".join(ch for ch in number or "" if ch.isdigit())
+        if digits:
+            clauses.append("d.user_id LIKE ?")
+            parameters.append(f"%{digits}%")
+        words = (name or "").casefold().split()
+        if words and self.cipher.enabled:
+            for word in words:
+                clauses.append("d.name_key LIKE ?")
+                parameters.append(f"% {self.cipher.blind(word)} %")
+        elif words:
+            clauses.append("d.name_key LIKE ? ESCAPE '\\'")
+            parameters.append(f"%{_like_escape(' '.join(words))}%")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def query() -> CallerPage:
+            with self._read() as connection:
+                total = connection.execute(
+                    f"SELECT COUNT(*) FROM caller_directory AS d {where}", parameters
+                ).fetchone()[0]
+                rows = connection.execute(
+                    "SELECT d.user_id, d.call_count, d.last_started_at, p.profile"
+                    " FROM caller_directory AS d"
+                    " LEFT JOIN caller_profiles AS p ON p.user_id = d.user_id"
+                    f" {where}"
+                    " ORDER BY d.last_started_at DESC, d.user_id DESC LIMIT ? OFFSET ?",
+                    [*parameters, max(0, limit), max(0, offset)],
+                ).fetchall()
+            callers = []
+            for user_id, call_count, last_started_at, blob in rows:
+                profile = decode(self.cipher.decrypt(bytes(blob))) if blob else {}
+                callers.append(
+                    CallerSummary(
+                        user_id=user_id,
+                        name=profile.get("name") or None,
+                        call_count=call_count,
+                        last_started_at=last_started_at,
+                    )
+                )
+            return CallerPage(callers=callers, total=total)
+
+        return await self._run(query)
+
+    async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
+        sql = (
+            "SELECT started_at / 86400, COUNT(*) FROM call_digests"
+            " WHERE event_type = ? AND started_at >= ?"
+        )
+        parameters: list[Any] = [TRANSCRIPTION, since]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            parameters.append(user_id)
+        sql += " GROUP BY 1"
+
+        def query() -> dict[int, int]:
+            return {
+                int(day): int(count) for day, count in self._connection().execute(sql, parameters)
+            }
+
+        return await self._run(query)
+
+    async def list_agent_ids(self) -> list[str]:
+        def query() -> list[str]:
+            rows = self._connection().execute(
+                "SELECT DISTINCT agent_id FROM calls WHERE agent_id IS NOT NULL ORDER BY agent_id"
+            )
+            return [str(row[0]) for row in rows]
+
+        return await self._run(query)
 
     # Life cycle --------------------------------------------------------------------------
     async def check(self) -> None:
@@ -730,6 +870,10 @@ class SQLiteStore(MemoryStore):
                 connection.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _agent_memory_id(agent_id: str) -> str:
