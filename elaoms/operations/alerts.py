@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -19,6 +21,17 @@ from elaoms.operations.metrics import ALERTS
 logger = logging.getLogger("elaoms.alerts")
 
 
+RECENT_ALERTS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedAlert:
+    raised_at: float
+    kind: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class AlertSink:
     def __init__(self, webhook_url: str = "", *, min_interval_seconds: float = 300.0) -> None:
         self.webhook_url = webhook_url
@@ -26,9 +39,12 @@ class AlertSink:
         self._last_post: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.posts_sent = 0
+        # The latest alerts of this process, newest last, for the operator console.
+        self.recent: deque[RaisedAlert] = deque(maxlen=RECENT_ALERTS)
 
     def raise_alert(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
         ALERTS.labels(kind).inc()
+        self.recent.append(RaisedAlert(time.time(), kind, message, dict(details or {})))
         logger.error("ALERT %s: %s %s", kind, message, details or "")
         if not self.webhook_url:
             return
