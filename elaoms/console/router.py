@@ -207,6 +207,8 @@ async def login(request: Request, secret: Annotated[str, Form(max_length=1000)] 
     if not _same_origin(request):  # login CSRF: signing a victim in to our session
         _refuse_cross_site(request, "console_origin")
     if state.limiter.blocked(source):
+        # Still an attempt the anomaly monitor must see: a guesser does not stop at 429.
+        request.app.state.services.auth_monitor.record("console_sign_in", source)
         logger.warning("console: sign-in from %s refused: too many failures", source)
         return _render(
             request,
