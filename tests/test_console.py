@@ -2,6 +2,9 @@
 (the same answers as the webhooks), and what its actions do. Browser tests are in
 test_console_browser.py."""
 
+# Fixtures shared with other modules are imported by name, which ruff reads as shadowing.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
@@ -9,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +30,7 @@ from conftest import (
     transcription,
     wait_until,
 )
+from openmemory_standin import StandIn, fresh_standin, standin  # noqa: F401 - fixtures by name
 
 SECRET = "console-test-secret-0123456789"
 MARIA = "+14155550123"
@@ -510,4 +515,30 @@ def test_the_console_works_with_encryption_at_rest(
         assert operator.caller_ids("lop") == []  # whole words only: names are keyed hashes
         assert "Maria Lopez" in operator.get(f"/console/callers/{maria}").text
         assert "daughter Sofia" in operator.get(f"/console/callers/{maria}/calls/conv_maria_1").text
+        operator.http.close()
+
+
+def test_the_console_works_on_the_openmemory_backend(
+    settings_factory: Callable[..., Settings], tmp_path: Path, fresh_standin: StandIn
+) -> None:
+    settings = settings_factory(
+        console_secret=SECRET,
+        memory_backend="openmemory",
+        openmemory_url=fresh_standin.url,
+        openmemory_api_key=fresh_standin.api_key,
+        openmemory_ledger_path=tmp_path / "openmemory-ledger.sqlite3",
+        openmemory_retry_base_delay_seconds=0.05,
+    )
+    with InThreadServer(settings) as server:
+        operator = Console(server)
+        operator.sign_in()
+        with maria_delivered(server):
+            (maria,) = wait_for_callers(operator, 1)
+        assert operator.caller_ids("lopez") == [maria]
+        searched = operator.post(f"/console/callers/{maria}/search", query="daughter sore tooth")
+        assert "Sofia" in _section(searched.text, "search-context")
+        assert (
+            operator.post(f"/console/callers/{maria}/forget", confirm="forget").status_code == 303
+        )
+        assert operator.caller_ids() == []
         operator.http.close()
