@@ -542,3 +542,19 @@ def test_the_console_works_on_the_openmemory_backend(
         )
         assert operator.caller_ids() == []
         operator.http.close()
+
+
+def test_behind_a_proxy_that_rewrites_host_forms_from_the_public_origin_are_accepted(
+    console_server: InThreadServer,
+) -> None:
+    public = {"Origin": "https://console.example.com", "X-Forwarded-Host": "console.example.com"}
+    with console_server.client() as client:
+        assert (
+            client.post("/console/login", data={"secret": SECRET}, headers=public).status_code
+            == 303
+        )
+        spoofed = {"Origin": "https://evil.example", "X-Forwarded-Host": "console.example.com"}
+        assert (
+            client.post("/console/login", data={"secret": SECRET}, headers=spoofed).status_code
+            == 403
+        )

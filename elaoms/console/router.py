@@ -131,7 +131,10 @@ def _same_origin(request: Request) -> bool:
     claimed = request.headers.get("origin") or request.headers.get("referer")
     if not claimed or claimed == "null":
         return False
-    return urlsplit(claimed).netloc == request.headers.get("host")
+    # X-Forwarded-Host: behind a proxy that rewrites Host. A cross-site form cannot set
+    # either header, so believing it opens nothing.
+    ours = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+    return urlsplit(claimed).netloc in ours - {None}
 
 
 def _refuse_cross_site(request: Request, kind: str) -> None:
