@@ -7,9 +7,11 @@ test_console_browser.py."""
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -336,8 +338,6 @@ def test_the_caller_page_shows_exactly_what_client_data_and_the_search_tool_answ
 def _section(page: str, element_id: str) -> str:
     match = re.search(rf'id="{element_id}">\s*(?:<h2>.*?</h2>\s*<pre>)?(.*?)</pre>', page, re.S)
     assert match, page
-    import html
-
     return html.unescape(match.group(1))
 
 
@@ -381,19 +381,22 @@ def test_a_call_page_shows_the_summary_data_collection_and_transcript_of_that_ca
 
 
 def test_the_chart_counts_the_calls_of_the_last_weeks(console: Console) -> None:
-    import time
-
     with console.server.client() as client:
         for number in range(3):
             payload = named_call(f"conv_maria_{number}", MARIA, "Maria Lopez")
             payload["data"]["metadata"]["start_time_unix_secs"] = int(time.time()) - number * 60
             deliver(client, payload)
     (maria,) = wait_for_callers(console, 1)
-    wait_until(lambda: "3 call(s)" in console.get("/console/callers").text)
 
-    page = console.get(f"/console/callers/{maria}").text
+    label = r"<svg[^>]*aria-label=\"Calls per day, this caller: 3 call\(s\)"
+    page = wait_until(
+        lambda: (
+            (text := console.get(f"/console/callers/{maria}").text)
+            and re.search(label, text)
+            and text
+        )
+    )
 
-    assert re.search(r"<svg[^>]*aria-label=\"Calls per day, this caller: 3 call\(s\)", page)
     assert "script" not in page.lower()
 
 

@@ -789,33 +789,59 @@ class SQLiteStore(MemoryStore):
     ) -> CallerPage:
         clauses: list[str] = []
         parameters: list[Any] = []
+        # instr, not LIKE '%...%': the same match on text already folded, several times
+        # faster over 100,000 rows.
         digits = "".join(ch for ch in number or "" if ch.isdigit())
         if digits:
-            clauses.append("d.user_id LIKE ?")
-            parameters.append(f"%{digits}%")
+            clauses.append("instr(user_id, ?) > 0")
+            parameters.append(digits)
         words = (name or "").casefold().split()
         if words and self.cipher.enabled:
             for word in words:
-                clauses.append("d.name_key LIKE ?")
-                parameters.append(f"% {self.cipher.blind(word)} %")
+                clauses.append("instr(name_key, ?) > 0")
+                parameters.append(f" {self.cipher.blind(word)} ")
         elif words:
-            clauses.append("d.name_key LIKE ? ESCAPE '\\'")
-            parameters.append(f"%{_like_escape(' '.join(words))}%")
+            clauses.append("instr(name_key, ?) > 0")
+            parameters.append(" ".join(words))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        page = [max(0, limit), max(0, offset)]
 
         def query() -> CallerPage:
             with self._read() as connection:
-                total = connection.execute(
-                    f"SELECT COUNT(*) FROM caller_directory AS d {where}", parameters
-                ).fetchone()[0]
-                rows = connection.execute(
-                    "SELECT d.user_id, d.call_count, d.last_started_at, p.profile"
-                    " FROM caller_directory AS d"
-                    " LEFT JOIN caller_profiles AS p ON p.user_id = d.user_id"
-                    f" {where}"
-                    " ORDER BY d.last_started_at DESC, d.user_id DESC LIMIT ? OFFSET ?",
-                    [*parameters, max(0, limit), max(0, offset)],
-                ).fetchall()
+                if where:
+                    # One pass over the table for the matches and their count; the few
+                    # matches are then sorted (walking the index in order would visit every
+                    # row out of order).
+                    found = connection.execute(
+                        "SELECT user_id, call_count, last_started_at, COUNT(*) OVER ()"
+                        f" FROM caller_directory {where}"
+                        " ORDER BY +last_started_at DESC, user_id DESC LIMIT ? OFFSET ?",
+                        [*parameters, *page],
+                    ).fetchall()
+                    if found:
+                        total = found[0][3]
+                    else:  # past the last page, or no match at all (no second scan)
+                        total = self._count_callers(connection, where, parameters) if offset else 0
+                else:
+                    # The page from the index, then only its callers' rows.
+                    found = connection.execute(
+                        "SELECT user_id, call_count, last_started_at, NULL FROM caller_directory"
+                        " ORDER BY last_started_at DESC, user_id DESC LIMIT ? OFFSET ?",
+                        page,
+                    ).fetchall()
+                    total = self._count_callers(connection, "", [])
+                profiles = (
+                    dict(
+                        connection.execute(
+                            "SELECT user_id, profile FROM caller_profiles WHERE user_id IN"
+                            f" ({','.join('?' * len(found))})",
+                            [row[0] for row in found],
+                        ).fetchall()
+                    )
+                    if found
+                    else {}
+                )
+            rows = [(row[0], row[1], row[2], profiles.get(row[0])) for row in found]
             callers = []
             for user_id, call_count, last_started_at, blob in rows:
                 profile = decode(self.cipher.decrypt(bytes(blob))) if blob else {}
@@ -830,6 +856,12 @@ class SQLiteStore(MemoryStore):
             return CallerPage(callers=callers, total=total)
 
         return await self._run(query)
+
+    def _count_callers(
+        self, connection: sqlite3.Connection, where: str, parameters: list[Any]
+    ) -> int:
+        row = connection.execute(f"SELECT COUNT(*) FROM caller_directory {where}", parameters)
+        return int(row.fetchone()[0])
 
     async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
         sql = (
@@ -870,10 +902,6 @@ class SQLiteStore(MemoryStore):
                 connection.close()
             self._connections.clear()
         self._local = threading.local()
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _agent_memory_id(agent_id: str) -> str:

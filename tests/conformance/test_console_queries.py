@@ -171,3 +171,16 @@ def test_a_store_from_before_the_caller_list_lists_its_callers_when_opened(
         run(reopened.close())
 
     assert [(c.user_id, c.call_count) for c in page.callers] == [(MARIA, 2)]
+
+
+def test_a_page_past_the_last_is_empty_but_still_counts_the_callers(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    run(store.put_caller_profile(MARIA, profile("Maria Lopez", 3, 1_700_000_300)))
+    run(store.put_caller_profile(JAMES, profile("James Lopez", 1, 1_700_000_900)))
+
+    everyone = run(store.list_callers(limit=50, offset=50))
+    lopez = run(store.list_callers(name="lopez", limit=1, offset=5))
+
+    assert (everyone.callers, everyone.total) == ([], 2)
+    assert (lopez.callers, lopez.total) == ([], 2)
