@@ -14,10 +14,12 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elaoms.console.auth import COOKIE_NAME, CSRF_FIELD, ConsoleKeys, Session, SignInLimiter
@@ -96,6 +98,20 @@ def install_console(app: FastAPI, services: Services) -> None:
     app.include_router(router, include_in_schema=False)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=HERE / "static"), name="console-static")
     app.add_middleware(ConsoleHeadersMiddleware)
+    app.add_exception_handler(StarletteHTTPException, _error_page)  # type: ignore[arg-type]
+
+
+async def _error_page(request: Request, error: StarletteHTTPException) -> Response:
+    """Console errors as a page (a browser shows them); every other path as before."""
+    if not request.url.path.startswith(PREFIX) or error.status_code < 400:
+        return await http_exception_handler(request, error)
+    return _state(request).templates.TemplateResponse(
+        request,
+        "error.html",
+        {"status_code": error.status_code, "detail": error.detail, "signed_in": False},
+        status_code=error.status_code,
+        headers=error.headers,
+    )
 
 
 # Dependencies ----------------------------------------------------------------------------
