@@ -561,3 +561,11 @@ def test_behind_a_proxy_that_rewrites_host_forms_from_the_public_origin_are_acce
             client.post("/console/login", data={"secret": SECRET}, headers=spoofed).status_code
             == 403
         )
+
+
+def test_signing_out_deletes_the_session_cookie(console: Console) -> None:
+    answer = console.post("/console/logout")
+
+    assert (answer.status_code, answer.headers["location"]) == (303, "/console/login")
+    assert f'{COOKIE_NAME}=""' in answer.headers["set-cookie"]
+    assert console.get("/console/callers").status_code == 303
