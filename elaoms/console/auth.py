@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 COOKIE_NAME = "elaoms_console"
 CSRF_FIELD = "csrf_token"
+MAX_TRACKED_SOURCES = 10_000
 
 
 def _derive(secret: str, purpose: bytes, length: int = 32) -> bytes:
@@ -124,6 +125,11 @@ class SignInLimiter:
 
     def failed(self, source: str) -> None:
         with self._lock:
+            if len(self._failures) > MAX_TRACKED_SOURCES:  # many addresses: drop the stale
+                for address, times in list(self._failures.items()):
+                    self._prune(times)
+                    if not times:
+                        del self._failures[address]
             failures = self._failures.setdefault(source, deque())
             self._prune(failures)
             failures.append(time.monotonic())
