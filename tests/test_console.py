@@ -7,6 +7,7 @@ test_console_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -28,6 +29,7 @@ from elaoms.webhooks.storage import caller_dir_name
 from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
+    load_fixture,
     signed_headers,
     transcription,
     wait_until,
@@ -569,3 +571,30 @@ def test_signing_out_deletes_the_session_cookie(console: Console) -> None:
     assert (answer.status_code, answer.headers["location"]) == (303, "/console/login")
     assert f'{COOKIE_NAME}=""' in answer.headers["set-cookie"]
     assert console.get("/console/callers").status_code == 303
+
+
+def test_with_the_agent_cached_the_greeting_is_sent_and_the_agent_s_overrides_are_shown(
+    console: Console,
+) -> None:
+    agent = load_fixture("agent")
+    store = console.server.app.state.services.store
+    asyncio.run(store.put_agent_profile(agent["agent_id"], agent, time.time()))
+    with maria_delivered(console.server):
+        (maria,) = wait_for_callers(console, 1)
+    with console.server.client() as client:
+        sent = client.post(
+            "/webhooks/client-data",
+            json={"caller_id": MARIA, "agent_id": agent["agent_id"]},
+            headers={"X-Api-Key": WORKSPACE_SECRET},
+        ).json()["conversation_config_override"]["agent"]["first_message"]
+
+    greeting = _between(
+        console.get(f"/console/callers/{maria}").text, 'id="greeting"', "</section>"
+    )
+    agents = console.get("/console/agents").text
+
+    assert "Would be sent" in greeting
+    assert html.escape(sent, quote=False) in greeting
+    assert "Ava - Brightside Dental front desk" in agents
+    assert "first message: yes" in agents
+    assert "<code>caller_name</code> = “there”" in agents
