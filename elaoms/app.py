@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from elaoms import SERVICE_NAME, __version__
 from elaoms.admin.router import router as admin_router
 from elaoms.config import HMAC_PLACEHOLDER_PREFIX, Settings, get_settings
+from elaoms.console.router import install_console
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
 from elaoms.operations.maintenance import run_maintenance, run_store_upkeep
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     app.include_router(post_call_router)
     app.include_router(operations_router)
     app.include_router(admin_router, include_in_schema=bool(settings.admin_api_key))
+    install_console(app, services)  # only with CONSOLE_SECRET or ADMIN_API_KEY
     return app
 
 

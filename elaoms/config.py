@@ -98,6 +98,16 @@ class Settings(BaseSettings):
     allowed_source_ips: str = ""
     trusted_proxy_header: str = ""
 
+    # Operator console (/console)
+    console_secret: str = Field(
+        default="",
+        description="Sign-in secret of the web console at /console; empty = ADMIN_API_KEY. "
+        "With neither set there is no console (404).",
+    )
+    console_session_minutes: int = Field(
+        default=480, ge=1, description="How long a console sign-in lasts."
+    )
+
     # Search tool
     search_context_max_chars: int = 3000
     search_timeout_ms: int = 800
@@ -173,6 +183,10 @@ class Settings(BaseSettings):
     @property
     def pending_path(self) -> Path:
         return self.webhook_storage_path / "_pending"
+
+    @property
+    def console_sign_in_secret(self) -> str:
+        return self.console_secret or self.admin_api_key
 
     @property
     def webhooks_authenticated(self) -> bool:

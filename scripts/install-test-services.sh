@@ -1,13 +1,15 @@
 #!/bin/sh
 # Installs what the test suite runs besides Python packages, on Debian and Ubuntu: a Redis
-# server (the tests start their own throw-away servers) and wrk (the load benchmark's
-# client, which a smoke test runs at a tiny size). Idempotent: installs only what is
-# missing from PATH.
+# server (the tests start their own throw-away servers), wrk (the load benchmark's
+# client, which a smoke test runs at a tiny size) and Chromium (the console's browser
+# tests drive it headless with Playwright; never `playwright install`). Idempotent:
+# installs only what is missing from PATH.
 set -eu
 
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -z "$missing" ]; then
     exit 0
 fi
@@ -22,7 +24,7 @@ else
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "missing:$missing, and apt-get is not available: install Redis 6 or newer and wrk" >&2
+    echo "missing:$missing, and apt-get is not available: install Redis 6 or newer, wrk and Chromium" >&2
     exit 1
 fi
 
@@ -33,3 +35,4 @@ $SUDO apt-get install -y -q --no-install-recommends $missing
 # The packaged Redis need not run: the tests start their own.
 redis-server --version
 wrk --version 2>&1 | head -n 1 || true
+chromium --version 2>/dev/null || true

@@ -68,6 +68,23 @@ class CallHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerSummary:
+    """One line of the list of callers (the operator console): a caller with a prepared
+    profile, as of that profile."""
+
+    user_id: str
+    name: str | None
+    call_count: int
+    last_started_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallerPage:
+    callers: list[CallerSummary]
+    total: int  # every caller matching the filter, not only this page
+
+
+@dataclass(frozen=True, slots=True)
 class CallReceipt:
     memory_id: str
     created: bool  # False when the same call was already stored (a duplicate delivery)
@@ -132,6 +149,32 @@ class MemoryStore(abc.ABC):
     ) -> list[CallDigest]:
         """The digests of the caller's finished calls, newest first (as `call_history`);
         with `words`, each call's vocabulary too."""
+
+    @abc.abstractmethod
+    async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
+        """How many finished calls (`post_call_transcription`) started on each UTC day from
+        `since` on, for one caller or (None) everyone: {unix day number: count}, days
+        without calls left out. An index scan: it draws the console's charts."""
+
+    @abc.abstractmethod
+    async def list_agent_ids(self) -> list[str]:
+        """Every agent id that stored calls name, sorted."""
+
+    # Callers -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def list_callers(
+        self,
+        *,
+        number: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> CallerPage:
+        """Callers with a prepared profile, the latest last call first (then the greatest
+        user id). `number`: digits the caller id contains (any part of it); `name`: the
+        profile's name contains it, case-insensitively (with encryption at rest, whole
+        words only: names are kept as keyed hashes there). Must stay fast at 100,000
+        callers: it serves a web page."""
 
     # Memories ----------------------------------------------------------------------------
     @abc.abstractmethod

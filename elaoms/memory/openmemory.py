@@ -51,6 +51,7 @@ from tenacity import (
 from elaoms.config import Settings
 from elaoms.memory.base import (
     CallDigest,
+    CallerPage,
     CallHistory,
     CallReceipt,
     Memory,
@@ -226,6 +227,7 @@ class Ledger(SQLiteStore):
                 key = self._key(user_id)
                 connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (key,))
                 self._delete_digests(connection, user_id)
+                self._delete_directory_entry(connection, user_id)
                 deleted = sum(
                     connection.execute(f"DELETE FROM {table} WHERE user_id = ?", (key,)).rowcount
                     for table in ("calls", "caller_profiles")
@@ -475,6 +477,22 @@ class OpenMemoryStore(MemoryStore):
         self, user_id: str, *, recent: int, marks: Collection[str] = ()
     ) -> CallHistory:
         return await self.ledger.call_history(user_id, recent=recent, marks=marks)
+
+    async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
+        return await self.ledger.calls_per_day(user_id, since=since)
+
+    async def list_agent_ids(self) -> list[str]:
+        return await self.ledger.list_agent_ids()
+
+    async def list_callers(
+        self,
+        *,
+        number: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> CallerPage:
+        return await self.ledger.list_callers(number=number, name=name, limit=limit, offset=offset)
 
     async def list_call_digests(
         self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False

@@ -24,6 +24,8 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 
 from elaoms.memory.base import (
     CallDigest,
+    CallerPage,
+    CallerSummary,
     CallHistory,
     CallReceipt,
     Memory,
@@ -36,6 +38,7 @@ from elaoms.memory.held_indexes import HeldIndexes, Version
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
 from elaoms.operations.files import ensure_private_dir
+from elaoms.phone import normalize_caller_id
 from elaoms.payloads import decode, encode
 from elaoms.search.ranking import DEFAULT, CallerIndex
 
@@ -110,6 +113,21 @@ CREATE TABLE IF NOT EXISTS forgotten_conversations (
     conversation_key TEXT PRIMARY KEY,
     forgotten_at REAL NOT NULL
 );
+-- Calls per day for everyone (the console's chart) from the index alone.
+CREATE INDEX IF NOT EXISTS call_digests_by_start ON call_digests (event_type, started_at);
+CREATE INDEX IF NOT EXISTS calls_by_agent ON calls (agent_id);
+-- The console's list of callers: one row per prepared profile, written with it, so a page
+-- of 100,000 callers is an index range. `name_key` is what a name search matches: the
+-- folded name, or with encryption at rest keyed hashes of its words (`PayloadCipher.blind`).
+CREATE TABLE IF NOT EXISTS caller_directory (
+    user_id TEXT PRIMARY KEY,  -- as in every table: the caller id, or its keyed hash
+    name_key TEXT NOT NULL,
+    call_count INTEGER NOT NULL,
+    last_started_at INTEGER,
+    caller BLOB NOT NULL  -- the caller id as the console shows it, encrypted when asked
+);
+CREATE INDEX IF NOT EXISTS caller_directory_by_last
+    ON caller_directory (last_started_at, user_id);
 """
 CALL_COLUMNS = (
     "event_type, conversation_id, user_id, agent_id, event_timestamp, started_at, memory_id,"
@@ -182,6 +200,36 @@ class SQLiteStore(MemoryStore):
             self._protect_plain_rows()
 
         set_up()
+        self._fill_caller_directory()
+
+    def _fill_caller_directory(self) -> None:
+        """Profiles without a directory entry (files from before the directory existed, or
+        rows the start-up encryption re-keyed): one pass over those profiles."""
+        missing = (
+            "SELECT user_id, profile FROM caller_profiles AS p WHERE NOT EXISTS"
+            " (SELECT 1 FROM caller_directory AS d WHERE d.user_id = p.user_id)"
+        )
+        if not self._connection().execute(missing + " LIMIT 1").fetchone():
+            return
+        with self._write() as writer:
+            for key, blob in writer.execute(missing).fetchall():
+                caller = self._caller_of_key(writer, key)
+                try:
+                    profile = decode(self.cipher.decrypt(bytes(blob)))
+                except Exception:  # a profile we cannot read is rebuilt after the next call
+                    continue
+                if caller is not None:
+                    self._put_directory_entry(writer, caller, profile)
+
+    def _caller_of_key(self, connection: sqlite3.Connection, key: str) -> str | None:
+        """The caller id a `user_id` column value stands for (its keyed hash is one-way:
+        the encrypted copy kept with the caller's calls says it)."""
+        if not key.startswith(KEYED_HASH_PREFIX):
+            return key
+        row = connection.execute(
+            "SELECT caller FROM calls WHERE user_id = ? AND caller IS NOT NULL LIMIT 1", (key,)
+        ).fetchone()
+        return self._open(bytes(row[0])) if row else None
 
     def _load_hash_key(self) -> bytes:
         """The store's keyed-hash secret, made on first use. With encryption on it is kept
@@ -245,6 +293,10 @@ class SQLiteStore(MemoryStore):
                 changed += 1
             changed += connection.execute(
                 f"DELETE FROM caller_indexes WHERE user_id {plain}"
+            ).rowcount
+            # Re-filled from the re-keyed profiles right after (`_fill_caller_directory`).
+            changed += connection.execute(
+                f"DELETE FROM caller_directory WHERE user_id {plain}"
             ).rowcount
             for user_id, profile in connection.execute(
                 f"SELECT user_id, profile FROM caller_profiles WHERE user_id {plain}"
@@ -806,6 +858,7 @@ class SQLiteStore(MemoryStore):
                     deleted += connection.execute(
                         f"DELETE FROM {table} WHERE user_id = ?", (self._key(user_id),)
                     ).rowcount
+                self._delete_directory_entry(connection, user_id)
                 # Derived from the memories (their words): gone with them, not counted.
                 connection.execute(
                     "DELETE FROM caller_indexes WHERE user_id = ?", (self._key(user_id),)
@@ -941,8 +994,157 @@ class SQLiteStore(MemoryStore):
                     " SET profile = excluded.profile, updated_at = excluded.updated_at",
                     (self._key(user_id), blob, time.time()),
                 )
+                self._put_directory_entry(connection, user_id, profile)
 
         await self._run(upsert)
+
+    # Callers -----------------------------------------------------------------------------
+    def _put_directory_entry(
+        self, connection: sqlite3.Connection, user_id: str, profile: dict[str, Any]
+    ) -> None:
+        last = profile.get("last_call_at")
+        connection.execute(
+            "INSERT INTO caller_directory VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
+            " SET name_key = excluded.name_key, call_count = excluded.call_count,"
+            " last_started_at = excluded.last_started_at",
+            (
+                self._key(user_id),
+                self._name_key(profile.get("name")),
+                int(profile.get("call_count") or 0),
+                int(last) if isinstance(last, int | float) else None,
+                self._seal(user_id).encode(),
+            ),
+        )
+
+    def _delete_directory_entry(self, connection: sqlite3.Connection, user_id: str) -> None:
+        connection.execute("DELETE FROM caller_directory WHERE user_id = ?", (self._key(user_id),))
+
+    def _name_key(self, name: object) -> str:
+        words = str(name or "").casefold().split()
+        # Spaces around every word: a word search is then one LIKE '% word %'.
+        return f" {' '.join(self.cipher.blind(word) for word in words)} " if words else ""
+
+    async def list_callers(
+        self,
+        *,
+        number: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> CallerPage:
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        # instr, not LIKE '%...%': the same match on text already folded, several times
+        # faster over 100,000 rows.
+        digits = "".join(ch for ch in number or "" if ch.isdigit())
+        if digits and self.cipher.enabled:
+            # Keyed hashes match whole numbers only (as names match whole words).
+            clauses.append("user_id = ?")
+            parameters.append(self._key(normalize_caller_id(number or "") or f"+{digits}"))
+        elif digits:
+            clauses.append("instr(user_id, ?) > 0")
+            parameters.append(digits)
+        words = (name or "").casefold().split()
+        if words and self.cipher.enabled:
+            for word in words:
+                clauses.append("instr(name_key, ?) > 0")
+                parameters.append(f" {self.cipher.blind(word)} ")
+        elif words:
+            clauses.append("instr(name_key, ?) > 0")
+            parameters.append(" ".join(words))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        page = [max(0, limit), max(0, offset)]
+
+        def query() -> CallerPage:
+            with self._read() as connection:
+                if where:
+                    # One pass over the table for the matches and their count; the few
+                    # matches are then sorted (walking the index in order would visit every
+                    # row out of order).
+                    found = connection.execute(
+                        "SELECT user_id, call_count, last_started_at, COUNT(*) OVER (), caller"
+                        f" FROM caller_directory {where}"
+                        " ORDER BY +last_started_at DESC, user_id DESC LIMIT ? OFFSET ?",
+                        [*parameters, *page],
+                    ).fetchall()
+                    if found:
+                        total = found[0][3]
+                    else:  # past the last page, or no match at all (no second scan)
+                        total = self._count_callers(connection, where, parameters) if offset else 0
+                else:
+                    # The page from the index, then only its callers' rows.
+                    found = connection.execute(
+                        "SELECT user_id, call_count, last_started_at, NULL, caller"
+                        " FROM caller_directory"
+                        " ORDER BY last_started_at DESC, user_id DESC LIMIT ? OFFSET ?",
+                        page,
+                    ).fetchall()
+                    total = self._count_callers(connection, "", [])
+                profiles = (
+                    dict(
+                        connection.execute(
+                            "SELECT user_id, profile FROM caller_profiles WHERE user_id IN"
+                            f" ({','.join('?' * len(found))})",
+                            [row[0] for row in found],
+                        ).fetchall()
+                    )
+                    if found
+                    else {}
+                )
+            callers = []
+            for key, call_count, last_started_at, _, caller in found:
+                blob = profiles.get(key)
+                profile = decode(self.cipher.decrypt(bytes(blob))) if blob else {}
+                callers.append(
+                    CallerSummary(
+                        user_id=self._open(bytes(caller)),
+                        name=profile.get("name") or None,
+                        call_count=call_count,
+                        last_started_at=last_started_at,
+                    )
+                )
+            return CallerPage(callers=callers, total=total)
+
+        return await self._run(query)
+
+    def _count_callers(
+        self, connection: sqlite3.Connection, where: str, parameters: list[Any]
+    ) -> int:
+        row = connection.execute(f"SELECT COUNT(*) FROM caller_directory {where}", parameters)
+        return int(row.fetchone()[0])
+
+    async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
+        sql = (
+            "SELECT started_at / 86400, COUNT(*) FROM call_digests"
+            " WHERE event_type = ? AND started_at >= ?"
+        )
+        parameters: list[Any] = [TRANSCRIPTION, since]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            parameters.append(self._key(user_id))
+        sql += " GROUP BY 1"
+
+        def query() -> dict[int, int]:
+            return {
+                int(day): int(count) for day, count in self._connection().execute(sql, parameters)
+            }
+
+        return await self._run(query)
+
+    async def list_agent_ids(self) -> list[str]:
+        def query() -> list[str]:
+            # One index seek per agent (a loose index scan), where DISTINCT would walk
+            # every call's entry: a handful of agents among 100,000 calls.
+            rows = self._connection().execute(
+                "WITH RECURSIVE agents(id) AS ("
+                " SELECT MIN(agent_id) FROM calls"
+                " UNION ALL SELECT (SELECT MIN(agent_id) FROM calls WHERE agent_id > agents.id)"
+                " FROM agents WHERE agents.id IS NOT NULL)"
+                " SELECT id FROM agents WHERE id IS NOT NULL"
+            )
+            return [str(row[0]) for row in rows]
+
+        return await self._run(query)
 
     # Life cycle --------------------------------------------------------------------------
     async def check(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -20,6 +22,17 @@ from elaoms.operations.metrics import ALERTS
 logger = logging.getLogger("elaoms.alerts")
 
 
+RECENT_ALERTS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedAlert:
+    raised_at: float
+    kind: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class AlertSink:
     def __init__(self, webhook_url: str = "", *, min_interval_seconds: float = 300.0) -> None:
         self.webhook_url = webhook_url
@@ -27,12 +40,15 @@ class AlertSink:
         self._last_post: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.posts_sent = 0
+        # The latest alerts of this process, newest last, for the operator console.
+        self.recent: deque[RaisedAlert] = deque(maxlen=RECENT_ALERTS)
 
     def raise_alert(self, kind: str, message: str, details: dict[str, Any] | None = None) -> None:
         # The alert webhook is outside our logs' masking: an error text may quote a number.
         message = mask_phone_numbers(message)
         details = {key: _masked(value) for key, value in (details or {}).items()}
         ALERTS.labels(kind).inc()
+        self.recent.append(RaisedAlert(time.time(), kind, message, dict(details or {})))
         logger.error("ALERT %s: %s %s", kind, message, details or "")
         if not self.webhook_url:
             return

@@ -41,6 +41,8 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/admin/"):
         return "/admin"
+    if path.startswith("/console"):
+        return "/console"
     if path.startswith(("/docs", "/redoc", "/openapi")):
         return "/docs"
     return "other"

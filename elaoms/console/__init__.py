@@ -1,0 +1,1 @@
+"""The operator console: web pages over the service's parts (docs/console.md)."""
