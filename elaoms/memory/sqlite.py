@@ -38,8 +38,8 @@ from elaoms.memory.held_indexes import HeldIndexes, Version
 from elaoms.memory.units import TRANSCRIPTION, call_started_at
 from elaoms.operations.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
 from elaoms.operations.files import ensure_private_dir
-from elaoms.phone import normalize_caller_id
 from elaoms.payloads import decode, encode
+from elaoms.phone import normalize_caller_id
 from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")

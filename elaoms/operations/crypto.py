@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -78,10 +79,6 @@ def generate_key() -> str:
 # Lookup keys that must not reveal what they stand for (a caller's number in a column, a
 # forgotten conversation's id): HMAC-SHA256 under a random secret each store keeps, wrapped
 # with ENCRYPTION_KEY when encryption is on (so rotating the Fernet keys keeps the hashes).
-import hashlib  # noqa: E402 - kept with the keyed hashes, apart from the ciphers
-import hmac  # noqa: E402
-import secrets  # noqa: E402
-
 KEYED_HASH_PREFIX = "h1:"
 
 
