@@ -124,7 +124,10 @@ CREATE TABLE IF NOT EXISTS caller_directory (
     name_key TEXT NOT NULL,
     call_count INTEGER NOT NULL,
     last_started_at INTEGER,
-    caller BLOB NOT NULL  -- the caller id as the console shows it, encrypted when asked
+    caller BLOB NOT NULL,  -- the caller id as the console shows it, encrypted when asked
+    -- With encryption: keyed hashes of the whole number and of its last four digits, what
+    -- a number search can match (the caller key is one-way).
+    number_key TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS caller_directory_by_last
     ON caller_directory (last_started_at, user_id);
@@ -1004,7 +1007,7 @@ class SQLiteStore(MemoryStore):
     ) -> None:
         last = profile.get("last_call_at")
         connection.execute(
-            "INSERT INTO caller_directory VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
+            "INSERT INTO caller_directory VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
             " SET name_key = excluded.name_key, call_count = excluded.call_count,"
             " last_started_at = excluded.last_started_at",
             (
@@ -1013,8 +1016,15 @@ class SQLiteStore(MemoryStore):
                 int(profile.get("call_count") or 0),
                 int(last) if isinstance(last, int | float) else None,
                 self._seal(user_id).encode(),
+                self._number_key(user_id),
             ),
         )
+
+    def _number_key(self, user_id: str) -> str:
+        if not self.cipher.enabled:
+            return ""  # a number search reads the caller key itself
+        digits = "".join(ch for ch in user_id if ch.isdigit())
+        return f" {self.cipher.blind(user_id)} {self.cipher.blind('#' + digits[-4:])} "
 
     def _delete_directory_entry(self, connection: sqlite3.Connection, user_id: str) -> None:
         connection.execute("DELETE FROM caller_directory WHERE user_id = ?", (self._key(user_id),))
@@ -1038,9 +1048,11 @@ class SQLiteStore(MemoryStore):
         # faster over 100,000 rows.
         digits = "".join(ch for ch in number or "" if ch.isdigit())
         if digits and self.cipher.enabled:
-            # Keyed hashes match whole numbers only (as names match whole words).
-            clauses.append("user_id = ?")
-            parameters.append(self._key(normalize_caller_id(number or "") or f"+{digits}"))
+            # Keyed hashes match a whole number or its last four digits (as names match
+            # whole words), not any run of digits.
+            whole = normalize_caller_id(number or "") if len(digits) > 4 else None
+            clauses.append("instr(number_key, ?) > 0")
+            parameters.append(f" {self.cipher.blind(whole or '#' + digits[-4:])} ")
         elif digits:
             clauses.append("instr(user_id, ?) > 0")
             parameters.append(digits)
