@@ -31,6 +31,7 @@ import snowballstemmer
 import zstandard
 
 from elaoms.memory.base import Memory
+from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS, clamp_timestamp, finite
 from elaoms.payloads import decode, encode
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ class UnitRecords:
         self.texts().append(memory.content)
         if not isinstance(self._lines, bytearray):
             self._lines = bytearray(self._lines)
-        self._lines += encode([memory.id, memory.created_at, shared, own_metadata])
+        created = finite(memory.created_at) or 0.0  # NaN would come back as null
+        self._lines += encode([memory.id, created, shared, own_metadata])
         self.line_ends.append(len(self._lines))
 
     def text(self, unit: int) -> str:
@@ -398,7 +400,10 @@ class CallerIndex:
         added: dict[int, Counter[str]] = {}  # call -> terms it gains
         new_calls: set[int] = set()
         for conversation, turns in turns_by_call.items():
-            turns.sort(key=lambda memory: memory.metadata.get("turn_index", 0))
+            turns.sort(key=_turn_number)
+            # One call's share of the work is bounded, for calls stored before ingestion
+            # capped them too (`elaoms.memory.records`): its first turns, as ingestion keeps.
+            turns = _within_call_caps(turns)
             call = call_of.get(conversation)
             if call is None:
                 call = call_of[conversation] = len(self.call_keys)
@@ -590,12 +595,9 @@ class CallerIndex:
         dated = {
             call
             for call, started in enumerate(self.call_started)
-            if started is not None
+            if (moment := _moment(started)) is not None
             and any(
-                period.contains(
-                    datetime.fromtimestamp(started, UTC), self.date_before, self.date_after
-                )
-                for period in periods
+                period.contains(moment, self.date_before, self.date_after) for period in periods
             )
         }
         # A period that covers every call (or none) tells nothing about which one.
@@ -775,8 +777,37 @@ def _saturate(frequency: int, norm: float, k1: float) -> float:
 
 
 def _started(memory: Memory) -> float | None:
-    started = memory.metadata.get("call_started_at")
-    return started if isinstance(started, int | float) else None
+    # A start no calendar holds (stored before ingestion checked it) is no start.
+    return clamp_timestamp(memory.metadata.get("call_started_at"))
+
+
+def _moment(started: float | None) -> datetime | None:
+    """`started` as a date, or None for a value no calendar holds (a saved index of an
+    earlier version may hold one)."""
+    if started is None:
+        return None
+    try:
+        return datetime.fromtimestamp(started, UTC)
+    except (OverflowError, ValueError, OSError, TypeError):
+        return None
+
+
+def _turn_number(memory: Memory) -> int:
+    number = memory.metadata.get("turn_index")
+    return number if isinstance(number, int) and not isinstance(number, bool) else 0
+
+
+def _within_call_caps(turns: list[Memory]) -> list[Memory]:
+    if len(turns) <= MAX_TURNS and sum(len(turn.content) for turn in turns) <= MAX_CALL_CHARS:
+        return turns
+    kept: list[Memory] = []
+    chars = 0
+    for turn in turns[:MAX_TURNS]:
+        chars += len(turn.content)
+        if chars > MAX_CALL_CHARS:
+            break
+        kept.append(turn)
+    return kept or turns[:1]
 
 
 def _with_metadata(memory: Memory, content: str, **metadata: object) -> Memory:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from elaoms.memory.base import Memory, MemoryStore
+from elaoms.memory.records import clamp_timestamp
 from elaoms.phone import mask, normalize_caller_id
 from elaoms.search.ranking import SEPARATOR
 
@@ -129,8 +130,9 @@ def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory],
 
 
 def _date_marker(memory: Memory) -> str:
-    started = memory.metadata.get("call_started_at")
-    if isinstance(started, int | float):
+    # Checked, as a memory stored before ingestion checked dates may hold any number.
+    started = clamp_timestamp(memory.metadata.get("call_started_at"))
+    if started is not None:
         return f"[Call on {datetime.fromtimestamp(started, UTC).date().isoformat()}]"
     return "[Earlier call]"
 

@@ -34,11 +34,13 @@ def extract_user_id(data: dict[str, Any]) -> str | None:
 
 def extract_failed_call_party(data: dict[str, Any]) -> str | None:
     """The other party of a `call_initiation_failure`: who was called, or who called."""
-    body = dig(data, "metadata", "body") or {}
+    body = dig(data, "metadata", "body")
+    if not isinstance(body, dict):  # ElevenLabs' own shape varies; a string was a 500
+        body = {}
     direction = str(body.get("Direction") or body.get("direction") or "")
     number = body.get("To") if direction.startswith("outbound") else body.get("From")
     number = number or dig(data, "metadata", "phone_call", "external_number")
-    if number:
+    if number and isinstance(number, str | int) and not isinstance(number, bool):
         return normalize_caller_id(str(number))
     return extract_user_id(data)
 
