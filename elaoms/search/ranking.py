@@ -38,7 +38,10 @@ if TYPE_CHECKING:
     from elaoms.search.embeddings import VectorCache
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_STEMMER = snowballstemmer.stemmer("english")
+# A Snowball stemmer keeps the word it works on in the object: one used by two threads at
+# once raised IndexErrors and returned wrong stems, which the cache below then kept for
+# the life of the process. So one stemmer per thread.
+_stemmers = threading.local()
 
 # A generic English stop-word list plus conversational fillers; nothing domain specific.
 _STOP_WORDS_TEXT = """
@@ -67,9 +70,12 @@ _CALENDAR_WORDS = frozenset(
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=65536)  # thread-safe, and it only ever holds a stemmer's whole answer
 def _stem(word: str) -> str:
-    return _STEMMER.stemWord(word)
+    stemmer = getattr(_stemmers, "stemmer", None)
+    if stemmer is None:
+        stemmer = _stemmers.stemmer = snowballstemmer.stemmer("english")
+    return str(stemmer.stemWord(word))
 
 
 def tokenize(text: str) -> list[str]:
