@@ -15,6 +15,7 @@ from typing import Any
 
 from elaoms.memory.base import CallDigest, CallHistory, MemoryStore
 from elaoms.memory.digest import NAME_SOURCES, vocabulary
+from elaoms.memory.records import clamp_timestamp
 from elaoms.phone import normalize_caller_id
 
 RECENT_CALLS = 5
@@ -48,6 +49,18 @@ def caller_identity(raw: str | None) -> str | None:
 async def caller_history(store: MemoryStore, user_id: str) -> CallHistory:
     """What a profile is built from: the digests of the caller's calls it reads."""
     return await store.call_history(user_id, recent=RECENT_CALLS, marks=NAME_SOURCES)
+
+
+def history_version(history: CallHistory) -> tuple[object, ...]:
+    """What a profile prepared from `history` depends on: if a later read gives the same,
+    no call came (or went) meanwhile and the profile is current."""
+    return (
+        history.count,
+        history.first_started_at,
+        history.last_started_at,
+        tuple(digest.conversation_id for digest in history.recent),
+        tuple(sorted((mark, d.conversation_id) for mark, d in history.newest_marked.items())),
+    )
 
 
 def find_name(history: CallHistory) -> tuple[str | None, str | None]:
@@ -110,9 +123,11 @@ def call_vocabulary(digest: CallDigest, exclude_items: Collection[str] = ()) -> 
 
 
 def format_day(timestamp: int | float | None) -> str:
-    if timestamp is None:
+    # Checked: a digest stored before ingestion checked dates may hold any number.
+    checked = clamp_timestamp(timestamp)
+    if checked is None:
         return ""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(checked, UTC).strftime("%Y-%m-%d")
 
 
 def user_context(facts: dict[str, Any], max_chars: int) -> str:
