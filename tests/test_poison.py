@@ -4,6 +4,7 @@ a delivery that cannot be stored leaves the queue for quarantine, never stays pe
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sqlite3
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
+from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.operations.metrics import ALERTS
 
@@ -244,6 +246,32 @@ def test_memories_stored_with_poison_values_before_the_fix_still_let_the_caller_
             response = search(client, caller, query)
             assert response.status_code == 200, response.text
             assert "umbrella" in response.json()["context"]
+
+
+# Bounded work ------------------------------------------------------------------------------
+def test_a_20000_turn_call_is_kept_whole_yet_costs_its_callers_search_a_bounded_index(
+    server: ServiceProcess,
+) -> None:
+    caller = "+14155559903"
+    turns = [
+        ("user" if number % 2 else "agent", f"Turn {number} about the {word} " + "la " * 120)
+        for number, word in zip(range(20_000), itertools.cycle(["crown", "molar", "bill"]))
+    ]
+    payload = transcription("conv_huge", caller, turns=turns)
+    body = json.dumps(payload).encode()
+    assert len(body) > 7_000_000
+    with server.client(timeout=120) as client:
+        assert post_body(client, body).json()["status"] in {"received", "queued"}
+        wait_until(lambda: stored_calls(server.data_dir, "conv_huge") == 1, timeout=60)
+        with sqlite3.connect(server.data_dir / "memory.sqlite3") as connection:
+            count, chars = connection.execute(
+                "SELECT count(*), sum(length(content)) FROM memories WHERE user_id = ?", (caller,)
+            ).fetchone()
+        assert count <= MAX_TURNS + 10
+        assert chars <= MAX_CALL_CHARS + 10_000  # the turns, and the summary and facts
+        (kept,) = (server.data_dir / "webhooks").glob("c_*/post_call_transcription__conv_huge*")
+        assert kept.read_bytes() == body  # the whole call is still on disk
+        wait_until(lambda: search(client, caller, "molar").json()["memories_found"], timeout=60)
 
 
 # Bounded retries ---------------------------------------------------------------------------

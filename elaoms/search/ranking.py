@@ -14,6 +14,7 @@ its neighbours and from how well its whole call matches (see `CallerIndex.search
 from __future__ import annotations
 
 import calendar
+import heapq
 import math
 import re
 import threading
@@ -59,6 +60,11 @@ _STOP_WORDS_TEXT = """
 STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
 SEPARATOR = "…"  # stands between two non-adjacent turns of one excerpt
+# Bounds on one search's work. A query is a few keywords (the agent's LLM writes it), and
+# the answer quotes a few turns: the best few thousand by BM25 hold them.
+MAX_QUERY_CHARS = 1_000
+MAX_QUERY_TERMS = 32
+MAX_CANDIDATES = 5_000
 DEFAULT = object()  # CallerIndex(vectors=DEFAULT): the process's embeddings, if any
 
 # Words that are capitalised without being anyone's name.
@@ -611,12 +617,19 @@ class CallerIndex:
 
     def rank(self, query: str) -> list[tuple[int, float]]:
         """Every unit with a positive score, best first, as (unit index, score)."""
+        # The work of one search is bounded whatever the query and the history: a query
+        # of its first words, and the best-matching turns only go on to be smoothed.
+        query = query[:MAX_QUERY_CHARS]
         # Sorted: adding the terms' scores in one order gives every process the same floats
         # (a set's order changes with each process's string hashing).
-        query_terms = sorted(set(tokenize(query)))
+        query_terms = sorted(list(dict.fromkeys(tokenize(query)))[:MAX_QUERY_TERMS])
         if not query_terms:
             return []
         turn_scores = self._turn_scores(query_terms)
+        if len(turn_scores) > MAX_CANDIDATES:
+            turn_scores = dict(
+                heapq.nlargest(MAX_CANDIDATES, turn_scores.items(), key=itemgetter(1))
+            )
         if self.vectors is None and self.vector_cache is not None:
             self.vectors = self.vector_cache.cached(self.texts)
         if self.vectors is not None and self.vector_cache is not None and self.dense_weight:
