@@ -360,7 +360,11 @@ class IngestService:
             stored.exception()  # mark retrieved: the webhook may have stopped waiting
         raise quarantined from error
 
-    def _memories_of(self, payload: Any, record: CallRecord) -> tuple[str, list[Memory]]:
+    def _memories_of(
+        self, payload: Any, record: CallRecord | None = None
+    ) -> tuple[str, list[Memory]]:
+        """The caller and the memories of a call (bench/load.py seeds a store with it)."""
+        record = record or CallRecord.from_payload(payload)
         data = payload.get("data") if isinstance(payload, dict) else None
         data = data if isinstance(data, dict) else {}
         user_id = caller_of(record.event_type, data) or record.conversation_id
