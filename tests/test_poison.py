@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from elaoms.cli import app
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
 from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
 from elaoms.memory.sqlite import SQLiteStore
@@ -25,7 +27,9 @@ from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
     ServiceProcess,
+    base_env,
     load_fixture,
+    make_settings,
     signed_headers,
     transcription,
     wait_until,
@@ -351,3 +355,32 @@ def test_a_delivery_that_cannot_be_stored_moves_to_quarantine_with_its_reason_an
         assert store.attempts == 1
     if type(error) is RuntimeError:
         assert store.attempts == 3
+
+
+def test_a_quarantined_delivery_is_stored_when_requeued_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    for name, value in base_env(data).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(
+        data,
+        max_retries=0,
+        pending_sweep_interval_seconds=0.1,
+        post_call_store_timeout_ms=200,
+        pending_max_age_seconds=0.5,
+    )
+    # The store is down for longer than a delivery may wait: it goes to quarantine.
+    down = RefusingStore(settings.sqlite_path, error=StoreUnavailableError("down"))
+    with InThreadServer(settings, store=down) as server, server.client() as client:
+        post(client, transcription("conv_requeued", caller="+14155550666"))
+        wait_until(lambda: quarantined_reasons(settings))
+    # Back up: the operator requeues it.
+    result = CliRunner().invoke(app, ["requeue", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (outcome,) = json.loads(result.stdout)
+    assert outcome["status"] == "received"
+    assert stored_calls(data, "conv_requeued") == 1
+    assert not quarantined_reasons(settings)
+    assert not list(settings.pending_path.iterdir())
