@@ -21,6 +21,7 @@ from elaoms.cli import app
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
 from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
 from elaoms.memory.sqlite import SQLiteStore
+from elaoms.operations.crypto import EncryptionConfigError
 from elaoms.operations.metrics import ALERTS
 
 from conftest import (
@@ -313,6 +314,12 @@ def quarantined_reasons(settings: Any) -> list[str]:
         # The store is down: retried until the delivery is older than the allowed wait.
         (
             StoreUnavailableError("store is down"),
+            {"pending_max_age_seconds": 1.0},
+            "store was unavailable",
+        ),
+        # A set-up problem (a missing key) is not the payload's fault: waited for too.
+        (
+            EncryptionConfigError("no key in ENCRYPTION_KEY decrypts this file"),
             {"pending_max_age_seconds": 1.0},
             "store was unavailable",
         ),

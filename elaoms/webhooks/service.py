@@ -35,6 +35,7 @@ from elaoms.memory.records import CallRecord
 from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
+from elaoms.operations.crypto import EncryptionConfigError
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
 from elaoms.phone import mask
@@ -48,12 +49,14 @@ from elaoms.webhooks.schemas import (
 )
 from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
 
-# Failures of the store itself (down, slow, locked, a full disk): the delivery waits for it.
+# Failures of the store or the set-up (down, slow, locked, a full disk, a missing key):
+# the delivery waits for them to be fixed.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     StoreUnavailableError,
     OSError,
     TimeoutError,
     ConnectionError,
+    EncryptionConfigError,
 )
 # Failures the payload causes in our own code: every retry would fail the same way.
 PAYLOAD_ERRORS: tuple[type[BaseException], ...] = (
