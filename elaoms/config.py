@@ -68,6 +68,19 @@ class Settings(BaseSettings):
     retry_base_delay_seconds: float = 1.0
     pending_sweep_interval_seconds: float = 30.0
     post_call_store_timeout_ms: int = 2000
+    max_delivery_attempts: int = Field(
+        default=8,
+        ge=1,
+        description="Failed tries (retries and sweeps) after which a pending delivery that"
+        " fails for another reason than the store being down moves to quarantine, with an"
+        " alert. A payload that makes storing fail (a bug, not an outage) goes at once.",
+    )
+    pending_max_age_seconds: float = Field(
+        default=2 * 86400,
+        gt=0,
+        description="How long a delivery may wait for a store that is down before it moves to"
+        " quarantine with the last error and an alert (it can be requeued from there).",
+    )
     max_webhook_body_bytes: int = 64 * 1024 * 1024
 
     # Operations

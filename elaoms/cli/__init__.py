@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from elaoms.cli import backfill, callers, calls, maintenance, serve, setup
+from elaoms.cli import backfill, callers, calls, maintenance, quarantine, serve, setup
 from elaoms.cli.runtime import EXIT_CODES_HELP, ElaomsGroup
 
 app = typer.Typer(
@@ -31,5 +31,6 @@ app.command("first-message")(callers.first_message)
 app.command("forget")(callers.forget)
 app.command("export")(callers.export)
 app.command("purge")(maintenance.purge)
+app.command("requeue")(quarantine.requeue)
 
 __all__ = ["app"]

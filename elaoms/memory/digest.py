@@ -16,10 +16,10 @@ import re
 from typing import Any
 
 from elaoms.memory.base import CallDigest
-from elaoms.memory.units import TRANSCRIPTION, call_started_at
-from elaoms.payloads import dig
+from elaoms.memory.records import TRANSCRIPTION, CallRecord
 
-DIGEST_VERSION = 1
+# 2: read through `CallRecord` (timestamps clamped, wrong-typed parts dropped, text capped)
+DIGEST_VERSION = 2
 
 # Where a caller's name may come from, the most trusted first.
 DATA_COLLECTION = "data_collection"
@@ -69,15 +69,9 @@ def clean_value(value: Any) -> str | None:
     return None if text.lower().strip(".") in _EMPTY_VALUES else text
 
 
-def collected_values(data: dict[str, Any]) -> dict[str, Any]:
+def collected_values(data: Any) -> dict[str, Any]:
     """Every data-collection result of a call that has a value, by item id."""
-    results = dig(data, "analysis", "data_collection_results")
-    values: dict[str, Any] = {}
-    for item, result in results.items() if isinstance(results, dict) else ():
-        value = result.get("value") if isinstance(result, dict) else result
-        if value is not None:
-            values[item] = value
-    return values
+    return dict(CallRecord.from_payload({"data": data}).collected)
 
 
 def follow_ups(values: dict[str, Any]) -> list[str]:
@@ -90,32 +84,34 @@ def follow_ups(values: dict[str, Any]) -> list[str]:
     return items
 
 
-def _names(
-    data: dict[str, Any], values: dict[str, Any], turns: list[dict[str, Any]]
-) -> dict[str, str]:
+def _names(record: CallRecord) -> dict[str, str]:
     """The caller's name as each source of this call gives it (sources without one left out)."""
     names: dict[str, str] = {}
     for item in NAME_ITEMS:
-        if name := clean_value(values.get(item)):
+        if name := clean_value(record.collected.get(item)):
             names[DATA_COLLECTION] = name
             break
-    variables = dig(data, "conversation_initiation_client_data", "dynamic_variables")
-    for variable in NAME_VARIABLES if isinstance(variables, dict) else ():
-        if name := clean_value(variables.get(variable)):
+    for variable in NAME_VARIABLES:
+        if name := clean_value(record.dynamic_variables.get(variable)):
             names[DYNAMIC_VARIABLE] = name
             break
-    for turn in turns:
-        if turn.get("role") != "user":
+    for turn in record.turns:
+        if turn.role != "user":
             continue
-        match = _INTRODUCTION.search(str(turn.get("message") or ""))
+        match = _INTRODUCTION.search(turn.message)
         if match and match.group(1).split()[0] not in _NOT_NAMES:
             names[TRANSCRIPT] = match.group(1)
             break
     return names
 
 
-def digest_call(payload: dict[str, Any]) -> CallDigest:
-    """The digest of one stored call's envelope.
+def digest_call(payload: Any) -> CallDigest:
+    """The digest of one stored call's envelope (see `digest_record`)."""
+    return digest_record(CallRecord.from_payload(payload))
+
+
+def digest_record(record: CallRecord) -> CallDigest:
+    """The digest of one stored call.
 
     `words` holds every word of the call a greeting may repeat except the data-collection
     values, which stay apart in `facts["collected"]`: a greeting taken from one of them
@@ -123,37 +119,30 @@ def digest_call(payload: dict[str, Any]) -> CallDigest:
     that is not a finished conversation (a failed initiation) tells nothing about its
     caller: its digest is empty, kept so that every stored call has one.
     """
-    data = payload.get("data") or {}
-    conversation_id = str(data.get("conversation_id") or "")
-    started_at = call_started_at(data, payload.get("event_timestamp"))
-    if payload.get("type", TRANSCRIPTION) != TRANSCRIPTION:
-        return CallDigest(conversation_id, data.get("agent_id"), started_at, facts={})
-    analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
-    values = collected_values(data)
-    turns = [turn for turn in data.get("transcript") or [] if isinstance(turn, dict)]
-    spoken = [turn for turn in turns if turn.get("message")]
+    if record.event_type != TRANSCRIPTION:
+        return CallDigest(record.conversation_id, record.agent_id, record.started_at, facts={})
     first_agent_message = next(
-        (str(turn["message"]) for turn in spoken if turn.get("role") == "agent"), None
+        (turn.message for turn in record.turns if turn.role == "agent"), None
     )
-    names = _names(data, values, turns)
+    names = _names(record)
     text = [
-        str(data.get("agent_name") or ""),
-        str(analysis.get("call_summary_title") or ""),
-        str(analysis.get("transcript_summary") or ""),
-        *(str(turn["message"]) for turn in spoken),
+        record.agent_name or "",
+        record.title or "",
+        record.summary or "",
+        *(turn.message for turn in record.turns),
     ]
     return CallDigest(
-        conversation_id=conversation_id,
-        agent_id=data.get("agent_id"),
-        started_at=started_at,
+        conversation_id=record.conversation_id,
+        agent_id=record.agent_id,
+        started_at=record.started_at,
         facts={
-            "title": clean_value(analysis.get("call_summary_title")),
-            "summary": clean_value(analysis.get("transcript_summary")),
+            "title": clean_value(record.title),
+            "summary": clean_value(record.summary),
             "names": names,
-            "follow_ups": follow_ups(values),
-            "language": clean_value(dig(data, "metadata", "main_language")),
+            "follow_ups": follow_ups(record.collected),
+            "language": clean_value(record.language),
             "first_agent_message": first_agent_message,
-            "collected": values,
+            "collected": dict(record.collected),
         },
         marks=frozenset(names),
         words=frozenset(vocabulary("\n".join(text))),

@@ -59,8 +59,9 @@ from elaoms.memory.base import (
     StoredCall,
     StoreUnavailableError,
 )
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import AGENT_PROFILE, SCHEMA, SQLiteStore
-from elaoms.memory.units import TRANSCRIPTION, call_started_at
+from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.metrics import FOREIGN_MEMORIES_DROPPED
 from elaoms.phone import mask
@@ -768,8 +769,8 @@ def _placeholder(
     user_id: str, payload: dict[str, Any], event_type: str, conversation_id: str
 ) -> Memory:
     """The server-side trace of a call with nothing to search, so it still has an id."""
-    data = payload.get("data") or {}
-    started = call_started_at(data, payload.get("event_timestamp"))
+    record = CallRecord.from_payload(payload)  # checked values: NaN is not JSON
+    started = record.started_at
     return Memory(
         id=f"{conversation_id}#call",
         user_id=user_id,
@@ -777,9 +778,9 @@ def _placeholder(
         metadata={
             "kind": "call",
             "conversation_id": conversation_id,
-            "agent_id": data.get("agent_id"),
+            "agent_id": record.agent_id,
             "event_type": event_type,
-            "event_timestamp": payload.get("event_timestamp"),
+            "event_timestamp": record.event_timestamp,
             "call_started_at": started,
         },
         created_at=float(started or 0),

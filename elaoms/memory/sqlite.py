@@ -33,9 +33,10 @@ from elaoms.memory.base import (
     StoredCall,
     StoreUnavailableError,
 )
-from elaoms.memory.digest import DIGEST_VERSION, digest_call
+from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.held_indexes import HeldIndexes, Version
-from elaoms.memory.units import TRANSCRIPTION, call_started_at
+from elaoms.memory.records import CallRecord
+from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
 from elaoms.operations.files import ensure_private_dir
 from elaoms.payloads import decode, encode
@@ -463,9 +464,10 @@ class SQLiteStore(MemoryStore):
     ) -> CallReceipt:
         """Insert the call row inside the caller's write transaction, unless the same call
         (event type, conversation id) is already there: then its first receipt."""
-        data = payload.get("data") or {}
-        event_type = str(payload.get("type") or TRANSCRIPTION)
-        conversation_id = str(data.get("conversation_id") or "")
+        # Every column from the checked record: a raw value out of range (an integer
+        # beyond 64 bits, an object as agent id) failed the insert on every retry.
+        record = CallRecord.from_payload(payload)
+        event_type, conversation_id = record.event_type, record.conversation_id
         existing = connection.execute(
             "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
             (event_type, conversation_id),
@@ -474,23 +476,22 @@ class SQLiteStore(MemoryStore):
             return CallReceipt(memory_id=existing[0], created=False)
         if self._is_forgotten(connection, conversation_id):
             return CallReceipt(memory_id="", created=False, forgotten=True)
-        event_timestamp = payload.get("event_timestamp")
         connection.execute(
             f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 event_type,
                 conversation_id,
                 self._key(user_id),
-                data.get("agent_id"),
-                event_timestamp if isinstance(event_timestamp, int) else None,
-                call_started_at(data, event_timestamp),
+                record.agent_id,
+                record.event_timestamp,
+                record.started_at,
                 memory_id,
                 self.cipher.encrypt(encode(payload)),
                 time.time(),
                 self.cipher.encrypt(user_id.encode()) if self.cipher.enabled else None,
             ),
         )
-        self._put_digest(connection, user_id, event_type, digest_call(payload))
+        self._put_digest(connection, user_id, event_type, digest_record(record))
         return CallReceipt(memory_id=memory_id, created=True)
 
     async def get_call(

@@ -1,7 +1,9 @@
 """Break a post-call payload into searchable memories.
 
 One memory per spoken transcript turn (with its call, role and time), one for the call's
-summary, one per data-collection result. Search and profiles are built from these.
+summary, one per data-collection result. Search and profiles are built from these. The
+payload is read through its `CallRecord`, so every value here is already checked and
+capped (`elaoms.memory.records`).
 """
 
 from __future__ import annotations
@@ -9,71 +11,73 @@ from __future__ import annotations
 from typing import Any
 
 from elaoms.memory.base import Memory
+from elaoms.memory.records import INITIATION_FAILURE, TRANSCRIPTION, CallRecord
 
-TRANSCRIPTION = "post_call_transcription"
-INITIATION_FAILURE = "call_initiation_failure"
+__all__ = [
+    "INITIATION_FAILURE",
+    "TRANSCRIPTION",
+    "call_memories",
+    "call_started_at",
+    "failure_memories",
+    "record_memories",
+]
 
 
-def call_started_at(data: dict[str, Any], event_timestamp: int | None) -> int | None:
-    metadata = data.get("metadata") or {}
-    started = metadata.get("start_time_unix_secs")
-    if isinstance(started, int | float):
-        return int(started)
-    return int(event_timestamp) if isinstance(event_timestamp, int | float) else None
+def call_started_at(data: Any, event_timestamp: Any) -> int | None:
+    """The call's start (unix seconds, within the sane range), else the event's time."""
+    return CallRecord.from_payload({"data": data, "event_timestamp": event_timestamp}).started_at
 
 
-def call_memories(user_id: str, payload: dict[str, Any]) -> list[Memory]:
-    """The searchable units of one `post_call_transcription` envelope."""
-    data = payload.get("data") or {}
-    conversation_id = str(data.get("conversation_id") or "")
-    event_timestamp = payload.get("event_timestamp")
-    started_at = call_started_at(data, event_timestamp)
-    base = {
-        "conversation_id": conversation_id,
-        "agent_id": data.get("agent_id"),
-        "event_type": payload.get("type", TRANSCRIPTION),
-        "event_timestamp": event_timestamp,
-        "call_started_at": started_at,
+def _base(record: CallRecord) -> dict[str, Any]:
+    return {
+        "conversation_id": record.conversation_id,
+        "agent_id": record.agent_id,
+        "event_type": record.event_type,
+        "event_timestamp": record.event_timestamp,
+        "call_started_at": record.started_at,
     }
-    created_at = float(started_at or 0)
-    memories: list[Memory] = []
-    for index, turn in enumerate(data.get("transcript") or []):
-        if not isinstance(turn, dict):
-            continue
-        message = turn.get("message")
-        if not isinstance(message, str) or not message.strip():
-            continue  # tool-only turns carry no words to search
-        offset = turn.get("time_in_call_secs")
-        memories.append(
-            Memory(
-                id=f"{conversation_id}#t{index}",
-                user_id=user_id,
-                content=message.strip(),
-                metadata={
-                    **base,
-                    "kind": "turn",
-                    "role": turn.get("role"),
-                    "turn_index": index,
-                    "time_in_call_secs": offset,
-                },
-                created_at=created_at + (offset if isinstance(offset, int | float) else 0),
-            )
+
+
+def call_memories(user_id: str, payload: Any) -> list[Memory]:
+    """The searchable units of one `post_call_transcription` envelope."""
+    return record_memories(user_id, CallRecord.from_payload(payload))
+
+
+def record_memories(user_id: str, record: CallRecord) -> list[Memory]:
+    """The searchable units of one call, by its record (failed initiations included)."""
+    if record.event_type == INITIATION_FAILURE:
+        return _failure_memories(user_id, record)
+    base = _base(record)
+    conversation_id = record.conversation_id
+    created_at = float(record.started_at or 0)
+    memories: list[Memory] = [
+        Memory(
+            id=f"{conversation_id}#t{turn.index}",
+            user_id=user_id,
+            content=turn.message,
+            metadata={
+                **base,
+                "kind": "turn",
+                "role": turn.role,
+                "turn_index": turn.index,
+                "time_in_call_secs": turn.time_in_call_secs,
+            },
+            created_at=created_at + (turn.time_in_call_secs or 0),
         )
-    analysis = data.get("analysis") or {}
-    summary = analysis.get("transcript_summary")
-    if isinstance(summary, str) and summary.strip():
+        for turn in record.turns
+    ]
+    if record.summary and record.summary.strip():
         memories.append(
             Memory(
                 id=f"{conversation_id}#summary",
                 user_id=user_id,
-                content=summary.strip(),
-                metadata={**base, "kind": "summary", "title": analysis.get("call_summary_title")},
+                content=record.summary.strip(),
+                metadata={**base, "kind": "summary", "title": record.title},
                 created_at=created_at,
             )
         )
-    for key, result in (analysis.get("data_collection_results") or {}).items():
-        value = result.get("value") if isinstance(result, dict) else result
-        if value is None or value == "":
+    for key, value in record.collected.items():
+        if value == "":
             continue
         memories.append(
             Memory(
@@ -87,23 +91,26 @@ def call_memories(user_id: str, payload: dict[str, Any]) -> list[Memory]:
     return memories
 
 
-def failure_memories(user_id: str, payload: dict[str, Any]) -> list[Memory]:
+def failure_memories(user_id: str, payload: Any) -> list[Memory]:
     """The one unit of a `call_initiation_failure`: that a call did not connect, and why."""
-    data = payload.get("data") or {}
-    reason = data.get("failure_reason") or "unknown"
+    return _failure_memories(user_id, CallRecord.from_payload(payload))
+
+
+def _failure_memories(user_id: str, record: CallRecord) -> list[Memory]:
+    reason = record.failure_reason or "unknown"
     return [
         Memory(
-            id=f"{data.get('conversation_id')}#failure",
+            id=f"{record.conversation_id}#failure",
             user_id=user_id,
             content=f"A call could not be connected ({reason}).",
             metadata={
                 "kind": "call_failure",
-                "conversation_id": data.get("conversation_id"),
-                "agent_id": data.get("agent_id"),
+                "conversation_id": record.conversation_id,
+                "agent_id": record.agent_id,
                 "event_type": INITIATION_FAILURE,
-                "event_timestamp": payload.get("event_timestamp"),
+                "event_timestamp": record.event_timestamp,
                 "failure_reason": reason,
             },
-            created_at=float(payload.get("event_timestamp") or 0),
+            created_at=float(record.event_timestamp or 0),
         )
     ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from elaoms.memory.base import CallDigest, CallHistory, MemoryStore
 from elaoms.memory.digest import NAME_SOURCES, vocabulary
+from elaoms.memory.records import clamp_timestamp
 from elaoms.phone import phone_caller, stored_identity
 
 RECENT_CALLS = 5
@@ -52,6 +53,18 @@ def plausible_name(name: object) -> str | None:
         return None
     name = " ".join(name.split())
     return name if len(name) <= NAME_MAX_CHARS and _NAME.match(name) else None
+
+
+def history_version(history: CallHistory) -> tuple[object, ...]:
+    """What a profile prepared from `history` depends on: if a later read gives the same,
+    no call came (or went) meanwhile and the profile is current."""
+    return (
+        history.count,
+        history.first_started_at,
+        history.last_started_at,
+        tuple(digest.conversation_id for digest in history.recent),
+        tuple(sorted((mark, d.conversation_id) for mark, d in history.newest_marked.items())),
+    )
 
 
 def find_name(history: CallHistory) -> tuple[str | None, str | None]:
@@ -116,9 +129,11 @@ def call_vocabulary(digest: CallDigest, exclude_items: Collection[str] = ()) -> 
 
 
 def format_day(timestamp: int | float | None) -> str:
-    if timestamp is None:
+    # Checked: a digest stored before ingestion checked dates may hold any number.
+    checked = clamp_timestamp(timestamp)
+    if checked is None:
         return ""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(checked, UTC).strftime("%Y-%m-%d")
 
 
 def user_context(facts: dict[str, Any], max_chars: int) -> str:

@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
-from elaoms.memory.base import CallDigest, CallReceipt, MemoryStore
+from elaoms.memory.base import CallDigest, CallHistory, CallReceipt, MemoryStore
 from elaoms.memory.digest import clean_value, vocabulary
+from elaoms.memory.records import clamp_timestamp
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.cache import TwoLevelCache, caller_key
 from elaoms.personalization.greeting import (
@@ -37,6 +38,7 @@ from elaoms.personalization.profile import (
     call_vocabulary,
     caller_history,
     caller_identity,
+    history_version,
     profiled,
     user_context,
 )
@@ -62,6 +64,8 @@ TEMPLATE_LANGUAGE = "en"
 COLD_AGENT_WAIT_SHARE = 0.6
 # Calls read at a time when a greeting's words are looked for in the caller's calls.
 WORDS_PAGE = 4
+# Times a profile is prepared again when calls of the caller arrived meanwhile.
+PREPARE_ROUNDS = 5
 
 
 class PersonalizationService:
@@ -89,12 +93,35 @@ class PersonalizationService:
             await self.prepare_caller(user_id)
 
     async def prepare_caller(self, user_id: str) -> dict[str, Any] | None:
-        """Rebuild the caller's profile and next greeting from their stored calls."""
+        """Rebuild the caller's profile and next greeting from their stored calls.
+
+        Deliveries of one caller may be prepared at once, by several workers: each wrote
+        the profile of the calls it had read, and the last to write won, even when it had
+        read fewer calls. So after writing, the calls are read again, and a profile that
+        missed one is prepared anew: the last profile written is then always checked
+        against calls read after it was written, and reflects every stored call.
+        """
         if not profiled(user_id):
             return None  # a withheld call is nobody's: it must not become a profile
         history = await caller_history(self.store, user_id)
-        if not history.count:
-            return None
+        profile: dict[str, Any] | None = None
+        for _ in range(PREPARE_ROUNDS):
+            if not history.count:
+                return profile
+            profile = await self._prepare(user_id, history)
+            latest = await caller_history(self.store, user_id)
+            if history_version(latest) == history_version(history):
+                break
+            history = latest
+        else:
+            logger.warning(
+                "profile of %s kept changing while it was prepared; the next call redoes it",
+                mask(user_id),
+            )
+        return profile
+
+    async def _prepare(self, user_id: str, history: CallHistory) -> dict[str, Any]:
+        """Write the profile of `history` to the store and the cache."""
         facts = build_facts(user_id, history)
         last = history.recent[0]
         agent = await self.agents.after_call(facts["agent_id"]) if facts["agent_id"] else None
@@ -374,7 +401,11 @@ def _base(language: str) -> str:
 
 
 def _iso(timestamp: int | float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Checked: a profile prepared before ingestion checked dates may hold any number.
+    checked = clamp_timestamp(timestamp)
+    if checked is None:
+        return ""
+    return datetime.fromtimestamp(checked, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def preview_first_message(

@@ -266,7 +266,11 @@ class VectorCache:
 
 @lru_cache(maxsize=1024)
 def _query_vector(cache: VectorCache, text: str) -> np.ndarray:
-    return cache.embedder.embed([text])[0]
+    # One array shared by every thread that searches for `text`: read-only, so no caller
+    # can change what the others rank with.
+    vector = cache.embedder.embed([text])[0]
+    vector.setflags(write=False)
+    return vector
 
 
 _default: VectorCache | None = None

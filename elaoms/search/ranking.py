@@ -14,6 +14,7 @@ its neighbours and from how well its whole call matches (see `CallerIndex.search
 from __future__ import annotations
 
 import calendar
+import heapq
 import math
 import re
 import threading
@@ -31,13 +32,17 @@ import snowballstemmer
 import zstandard
 
 from elaoms.memory.base import Memory
+from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS, clamp_timestamp, finite
 from elaoms.payloads import decode, encode
 
 if TYPE_CHECKING:
     from elaoms.search.embeddings import VectorCache
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_STEMMER = snowballstemmer.stemmer("english")
+# A Snowball stemmer keeps the word it works on in the object: one used by two threads at
+# once raised IndexErrors and returned wrong stems, which the cache below then kept for
+# the life of the process. So one stemmer per thread.
+_stemmers = threading.local()
 
 # A generic English stop-word list plus conversational fillers; nothing domain specific.
 _STOP_WORDS_TEXT = """
@@ -55,6 +60,11 @@ _STOP_WORDS_TEXT = """
 STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
 SEPARATOR = "…"  # stands between two non-adjacent turns of one excerpt
+# Bounds on one search's work. A query is a few keywords (the agent's LLM writes it), and
+# the answer quotes a few turns: the best few thousand by BM25 hold them.
+MAX_QUERY_CHARS = 1_000
+MAX_QUERY_TERMS = 32
+MAX_CANDIDATES = 5_000
 DEFAULT = object()  # CallerIndex(vectors=DEFAULT): the process's embeddings, if any
 
 # Words that are capitalised without being anyone's name.
@@ -66,9 +76,12 @@ _CALENDAR_WORDS = frozenset(
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=65536)  # thread-safe, and it only ever holds a stemmer's whole answer
 def _stem(word: str) -> str:
-    return _STEMMER.stemWord(word)
+    stemmer = getattr(_stemmers, "stemmer", None)
+    if stemmer is None:
+        stemmer = _stemmers.stemmer = snowballstemmer.stemmer("english")
+    return str(stemmer.stemWord(word))
 
 
 def tokenize(text: str) -> list[str]:
@@ -193,7 +206,8 @@ class UnitRecords:
         self.texts().append(memory.content)
         if not isinstance(self._lines, bytearray):
             self._lines = bytearray(self._lines)
-        self._lines += encode([memory.id, memory.created_at, shared, own_metadata])
+        created = finite(memory.created_at) or 0.0  # NaN would come back as null
+        self._lines += encode([memory.id, created, shared, own_metadata])
         self.line_ends.append(len(self._lines))
 
     def text(self, unit: int) -> str:
@@ -398,7 +412,10 @@ class CallerIndex:
         added: dict[int, Counter[str]] = {}  # call -> terms it gains
         new_calls: set[int] = set()
         for conversation, turns in turns_by_call.items():
-            turns.sort(key=lambda memory: memory.metadata.get("turn_index", 0))
+            turns.sort(key=_turn_number)
+            # One call's share of the work is bounded, for calls stored before ingestion
+            # capped them too (`elaoms.memory.records`): its first turns, as ingestion keeps.
+            turns = _within_call_caps(turns)
             call = call_of.get(conversation)
             if call is None:
                 call = call_of[conversation] = len(self.call_keys)
@@ -590,12 +607,9 @@ class CallerIndex:
         dated = {
             call
             for call, started in enumerate(self.call_started)
-            if started is not None
+            if (moment := _moment(started)) is not None
             and any(
-                period.contains(
-                    datetime.fromtimestamp(started, UTC), self.date_before, self.date_after
-                )
-                for period in periods
+                period.contains(moment, self.date_before, self.date_after) for period in periods
             )
         }
         # A period that covers every call (or none) tells nothing about which one.
@@ -603,12 +617,19 @@ class CallerIndex:
 
     def rank(self, query: str) -> list[tuple[int, float]]:
         """Every unit with a positive score, best first, as (unit index, score)."""
+        # The work of one search is bounded whatever the query and the history: a query
+        # of its first words, and the best-matching turns only go on to be smoothed.
+        query = query[:MAX_QUERY_CHARS]
         # Sorted: adding the terms' scores in one order gives every process the same floats
         # (a set's order changes with each process's string hashing).
-        query_terms = sorted(set(tokenize(query)))
+        query_terms = sorted(list(dict.fromkeys(tokenize(query)))[:MAX_QUERY_TERMS])
         if not query_terms:
             return []
         turn_scores = self._turn_scores(query_terms)
+        if len(turn_scores) > MAX_CANDIDATES:
+            turn_scores = dict(
+                heapq.nlargest(MAX_CANDIDATES, turn_scores.items(), key=itemgetter(1))
+            )
         if self.vectors is None and self.vector_cache is not None:
             self.vectors = self.vector_cache.cached(self.texts)
         if self.vectors is not None and self.vector_cache is not None and self.dense_weight:
@@ -775,8 +796,37 @@ def _saturate(frequency: int, norm: float, k1: float) -> float:
 
 
 def _started(memory: Memory) -> float | None:
-    started = memory.metadata.get("call_started_at")
-    return started if isinstance(started, int | float) else None
+    # A start no calendar holds (stored before ingestion checked it) is no start.
+    return clamp_timestamp(memory.metadata.get("call_started_at"))
+
+
+def _moment(started: float | None) -> datetime | None:
+    """`started` as a date, or None for a value no calendar holds (a saved index of an
+    earlier version may hold one)."""
+    if started is None:
+        return None
+    try:
+        return datetime.fromtimestamp(started, UTC)
+    except (OverflowError, ValueError, OSError, TypeError):
+        return None
+
+
+def _turn_number(memory: Memory) -> int:
+    number = memory.metadata.get("turn_index")
+    return number if isinstance(number, int) and not isinstance(number, bool) else 0
+
+
+def _within_call_caps(turns: list[Memory]) -> list[Memory]:
+    if len(turns) <= MAX_TURNS and sum(len(turn.content) for turn in turns) <= MAX_CALL_CHARS:
+        return turns
+    kept: list[Memory] = []
+    chars = 0
+    for turn in turns[:MAX_TURNS]:
+        chars += len(turn.content)
+        if chars > MAX_CALL_CHARS:
+            break
+        kept.append(turn)
+    return kept or turns[:1]
 
 
 def _with_metadata(memory: Memory, content: str, **metadata: object) -> Memory:

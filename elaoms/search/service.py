@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from elaoms.memory.base import Memory, MemoryStore
-from elaoms.phone import NO_CALLER, CallerIdentity, CallerKind, mask, phone_caller
+from elaoms.memory.records import clamp_timestamp
+from elaoms.phone import (
+    NO_CALLER,
+    CallerIdentity,
+    CallerKind,
+    mask,
+    phone_caller,
+)
 from elaoms.search.ranking import SEPARATOR, one_line
 
 logger = logging.getLogger(__name__)
@@ -137,8 +144,9 @@ def build_context(excerpts: list[Memory], max_chars: int) -> tuple[list[Memory],
 
 
 def _date_marker(memory: Memory) -> str:
-    started = memory.metadata.get("call_started_at")
-    if isinstance(started, int | float):
+    # Checked, as a memory stored before ingestion checked dates may hold any number.
+    started = clamp_timestamp(memory.metadata.get("call_started_at"))
+    if started is not None:
         return f"[Call on {datetime.fromtimestamp(started, UTC).date().isoformat()}]"
     return "[Earlier call]"
 

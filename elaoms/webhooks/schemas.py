@@ -19,23 +19,17 @@ class _Open(BaseModel):
 
 class Envelope(_Open):
     type: str = Field(min_length=1)
-    event_timestamp: int | float | None = None
+    event_timestamp: Any = None  # checked by `CallRecord`: out of range or not a number, ignored
     data: dict[str, Any]
 
 
-class TranscriptTurn(_Open):
-    role: str
-    message: str | None = None
-    time_in_call_secs: float | None = None
-
-
 class TranscriptionData(_Open):
+    """Only what identifies the call is required. Every other part is read, checked and,
+    when of the wrong type, dropped with a note by `elaoms.memory.records.CallRecord`:
+    one odd field must not cost the whole call."""
+
     conversation_id: str = Field(min_length=1)
-    agent_id: str | None = None
-    transcript: list[TranscriptTurn]
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    analysis: dict[str, Any] | None = None
-    conversation_initiation_client_data: dict[str, Any] | None = None
+    transcript: list[Any]
 
 
 class AudioData(_Open):
@@ -46,8 +40,6 @@ class AudioData(_Open):
 
 class InitiationFailureData(_Open):
     conversation_id: str = Field(min_length=1)
-    agent_id: str | None = None
-    failure_reason: str | None = None
 
 
 class PostCallResponse(BaseModel):

@@ -3,7 +3,10 @@
 A verified delivery is written to disk (and queued) before the webhook answers. Storing it
 in the memory store runs with a short deadline: within it the answer says `received`, past
 it `queued`, and the work goes on in the background with retries. A pending delivery
-stays queued on disk until the store has it, through crashes and restarts.
+stays queued on disk until the store has it, through crashes and restarts, but not for
+ever: one that makes storing fail (the payload, not the store) goes to quarantine at once,
+one that keeps failing otherwise after MAX_DELIVERY_ATTEMPTS tries, and one waiting for a
+store that stays down after PENDING_MAX_AGE_SECONDS; each with its reason and an alert.
 """
 
 from __future__ import annotations
@@ -12,18 +15,27 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from elaoms.config import Settings
-from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall
-from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, call_memories, failure_memories
+from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall, StoreUnavailableError
+from elaoms.memory.records import CallRecord
+from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
+from elaoms.operations.crypto import EncryptionConfigError
 from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
@@ -37,6 +49,26 @@ from elaoms.webhooks.schemas import (
     TranscriptionData,
 )
 from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
+
+# Failures of the store or the set-up (down, slow, locked, a full disk, a missing key):
+# the delivery waits for them to be fixed.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    StoreUnavailableError,
+    OSError,
+    TimeoutError,
+    ConnectionError,
+    EncryptionConfigError,
+)
+# Failures the payload causes in our own code: every retry would fail the same way.
+PAYLOAD_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +92,14 @@ class Acknowledgement:
         if self.detail:
             body["detail"] = self.detail
         return body
+
+
+class DeliveryQuarantinedError(Exception):
+    """A pending delivery was moved to quarantine instead of being stored."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class IngestService:
@@ -201,6 +241,8 @@ class IngestService:
             receipt = await asyncio.wait_for(
                 asyncio.shield(stored), timeout=self.settings.post_call_store_timeout_ms / 1000
             )
+        except DeliveryQuarantinedError as error:
+            return Acknowledgement(status="quarantined", detail=error.reason)
         except Exception:  # timed out, or the store failed: the retries go on
             return Acknowledgement(status="queued")
         if receipt is not None and receipt.forgotten:
@@ -224,12 +266,15 @@ class IngestService:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self.settings.max_retries + 1),
                 wait=wait_exponential(multiplier=self.settings.retry_base_delay_seconds, max=60),
+                retry=retry_if_not_exception_type(DeliveryQuarantinedError),
                 reraise=False,
             ):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         STORE_RETRIES.inc()
                     await self.process(entry, stored)
+        except DeliveryQuarantinedError:
+            pass  # logged, counted and alerted where it was quarantined
         except RetryError as error:
             logger.warning(
                 "delivery %s still pending after %d attempts (%s); the sweep will retry it",
@@ -251,42 +296,108 @@ class IngestService:
                 if stored is not None and not stored.done():
                     stored.set_result(None)
                 return None
-            payload = decode(body)
-            user_id, memories = self._memories_of(payload)
             try:
-                receipt = await self.store.add_call(user_id, payload, memories)
-            except Exception:
-                STORE_ERRORS.labels("add_call").inc()
+                return await self._store(entry, body, stored)
+            except Exception as error:
+                self._after_failure(entry, body, error, stored)
                 raise
-            if stored is not None and not stored.done():
-                stored.set_result(receipt)
-            conversation_id = str((payload.get("data") or {}).get("conversation_id"))
-            if receipt.forgotten:  # forgotten while it waited: its copy on disk goes too
-                self.storage.done(entry)
-                self.storage.delivery_path(
-                    user_id, str(payload.get("type")), conversation_id
-                ).unlink(missing_ok=True)
-                return receipt
-            await self.receipts.set(
-                _receipt_key(str(payload.get("type")), conversation_id),
-                receipt.memory_id,
-                ttl=self.settings.redis_ttl,
-            )
-            if payload.get("type") == TRANSCRIPTION:
-                self.storage.claim_audio(conversation_id, user_id)
-            for hook in self.hooks:
-                await hook(user_id, payload, receipt)
-            self.storage.done(entry)
-            if receipt.created:
-                logger.info("call %s stored for %s", receipt.memory_id, mask(user_id))
-            return receipt
 
-    def _memories_of(self, payload: dict[str, Any]) -> tuple[str, list[Memory]]:
-        data = payload.get("data") or {}
-        event_type = payload.get("type")
-        user_id = caller_of(event_type, data) or str(data.get("conversation_id"))
-        units = failure_memories if event_type == INITIATION_FAILURE else call_memories
-        return user_id, units(user_id, payload)
+    async def _store(
+        self, entry: PendingDelivery, body: bytes, stored: asyncio.Future[CallReceipt | None] | None
+    ) -> CallReceipt:
+        payload = decode(body)
+        record = CallRecord.from_payload(payload)
+        user_id, memories = self._memories_of(payload, record)
+        try:
+            receipt = await self.store.add_call(user_id, payload, memories)
+        except Exception:
+            STORE_ERRORS.labels("add_call").inc()
+            raise
+        if stored is not None and not stored.done():
+            stored.set_result(receipt)
+        conversation_id = record.conversation_id
+        if receipt.forgotten:  # forgotten while it waited: its copy on disk goes too
+            self.storage.done(entry)
+            self.storage.delivery_path(user_id, record.event_type, conversation_id).unlink(
+                missing_ok=True
+            )
+            return receipt
+        await self.receipts.set(
+            _receipt_key(record.event_type, conversation_id),
+            receipt.memory_id,
+            ttl=self.settings.redis_ttl,
+        )
+        if record.event_type == TRANSCRIPTION:
+            self.storage.claim_audio(conversation_id, user_id)
+        for hook in self.hooks:
+            await hook(user_id, payload, receipt)
+        self.storage.done(entry)
+        if receipt.created:
+            logger.info("call %s stored for %s", receipt.memory_id, mask(user_id))
+        return receipt
+
+    def _after_failure(
+        self,
+        entry: PendingDelivery,
+        body: bytes,
+        error: Exception,
+        stored: asyncio.Future[CallReceipt | None] | None,
+    ) -> None:
+        """Count a failed try of `entry` (held by this process) and move it to quarantine
+        when it cannot succeed: the payload breaks our code, it failed too often, or the
+        store has been down for longer than a delivery may wait. Raises
+        DeliveryQuarantinedError when it did."""
+        description = f"{type(error).__name__}: {error}"[:300]
+        try:
+            attempts = self.storage.record_failure(entry, description)
+        except OSError as disk_error:  # the try is not counted; it is retried all the same
+            logger.warning("failed try of %s not counted: %s", entry.name, disk_error)
+            return
+        transient = isinstance(error, TRANSIENT_ERRORS)
+        waited = time.time() - min(attempts.first_failed_at, _kept_at(entry))
+        if isinstance(error, PAYLOAD_ERRORS) and not transient:
+            reason = f"storing it failed ({description}): the payload breaks ingestion"
+        elif not transient and attempts.count >= self.settings.max_delivery_attempts:
+            reason = f"storing it failed {attempts.count} times; last: {description}"
+        elif transient and waited >= self.settings.pending_max_age_seconds:
+            reason = f"the store was unavailable for {waited:.0f} s; last: {description}"
+        else:
+            return
+        try:
+            path = self.storage.quarantine_pending(entry, body, reason)
+        except OSError as disk_error:
+            logger.warning("pending delivery %s not quarantined: %s", entry.name, disk_error)
+            return
+        QUARANTINED.inc()
+        logger.warning("pending delivery %s quarantined as %s: %s", entry.name, path.name, reason)
+        self.alerts.raise_alert(
+            "delivery_quarantined",
+            "a signed delivery could not be stored and was moved to quarantine",
+            {"quarantined_as": path.name, "attempts": attempts.count, "reason": reason},
+        )
+        quarantined = DeliveryQuarantinedError(reason)
+        if stored is not None and not stored.done():
+            stored.set_exception(quarantined)
+            stored.exception()  # mark retrieved: the webhook may have stopped waiting
+        raise quarantined from error
+
+    def _memories_of(
+        self, payload: Any, record: CallRecord | None = None
+    ) -> tuple[str, list[Memory]]:
+        """The caller and the memories of a call (bench/load.py seeds a store with it)."""
+        record = record or CallRecord.from_payload(payload)
+        data = payload.get("data") if isinstance(payload, dict) else None
+        data = data if isinstance(data, dict) else {}
+        user_id = caller_of(record.event_type, data) or record.conversation_id
+        if record.notes:
+            # Field paths only: the values may be personal data.
+            logger.warning(
+                "call %s of %s read with corrections: %s",
+                record.conversation_id,
+                mask(user_id),
+                "; ".join(record.notes[:10]),
+            )
+        return user_id, record_memories(user_id, record)
 
     async def sweep(self) -> int:
         """Try every pending delivery once more; return how many were stored."""
@@ -295,6 +406,8 @@ class IngestService:
             try:
                 if await self.process(entry) is not None:
                     done += 1
+            except DeliveryQuarantinedError:
+                pass  # logged, counted and alerted where it was quarantined
             except Exception as error:  # stays pending for the next sweep
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
@@ -309,6 +422,14 @@ class IngestService:
         for conversation_id in conversation_ids:
             for event_type in (TRANSCRIPTION, INITIATION_FAILURE):
                 await self.receipts.delete(_receipt_key(event_type, conversation_id))
+
+
+def _kept_at(entry: PendingDelivery) -> float:
+    """When the delivery was written (its pending link shares the file's times)."""
+    try:
+        return entry.path.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _receipt_key(event_type: str, conversation_id: str) -> str:

@@ -4,6 +4,7 @@ Layout under WEBHOOK_STORAGE_PATH:
     c_<hash>/<event_type>__<conversation_id>.json   every delivery, per caller
     c_<hash>/<conversation_id>.mp3                  audio claimed by its transcription
     _pending/<caller dir>__<file name>              hard link: not yet in the memory store
+    _attempts/<pending entry name>                  failed tries of a pending delivery
     _audio/<conversation_id>.mp3                    audio no transcription claimed yet
     _other/<event_type>__<id>.json                  deliveries that name no caller
 The caller directory is a hash of the caller ID, so no phone number appears in a path.
@@ -42,6 +43,15 @@ def safe_name(value: str) -> str:
     if cleaned != value:
         cleaned += "-" + hashlib.sha256(value.encode()).hexdigest()[:8]
     return cleaned or hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempts:
+    """The failed tries of one pending delivery, kept on disk across restarts."""
+
+    count: int
+    first_failed_at: float
+    last_error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +132,45 @@ class WebhookStorage:
 
     def done(self, entry: PendingDelivery) -> None:
         entry.path.unlink(missing_ok=True)
+        self._attempts_path(entry).unlink(missing_ok=True)
+
+    # Failed tries of pending deliveries: a small file per entry, beside `_pending/` so
+    # that listing the queue is unchanged; it goes with the entry.
+    def _attempts_path(self, entry: PendingDelivery) -> Path:
+        return self.root / "_attempts" / entry.name
+
+    def record_failure(self, entry: PendingDelivery, error: str) -> DeliveryAttempts:
+        """Count one more failed try of `entry` (call it while holding its claim)."""
+        path = self._attempts_path(entry)
+        previous = self.attempts(entry)
+        attempts = DeliveryAttempts(
+            count=(previous.count if previous else 0) + 1,
+            first_failed_at=previous.first_failed_at if previous else time.time(),
+            last_error=error[:500],
+        )
+        # Not fsynced: losing a count in a crash only allows a try or two more.
+        ensure_private_dir(path.parent, self.dir_mode)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(_as_dict(attempts)))
+        os.chmod(temporary, self.file_mode)
+        os.replace(temporary, path)
+        return attempts
+
+    def attempts(self, entry: PendingDelivery) -> DeliveryAttempts | None:
+        try:
+            saved = json.loads(self._attempts_path(entry).read_text())
+            return DeliveryAttempts(
+                int(saved["count"]), float(saved["first_failed_at"]), str(saved["last_error"])
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def quarantine_pending(self, entry: PendingDelivery, body: bytes, reason: str) -> Path:
+        """Move a pending delivery that cannot be stored to quarantine with `reason`. Its
+        file in the caller's directory stays (retention purges it in time)."""
+        path = self.quarantine(body, reason)
+        self.done(entry)
+        return path
 
     def files_of(self, user_id: str) -> list[Path]:
         directory = self.root / caller_dir_name(user_id)
@@ -133,7 +182,7 @@ class WebhookStorage:
         removed: list[Path] = []
         if self.pending_root.exists():
             for link in self.pending_root.glob(f"{directory.name}__*"):
-                link.unlink(missing_ok=True)
+                self.done(PendingDelivery(link))
         for path in self.files_of(user_id):
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -187,3 +236,11 @@ class WebhookStorage:
                 path.unlink(missing_ok=True)
                 dropped += 1
         return dropped
+
+
+def _as_dict(attempts: DeliveryAttempts) -> dict[str, object]:
+    return {
+        "count": attempts.count,
+        "first_failed_at": attempts.first_failed_at,
+        "last_error": attempts.last_error,
+    }
