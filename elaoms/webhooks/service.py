@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,9 +36,14 @@ from elaoms.webhooks.schemas import (
     InitiationFailureData,
     TranscriptionData,
 )
-from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
+from elaoms.webhooks.storage import IncomingBody, PendingDelivery, WebhookStorage
+from elaoms.webhooks.streaming import AUDIO_MARKER, SplitBody, split_audio
 
 logger = logging.getLogger(__name__)
+
+# The most of a delivery parsed in memory: everything but its audio, which is decoded from
+# the file as it is read. A transcript of several hours is a few megabytes.
+MAX_PARSED_BODY_BYTES = 32 * 1024 * 1024
 
 # Called after a call is in the store (profile preparation, agent refresh). Runs outside
 # the webhook's deadline; a failure leaves the delivery pending so it runs again.
@@ -82,8 +88,13 @@ class IngestService:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Receiving ---------------------------------------------------------------------------
-    async def receive(self, body: bytes) -> Acknowledgement:
-        """Handle one verified delivery. Raises OSError only when our own disk fails."""
+    async def receive(self, body: bytes | IncomingBody) -> Acknowledgement:
+        """Handle one verified delivery. Raises OSError only when our own disk fails.
+
+        The webhook hands over the file it streamed the body to (`IncomingBody`), so no
+        body is ever held whole; the CLI's backfill hands over bytes."""
+        if isinstance(body, IncomingBody):
+            return await self._receive_streamed(body)
         try:
             envelope = Envelope.model_validate_json(body)
         except ValidationError as error:
@@ -96,7 +107,47 @@ class IngestService:
             return await self._receive_call(body, envelope, InitiationFailureData)
         return await self._receive_other(body, envelope)
 
-    def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
+    async def _receive_streamed(self, incoming: IncomingBody) -> Acknowledgement:
+        audio = self.storage.audio_file()
+        try:
+            split = await asyncio.to_thread(_split, incoming, audio)
+            if split.too_large:
+                return self._quarantine(
+                    incoming,
+                    f"body too large to process: more than {MAX_PARSED_BODY_BYTES} bytes "
+                    "besides audio",
+                )
+            if not split.audio_values:  # the remainder is the body itself
+                return await self.receive(split.remainder)
+            try:
+                envelope = Envelope.model_validate_json(split.remainder)
+            except ValidationError as error:
+                return self._quarantine(incoming, _describe(error))
+            if envelope.type != AUDIO or envelope.data.get("full_audio") != AUDIO_MARKER:
+                # A full_audio key elsewhere: bounded like any body, parsed as usual.
+                return await self.receive(await asyncio.to_thread(incoming.read_all))
+            if split.audio_error:
+                return self._quarantine(incoming, split.audio_error)
+            try:
+                data = AudioData.model_validate(envelope.data)
+            except ValidationError as error:
+                return self._quarantine(incoming, _describe(error, prefix="data"))
+            call = await self._stored_call(data.conversation_id)
+            user_id = call.user_id if call else None
+            path = await asyncio.to_thread(
+                self.storage.keep_audio, audio, data.conversation_id, user_id
+            )
+            logger.info(
+                "post-call audio for %s kept (%d bytes, %s)",
+                data.conversation_id,
+                split.audio_bytes,
+                "claimed" if user_id else "awaiting its transcription",
+            )
+            return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
+        finally:
+            audio.discard()
+
+    def _quarantine(self, body: bytes | IncomingBody, reason: str) -> Acknowledgement:
         try:
             path = self.storage.quarantine(body, reason)
         except OSError as error:
@@ -173,7 +224,13 @@ class IngestService:
     async def _receive_other(self, body: bytes, envelope: Envelope) -> Acknowledgement:
         data = envelope.data if isinstance(envelope.data, dict) else {}
         user_id = caller_of(envelope.type, data) if data else None
-        delivery_id = str(data.get("conversation_id") or envelope.event_timestamp or "unknown")
+        delivery_id = str(data.get("conversation_id") or "")
+        if not delivery_id:
+            # Nothing names this delivery but its content: two different ones with the same
+            # timestamp (or none) shared a file and the first was lost after its 200, while
+            # a repeated one still lands on its own file.
+            digest = hashlib.sha256(body).hexdigest()[:16]
+            delivery_id = f"{envelope.event_timestamp or 'unknown'}-{digest}"
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
         await asyncio.to_thread(self.storage.keep, path, body, pending=False)
         logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
@@ -285,6 +342,18 @@ class IngestService:
         """Let in-flight background work finish (shutdown, tests)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def _split(incoming: IncomingBody, audio: IncomingBody) -> SplitBody:
+    """Decode the body's audio into `audio` while reading it; the rest is returned."""
+
+    class _Sink:
+        def write(self, data: bytes) -> None:
+            if audio.write(data):
+                audio.flush()
+
+    with incoming.open() as source:
+        return split_audio(source, _Sink(), max_remainder=MAX_PARSED_BODY_BYTES)
 
 
 def _receipt_key(event_type: str, conversation_id: str) -> str:
