@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from elaoms.operations.crypto import MAGIC, EncryptionConfigError, PayloadCipher
+from elaoms.operations.crypto import MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
 from elaoms.webhooks.signature import sign
 
 from conftest import (
@@ -471,3 +471,17 @@ def test_a_truncated_or_reordered_chunked_file_is_refused() -> None:
     for damaged in (truncated, swapped, raw + records[-1]):
         with pytest.raises(EncryptionConfigError):
             cipher.decrypt(damaged)
+
+
+@pytest.mark.parametrize("prefix", [MAGIC, VERBATIM, b"gAAAAAB", b"\x00"])
+def test_a_signed_body_that_looks_like_an_encrypted_file_is_kept_as_it_is(
+    server: ServiceProcess, prefix: bytes
+) -> None:
+    body = prefix + b"not json"
+    with server.client() as client:
+        response = post(client, body)
+    assert response.status_code == 200
+    assert response.json()["status"] == "quarantined"
+    quarantine = server.data_dir / "webhooks" / "quarantine"
+    kept = [PayloadCipher().decrypt(path.read_bytes()) for path in quarantine.glob("*.body")]
+    assert body in kept

@@ -12,7 +12,9 @@ Two encrypted forms are read:
   length and a Fernet token. Each token holds one chunk of at most `CHUNK_SIZE` bytes
   behind an 8-byte header (its index and a last-chunk flag), so chunks cannot be dropped,
   repeated or reordered, and a truncated file is refused instead of read short.
-Plain files (written before encryption was turned on) read as they are.
+Plain files (written before encryption was turned on) read as they are; one whose own
+first bytes would read as an encrypted form (a NUL byte, or "gAAAAA") is written behind
+`VERBATIM`, which reading strips.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 _TOKEN_PREFIX = b"gAAAAA"
 # Starts with bytes no JSON text, MP3 or Fernet token starts with.
 MAGIC = b"\x00ELAOMS-CHUNKED-1\n"
+VERBATIM = b"\x00ELAOMS-VERBATIM\n"
 CHUNK_SIZE = 1024 * 1024
 _RECORD = struct.Struct(">I")
 _CHUNK_HEADER = struct.Struct(">IBxxx")  # index, last flag, padding
@@ -66,11 +69,13 @@ class PayloadCipher:
 
     def encrypt(self, data: bytes) -> bytes:
         if not self.encrypting:
-            return data
+            return VERBATIM + data if _ambiguous(data) else data
         assert self._fernet is not None
         return self._fernet.encrypt(data)
 
     def decrypt(self, data: bytes) -> bytes:
+        if data.startswith(VERBATIM):
+            return data[len(VERBATIM) :]
         if data.startswith(MAGIC):
             return self.reader(io.BytesIO(data)).read()
         if not data.startswith(_TOKEN_PREFIX):
@@ -105,12 +110,19 @@ class ChunkWriter:
         self._buffer = bytearray()
         self._index = 0
         self.plain_bytes = 0
+        # Plain: the first bytes wait until they show whether they need VERBATIM.
+        self._head: bytearray | None = None if fernet is not None else bytearray()
         if fernet is not None:
             handle.write(MAGIC)
 
     def write(self, data: bytes) -> None:
         self.plain_bytes += len(data)
         if self._fernet is None:
+            if self._head is not None:
+                self._head += data
+                if len(self._head) >= len(_TOKEN_PREFIX):
+                    self._write_head()
+                return
             self._handle.write(data)
             return
         self._buffer += data
@@ -122,7 +134,14 @@ class ChunkWriter:
         if self._fernet is not None:
             self._emit(bytes(self._buffer), last=True)
             self._buffer.clear()
+        elif self._head is not None:
+            self._write_head()
         self._handle.flush()
+
+    def _write_head(self) -> None:
+        assert self._head is not None
+        head, self._head = bytes(self._head), None
+        self._handle.write(VERBATIM + head if _ambiguous(head) else head)
 
     def _emit(self, chunk: bytes, *, last: bool) -> None:
         assert self._fernet is not None
@@ -167,7 +186,10 @@ class _DecryptingReader(io.RawIOBase):
 
     def _start(self) -> None:
         head = _read_exactly(self._handle, len(MAGIC))
-        if head == MAGIC:
+        if head.startswith(VERBATIM):
+            self._mode = "plain"
+            self._pending = head[len(VERBATIM) :]
+        elif head == MAGIC:
             self._mode = "chunked"
         elif head.startswith(_TOKEN_PREFIX):
             self._mode = "whole"
@@ -194,6 +216,11 @@ class _DecryptingReader(io.RawIOBase):
             if self._handle.read(1):
                 raise EncryptionConfigError("encrypted file is damaged (data after the end)")
         return plain[_CHUNK_HEADER.size :]
+
+
+def _ambiguous(plain: bytes) -> bool:
+    """Plain bytes that would read as one of the encrypted forms."""
+    return plain.startswith((b"\x00", _TOKEN_PREFIX))
 
 
 def _read_exactly(handle: BinaryIO, size: int) -> bytes:
