@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from elaoms.operations.crypto import MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
+from elaoms.webhooks import streaming
 from elaoms.webhooks.signature import sign
 
 from conftest import (
@@ -485,3 +486,33 @@ def test_a_signed_body_that_looks_like_an_encrypted_file_is_kept_as_it_is(
     quarantine = server.data_dir / "webhooks" / "quarantine"
     kept = [PayloadCipher().decrypt(path.read_bytes()) for path in quarantine.glob("*.body")]
     assert body in kept
+
+
+@pytest.mark.parametrize("read_size", [1, 3, 7, 4096])
+def test_audio_is_decoded_the_same_whatever_the_pieces_it_arrives_in(
+    monkeypatch: pytest.MonkeyPatch, read_size: int
+) -> None:
+    monkeypatch.setattr(streaming, "READ_SIZE", read_size)
+    audio = os.urandom(2000)
+    envelope = {
+        "type": "post_call_audio",
+        "data": {
+            "conversation_id": "conv_pieces",
+            "note": 'the caller said "full_audio" \\ here',
+            "full_audio": base64.b64encode(audio).decode(),
+        },
+    }
+    body = json.dumps(envelope).replace("/", "\\/").encode()  # JSON may escape "/"
+    sink = io.BytesIO()
+    split = streaming.split_audio(io.BytesIO(body), sink, max_remainder=1_000_000)
+    assert split.audio_error is None
+    assert sink.getvalue() == audio
+    envelope["data"]["full_audio"] = streaming.AUDIO_MARKER
+    assert json.loads(split.remainder) == envelope
+
+
+@pytest.mark.parametrize("value", ['"QQ="', '"Q!==', '"QQ==QQ=="', '"QQ\\nQQ=="', "null"])
+def test_audio_that_is_not_strict_base64_is_reported(value: str) -> None:
+    body = b'{"type": "post_call_audio", "data": {"full_audio": ' + value.encode() + b"}}"
+    split = streaming.split_audio(io.BytesIO(body), io.BytesIO(), max_remainder=1_000_000)
+    assert split.audio_error or split.audio_values == 0

@@ -12,16 +12,12 @@ the remainder is then parsed like any other body, so the usual validation applie
 from __future__ import annotations
 
 import binascii
-import re
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 AUDIO_KEY = b"full_audio"
 AUDIO_MARKER = "elaoms:diverted-audio"
 READ_SIZE = 1024 * 1024
-_SPECIAL = re.compile(rb'["\\]')
-_WHITESPACE = b" \t\r\n"
-_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
 
 
 class AudioSink(Protocol):
@@ -50,8 +46,8 @@ class _Base64Decoder:
     def feed(self, text: bytes) -> None:
         if self.error or not text:
             return
-        if self.padded or _BASE64.search(text):
-            self.error = "data.full_audio is not valid base64: unexpected character"
+        if self.padded:  # strict decoding of each piece cannot see "QQ==" + "QQ=="
+            self.error = "data.full_audio is not valid base64: Excess data after padding"
             return
         data = self.carry + text
         usable = len(data) - len(data) % 4
@@ -76,6 +72,16 @@ class _Base64Decoder:
         self.padded = data.endswith(b"=")
         self.sink.write(decoded)
         self.written += len(decoded)
+
+
+def _next_special(chunk: bytes, start: int) -> int:
+    """Where the next quote or backslash is (len(chunk) if none): two memchr-speed finds,
+    the second bounded by the first so that many short strings stay linear. (A regular
+    expression character class ran at 20 MB/s.)"""
+    quote = chunk.find(b'"', start)
+    end = len(chunk) if quote < 0 else quote
+    backslash = chunk.find(b"\\", start, end)
+    return end if backslash < 0 else backslash
 
 
 def split_audio(source: BinaryIO, sink: AudioSink, *, max_remainder: int) -> SplitBody:
@@ -115,8 +121,7 @@ def split_audio(source: BinaryIO, sink: AudioSink, *, max_remainder: int) -> Spl
                         key_exact = False
                     i += 1
                     continue
-                match = _SPECIAL.search(chunk, i)
-                end = n if match is None else match.start()
+                end = _next_special(chunk, i)
                 if state == "audio":
                     assert decoder is not None
                     decoder.feed(chunk[i:end])
@@ -124,7 +129,7 @@ def split_audio(source: BinaryIO, sink: AudioSink, *, max_remainder: int) -> Spl
                     remainder += chunk[i:end]
                     if len(key) <= len(AUDIO_KEY):
                         key += chunk[i : min(end, i + len(AUDIO_KEY) + 1)]
-                if match is None:
+                if end == n:
                     i = n
                     continue
                 i = end + 1
