@@ -154,6 +154,18 @@ def memory_cases(app_dir: Path) -> None:
             f"{worker.url}/webhooks/post-call", content=chunks_of(300 * MB), timeout=300
         ).status_code
 
+    def wrong_signature_declared(worker: Worker) -> int:
+        headers = {
+            "ElevenLabs-Signature": sign("not-the-key", b"x"),
+            "Content-Length": str(300 * MB),
+        }
+        return httpx.post(
+            f"{worker.url}/webhooks/post-call",
+            content=chunks_of(300 * MB),
+            headers=headers,
+            timeout=300,
+        ).status_code
+
     def wrong_signature(worker: Worker) -> int:
         headers = {"ElevenLabs-Signature": sign("not-the-key", b"x")}
         return httpx.post(
@@ -184,6 +196,11 @@ def memory_cases(app_dir: Path) -> None:
 
     measure(app_dir, "post-call, 300 MB unsigned, Content-Length declared", unsigned_declared)
     measure(app_dir, "post-call, 300 MB unsigned, chunked", unsigned_chunked)
+    measure(
+        app_dir,
+        "post-call, 300 MB wrong signature, Content-Length declared",
+        wrong_signature_declared,
+    )
     measure(app_dir, "post-call, 200 MB with a wrong signature, chunked", wrong_signature)
     measure(app_dir, "client-data, 300 MB authenticated, chunked", small_endpoint)
     measure(app_dir, f"post-call, signed audio ({len(body) / MB:.0f} MB body)", signed_audio)
@@ -215,22 +232,27 @@ def closed(sock: socket.socket) -> bool:
         return True
 
 
-def time_cases(app_dir: Path) -> None:
-    headers = {
-        "ElevenLabs-Signature": sign(HMAC_KEY, b"{}"),
-        "X-Api-Key": SECRET,
-        "Content-Length": "100000",
-    }
+def time_cases(app_dir: Path, only_path: str = "") -> None:
     worker = Worker(app_dir, {})
     try:
-        for path in ("/webhooks/post-call", "/webhooks/client-data"):
+        for path, length in (("/webhooks/post-call", 100_000), ("/webhooks/client-data", 1000)):
+            headers = {
+                "ElevenLabs-Signature": sign(HMAC_KEY, b"{}"),
+                "X-Api-Key": SECRET,
+                "Content-Length": str(length),  # within each endpoint's size limit
+            }
+            if only_path not in path:
+                continue
             # Stalled: headers, a few bytes, then nothing.
             sock = raw_request(worker.port, path, headers)
             sock.sendall(b'{"type": ')
             started = time.monotonic()
             while not closed(sock) and time.monotonic() - started < 600:
                 time.sleep(0.05)
-            print(f"{path}: stalled body dropped after {time.monotonic() - started:.1f} s")
+            print(
+                f"{path}: stalled body dropped after {time.monotonic() - started:.1f} s",
+                flush=True,
+            )
             sock.close()
             # Trickling: 30 connections, one byte every 3 s each.
             socks = [raw_request(worker.port, path, headers) for _ in range(30)]
@@ -252,7 +274,8 @@ def time_cases(app_dir: Path) -> None:
                 time.sleep(3)
             print(
                 f"{path}: 30 connections trickling 1 byte / 3 s: "
-                f"{len(open_ones)} still open, the last closed after {last_closed:.1f} s"
+                f"{len(open_ones)} still open, the last closed after {last_closed:.1f} s",
+                flush=True,
             )
             for sock in socks:
                 sock.close()
@@ -263,13 +286,14 @@ def time_cases(app_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["memory", "time"])
+    parser.add_argument("--paths", default="", help="time cases: only paths containing this")
     parser.add_argument("--app-dir", type=Path, default=REPO_ROOT)
     args = parser.parse_args()
     print(f"app: {args.app_dir}")
     if args.only in (None, "memory"):
         memory_cases(args.app_dir)
     if args.only in (None, "time"):
-        time_cases(args.app_dir)
+        time_cases(args.app_dir, args.paths)
 
 
 if __name__ == "__main__":

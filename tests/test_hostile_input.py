@@ -474,7 +474,7 @@ def test_a_truncated_or_reordered_chunked_file_is_refused() -> None:
             cipher.decrypt(damaged)
 
 
-@pytest.mark.parametrize("prefix", [MAGIC, VERBATIM, b"gAAAAAB", b"\x00"])
+@pytest.mark.parametrize("prefix", [MAGIC, VERBATIM, b"gAAAAAB", b"\x00", b"\x00ELAOMS-"])
 def test_a_signed_body_that_looks_like_an_encrypted_file_is_kept_as_it_is(
     server: ServiceProcess, prefix: bytes
 ) -> None:

@@ -13,7 +13,7 @@ Two encrypted forms are read:
   behind an 8-byte header (its index and a last-chunk flag), so chunks cannot be dropped,
   repeated or reordered, and a truncated file is refused instead of read short.
 Plain files (written before encryption was turned on) read as they are; one whose own
-first bytes would read as an encrypted form (a NUL byte, or "gAAAAA") is written behind
+first bytes would read as an encrypted form (our markers, or "gAAAAA") is written behind
 `VERBATIM`, which reading strips.
 """
 
@@ -120,7 +120,7 @@ class ChunkWriter:
         if self._fernet is None:
             if self._head is not None:
                 self._head += data
-                if len(self._head) >= len(_TOKEN_PREFIX):
+                if len(self._head) >= len(_OURS):
                     self._write_head()
                 return
             self._handle.write(data)
@@ -218,9 +218,12 @@ class _DecryptingReader(io.RawIOBase):
         return plain[_CHUNK_HEADER.size :]
 
 
+_OURS = b"\x00ELAOMS-"  # how MAGIC and VERBATIM start
+
+
 def _ambiguous(plain: bytes) -> bool:
     """Plain bytes that would read as one of the encrypted forms."""
-    return plain.startswith((b"\x00", _TOKEN_PREFIX))
+    return plain.startswith((_OURS, _TOKEN_PREFIX))
 
 
 def _read_exactly(handle: BinaryIO, size: int) -> bytes:

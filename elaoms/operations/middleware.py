@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -168,26 +169,27 @@ class BodyPolicy:
     total_seconds: float
 
 
-class BodyRefused(Exception):
-    """Raised from `receive` inside the app; the middleware turns it into the answer."""
+class BodyRefused(HTTPException):
+    """Raised from `receive` inside the app. An HTTPException so that a framework reading
+    the body for a route (FastAPI turns other errors there into a 400) passes it on; the
+    middleware answers it when nothing else did. The connection is closed either way: the
+    rest of the body is never read."""
 
     status = 400
-    detail = "Bad request body"
+    message = "Bad request body"
 
     def __init__(self, detail: str | None = None) -> None:
-        super().__init__(detail or self.detail)
-        if detail:
-            self.detail = detail
+        super().__init__(self.status, detail or self.message, headers={"Connection": "close"})
 
 
 class BodyTooLarge(BodyRefused):
     status = 413
-    detail = "Request body too large"
+    message = "Request body too large"
 
 
 class BodyTimeout(BodyRefused):
     status = 408
-    detail = "Request body not received in time"
+    message = "Request body not received in time"
 
 
 class BodyLimitMiddleware:
@@ -233,19 +235,28 @@ class BodyLimitMiddleware:
         received = 0
         response_started = False
 
+        def refused(refusal: BodyRefused) -> BodyRefused:
+            logger.warning(
+                "request to %s refused: %s (%d bytes received)",
+                scope["path"],
+                refusal.detail,
+                received,
+            )
+            return refusal
+
         async def bounded_receive() -> Message:
             nonlocal received
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BodyTimeout()
+                raise refused(BodyTimeout())
             try:
                 message = await asyncio.wait_for(receive(), min(self.idle_seconds, remaining))
             except TimeoutError:
-                raise BodyTimeout() from None
+                raise refused(BodyTimeout()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > policy.max_bytes:
-                    raise BodyTooLarge(_too_large(policy))
+                    raise refused(BodyTooLarge(_too_large(policy)))
             return message
 
         async def watching_send(message: Message) -> None:
@@ -256,13 +267,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, bounded_receive, watching_send)
-        except BodyRefused as refusal:
-            logger.warning(
-                "request to %s refused: %s (%d bytes received)",
-                scope["path"],
-                refusal.detail,
-                received,
-            )
+        except BodyRefused as refusal:  # where no exception handler answered it
             if not response_started:
                 await _refuse(send, refusal)
 
@@ -288,7 +293,7 @@ async def _refuse(send: Send, refusal: BodyRefused) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": refusal.status,
+            "status": refusal.status_code,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

@@ -86,15 +86,21 @@ class StreamedFile:
             self._buffer.clear()
 
     def finish(self) -> None:
-        """Write the rest and fsync: after this the file is durable and readable."""
+        """Write the rest and close: after this the file is complete and readable. Not
+        fsynced here: most bodies are read once and dropped; `sync` makes one durable."""
         if self.finished:
             return
         self.flush()
         self._writer.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
         self._handle.close()
         self.finished = True
+
+    def sync(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def open(self) -> io.BufferedReader:
         """The plain bytes, decrypted as they are read."""
@@ -157,6 +163,7 @@ class WebhookStorage:
     def _place(self, streamed: StreamedFile, target: Path) -> Path:
         """Move a finished streamed file to `target` (copied when on another disk)."""
         streamed.finish()
+        streamed.sync()
         ensure_private_dir(target.parent, self.dir_mode)
         try:
             os.replace(streamed.path, target)
