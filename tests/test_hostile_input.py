@@ -516,3 +516,11 @@ def test_audio_that_is_not_strict_base64_is_reported(value: str) -> None:
     body = b'{"type": "post_call_audio", "data": {"full_audio": ' + value.encode() + b"}}"
     split = streaming.split_audio(io.BytesIO(body), io.BytesIO(), max_remainder=1_000_000)
     assert split.audio_error or split.audio_values == 0
+
+
+def test_an_empty_audio_delivery_is_kept_as_an_empty_file(server: ServiceProcess) -> None:
+    with server.client() as client:
+        response = post(client, audio_delivery("conv_empty_audio", b""))
+    assert response.json() == {"status": "received", "detail": "audio kept as conv_empty_audio.mp3"}
+    assert (server.data_dir / "webhooks" / "_audio" / "conv_empty_audio.mp3").read_bytes() == b""
+    assert not list((server.data_dir / "webhooks" / "_audio").glob(".tmp-*"))

@@ -71,12 +71,9 @@ async def post_call(
             verifier.verify()
         except SignatureError as error:
             raise _refused(auth_monitor, source, error) from None
-        try:
-            await asyncio.to_thread(incoming.finish)
-            acknowledgement = await ingest.receive(incoming)
-        except OSError as error:
-            raise _storage_failed(error) from None
-    except OSError as error:  # writing the temporary file
+        await asyncio.to_thread(incoming.finish)
+        acknowledgement = await ingest.receive(incoming)
+    except OSError as error:
         raise _storage_failed(error) from None
     finally:
         incoming.discard()

@@ -108,9 +108,9 @@ class IngestService:
         return await self._receive_other(body, envelope)
 
     async def _receive_streamed(self, incoming: IncomingBody) -> Acknowledgement:
-        audio = self.storage.audio_file()
+        sink = _AudioSink(self.storage)
         try:
-            split = await asyncio.to_thread(_split, incoming, audio)
+            split = await asyncio.to_thread(_split, incoming, sink)
             if split.too_large:
                 return self._quarantine(
                     incoming,
@@ -135,7 +135,7 @@ class IngestService:
             call = await self._stored_call(data.conversation_id)
             user_id = call.user_id if call else None
             path = await asyncio.to_thread(
-                self.storage.keep_audio, audio, data.conversation_id, user_id
+                self.storage.keep_audio, sink.file(), data.conversation_id, user_id
             )
             logger.info(
                 "post-call audio for %s kept (%d bytes, %s)",
@@ -145,7 +145,7 @@ class IngestService:
             )
             return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
         finally:
-            audio.discard()
+            sink.discard()
 
     def _quarantine(self, body: bytes | IncomingBody, reason: str) -> Acknowledgement:
         try:
@@ -344,16 +344,32 @@ class IngestService:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
-def _split(incoming: IncomingBody, audio: IncomingBody) -> SplitBody:
-    """Decode the body's audio into `audio` while reading it; the rest is returned."""
+class _AudioSink:
+    """Decoded audio, to a temporary file next to the audio directory, created on the first
+    bytes (most deliveries have none)."""
 
-    class _Sink:
-        def write(self, data: bytes) -> None:
-            if audio.write(data):
-                audio.flush()
+    def __init__(self, storage: WebhookStorage) -> None:
+        self._storage = storage
+        self._file: IncomingBody | None = None
 
+    def file(self) -> IncomingBody:
+        if self._file is None:
+            self._file = self._storage.audio_file()
+        return self._file
+
+    def write(self, data: bytes) -> None:
+        if self.file().write(data):
+            self.file().flush()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.discard()
+
+
+def _split(incoming: IncomingBody, sink: _AudioSink) -> SplitBody:
+    """Decode the body's audio into `sink` while reading it; the rest is returned."""
     with incoming.open() as source:
-        return split_audio(source, _Sink(), max_remainder=MAX_PARSED_BODY_BYTES)
+        return split_audio(source, sink, max_remainder=MAX_PARSED_BODY_BYTES)
 
 
 def _receipt_key(event_type: str, conversation_id: str) -> str:
