@@ -19,7 +19,12 @@ from elaoms.console.router import install_console
 from elaoms.memory import MemoryStore
 from elaoms.operations.logs import configure_logging
 from elaoms.operations.maintenance import run_maintenance, run_store_upkeep
-from elaoms.operations.middleware import OperationsMiddleware, parse_networks
+from elaoms.operations.middleware import (
+    BodyLimitMiddleware,
+    BodyPolicy,
+    OperationsMiddleware,
+    parse_networks,
+)
 from elaoms.operations.router import router as operations_router
 from elaoms.personalization.router import router as client_data_router
 from elaoms.search.router import router as search_router
@@ -79,6 +84,18 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
+    # Added first so it runs inside OperationsMiddleware, which counts its refusals.
+    small = BodyPolicy(settings.max_request_body_bytes, settings.request_body_timeout_seconds)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default=small,
+        routes={
+            "/webhooks/post-call": BodyPolicy(
+                settings.max_webhook_body_bytes, settings.post_call_body_timeout_seconds
+            )
+        },
+        idle_seconds=settings.request_body_idle_timeout_seconds,
+    )
     app.add_middleware(
         OperationsMiddleware,
         allowed_networks=parse_networks(settings.allowed_source_ips),

@@ -81,7 +81,33 @@ class Settings(BaseSettings):
         description="How long a delivery may wait for a store that is down before it moves to"
         " quarantine with the last error and an alert (it can be requeued from there).",
     )
-    max_webhook_body_bytes: int = 64 * 1024 * 1024
+    # Audio deliveries are base64 MP3s: a one-hour call is ~75 MB. Bodies stream to disk,
+    # so the limit bounds disk use per delivery, not memory.
+    max_webhook_body_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="Largest post-call body accepted (bytes); larger ones get 413",
+    )
+    max_request_body_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Largest body of every other endpoint (client-data, search-data, admin)",
+    )
+    request_body_idle_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request whose body sends nothing for this long is dropped (408)",
+    )
+    request_body_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Whole-body deadline of every endpoint but post-call (408 past it)",
+    )
+    post_call_body_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Whole-body deadline of a post-call delivery (408 past it)",
+    )
 
     # Operations
     anomaly_detection_enabled: bool = True
@@ -149,6 +175,16 @@ class Settings(BaseSettings):
         ),
     )
     agent_profile_ttl: int = 3600
+    agent_lookups_per_minute: float = Field(
+        default=30.0,
+        gt=0,
+        description="Most ElevenLabs lookups of agents never seen before, per minute and process",
+    )
+    unknown_agent_ttl_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long an agent id the API does not know is not asked about again",
+    )
     elevenlabs_api_timeout_seconds: float = 2.0
     llm_base_url: str = ""
     llm_api_key: str = ""

@@ -69,7 +69,14 @@ class Services:
             counter=cache,
         )
         elevenlabs = ElevenLabsClient.from_settings(settings)
-        agents = AgentProfiles(elevenlabs, store, cache, ttl=settings.agent_profile_ttl)
+        agents = AgentProfiles(
+            elevenlabs,
+            store,
+            cache,
+            ttl=settings.agent_profile_ttl,
+            unknown_ttl=settings.unknown_agent_ttl_seconds,
+            lookups_per_minute=settings.agent_lookups_per_minute,
+        )
         personalization = PersonalizationService(
             settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)
         )

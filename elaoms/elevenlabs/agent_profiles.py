@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,63 @@ from elaoms.payloads import dig
 logger = logging.getLogger(__name__)
 
 AGENT_KEY_PREFIX = "elaoms:agent:"
+
+# ElevenLabs agent ids are `agent_` and 28 letters and digits; older ones are 20 letters
+# and digits. Checked before an id is put in a URL or a cache key: "../../../v1/user" as an
+# agent id made the service call GET /v1/user with the operator's API key.
+_AGENT_ID = re.compile(r"[A-Za-z0-9_]{1,100}")
+# Agents remembered as unknown or failing, at most: the oldest are forgotten first.
+_MAX_REMEMBERED = 10_000
+
+
+def valid_agent_id(agent_id: str) -> bool:
+    return bool(_AGENT_ID.fullmatch(agent_id))
+
+
+class _TokenBucket:
+    """At most `per_minute` events a minute, in bursts of up to `burst`."""
+
+    def __init__(self, per_minute: float, burst: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, burst)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class _Expiring:
+    """Ids remembered until a deadline; bounded, the oldest forgotten first."""
+
+    def __init__(self, limit: int = _MAX_REMEMBERED) -> None:
+        self.limit = limit
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def remember(self, key: str, seconds: float) -> None:
+        self._until.pop(key, None)
+        self._until[key] = time.monotonic() + seconds
+        while len(self._until) > self.limit:
+            self._until.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._until.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        until = self._until.get(key) if isinstance(key, str) else None
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._until[key]  # type: ignore[arg-type]
+        return False
+
 
 Scalar = str | int | float | bool
 
@@ -76,6 +135,8 @@ class AgentProfiles:
         ttl: float = 3600,
         failure_backoff: float = 30.0,
         min_age_after_call: float = 60.0,
+        unknown_ttl: float = 600.0,
+        lookups_per_minute: float = 30.0,
     ) -> None:
         self.client = client
         self.store = store
@@ -84,8 +145,13 @@ class AgentProfiles:
         self.failure_backoff = failure_backoff
         self.min_age_after_call = min(min_age_after_call, ttl)
         self._inflight: dict[str, asyncio.Task[AgentProfile | None]] = {}
-        self._failed_until: dict[str, float] = {}
+        self.unknown_ttl = unknown_ttl
+        # Both bounded: 20,000 made-up agent ids cost 19,999 API calls and grew these.
+        self._failing = _Expiring()
+        self._unknown = _Expiring()
+        self._lookups = _TokenBucket(lookups_per_minute, burst=max(1.0, lookups_per_minute / 6))
         self._warned_unconfigured = False
+        self._warned_rate_at = float("-inf")
         # The last profile parsed per agent, with the raw dict it came from: the local
         # cache hands back that same dict until it changes, so each call is not a parse.
         self._parsed: dict[str, tuple[dict[str, Any], AgentProfile]] = {}
@@ -93,6 +159,8 @@ class AgentProfiles:
     async def get(self, agent_id: str, *, wait: float = 0.0) -> AgentProfile | None:
         """The known profile at once (a stale one triggers a background refresh). An agent
         never seen is fetched, waiting at most `wait` seconds for it."""
+        if not valid_agent_id(agent_id):
+            return None
         profile = await self._cached(agent_id)
         if profile is None:
             profile = await self._stored(agent_id)
@@ -100,7 +168,7 @@ class AgentProfiles:
             if time.time() - profile.fetched_at > self.ttl:
                 self._refresh_in_background(agent_id)
             return profile
-        task = self._refresh_in_background(agent_id)
+        task = self._refresh_in_background(agent_id, unseen=True)
         if task is None or wait <= 0:
             return None
         try:
@@ -110,11 +178,15 @@ class AgentProfiles:
 
     def peek(self, agent_id: str) -> AgentProfile | None:
         """This process's copy, without any I/O (last-resort answers)."""
+        if not valid_agent_id(agent_id):
+            return None
         return self._profile(agent_id, self.cache.peek(AGENT_KEY_PREFIX + agent_id))
 
     async def after_call(self, agent_id: str) -> AgentProfile | None:
         """The profile to prepare a greeting with: fetched now unless fetched very recently,
         so configuration changes reach the next call. Never raises."""
+        if not valid_agent_id(agent_id):
+            return None
         try:
             profile = await self._cached(agent_id) or await self._stored(agent_id)
         except Exception as error:
@@ -122,7 +194,7 @@ class AgentProfiles:
             profile = None
         if profile is not None and time.time() - profile.fetched_at < self.min_age_after_call:
             return profile
-        task = self._refresh_in_background(agent_id)
+        task = self._refresh_in_background(agent_id, unseen=profile is None)
         if task is not None:
             with contextlib.suppress(Exception):
                 return await asyncio.shield(task) or profile
@@ -130,18 +202,21 @@ class AgentProfiles:
 
     async def refresh(self, agent_id: str) -> AgentProfile | None:
         """Fetch, then keep in the store and the cache. None when the API did not answer."""
+        if not valid_agent_id(agent_id):
+            return None
         try:
             raw = await self.client.get_agent(agent_id)
         except ElevenLabsError as error:
-            self._failed_until[agent_id] = time.monotonic() + self.failure_backoff
+            # The API does not know this agent: not asked again for a long while.
+            unknown = error.status_code in (400, 404, 422)
+            backoff = self.unknown_ttl if unknown else self.failure_backoff
+            (self._unknown if unknown else self._failing).remember(agent_id, backoff)
             logger.warning(
-                "agent profile %s not fetched (%s); next try in %gs",
-                agent_id,
-                error,
-                self.failure_backoff,
+                "agent profile %s not fetched (%s); next try in %gs", agent_id, error, backoff
             )
             return None
-        self._failed_until.pop(agent_id, None)
+        self._failing.forget(agent_id)
+        self._unknown.forget(agent_id)
         fetched_at = time.time()
         try:
             await self.store.put_agent_profile(agent_id, raw, fetched_at)
@@ -181,8 +256,12 @@ class AgentProfiles:
         await self.cache.set(AGENT_KEY_PREFIX + agent_id, raw, local_ttl=self.ttl)
         return self._profile(agent_id, raw)
 
-    def _refresh_in_background(self, agent_id: str) -> asyncio.Task[AgentProfile | None] | None:
-        """Start (or join) the one fetch of this agent; None when we should not fetch now."""
+    def _refresh_in_background(
+        self, agent_id: str, *, unseen: bool = False
+    ) -> asyncio.Task[AgentProfile | None] | None:
+        """Start (or join) the one fetch of this agent; None when we should not fetch now.
+        Fetches of agents never seen are rate-limited: anyone who can reach client-data
+        can name agents, and each costs a call with the operator's API key."""
         if not self.client.configured:
             if not self._warned_unconfigured:
                 self._warned_unconfigured = True
@@ -194,7 +273,15 @@ class AgentProfiles:
         task = self._inflight.get(agent_id)
         if task is not None:
             return task
-        if time.monotonic() < self._failed_until.get(agent_id, 0.0):
+        if agent_id in self._failing or agent_id in self._unknown:
+            return None
+        if unseen and not self._lookups.take():
+            if time.monotonic() - self._warned_rate_at > 60:
+                self._warned_rate_at = time.monotonic()
+                logger.warning(
+                    "agent profiles of unknown agents not fetched: more than the allowed "
+                    "lookups per minute (AGENT_LOOKUPS_PER_MINUTE)"
+                )
             return None
         task = asyncio.create_task(self.refresh(agent_id), name=f"agent-profile-{agent_id}")
         self._inflight[agent_id] = task

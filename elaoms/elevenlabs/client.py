@@ -7,8 +7,10 @@ because ElevenLabs limits concurrent requests per plan.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from tenacity import (
@@ -23,6 +25,10 @@ from elaoms.config import Settings
 from elaoms.retries import retryable_status
 
 logger = logging.getLogger(__name__)
+
+# An agent or a conversation is tens of kilobytes; an answer far larger is not read whole
+# (a misconfigured base URL or a hostile endpoint must not fill the worker's memory).
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 class ElevenLabsError(RuntimeError):
@@ -72,7 +78,7 @@ class ElevenLabsClient:
 
     async def get_agent(self, agent_id: str) -> dict[str, Any]:
         """GET /v1/convai/agents/{agent_id}: one attempt within the client's timeout."""
-        return await self._request(f"/v1/convai/agents/{agent_id}")
+        return await self._request(f"/v1/convai/agents/{_segment(agent_id)}")
 
     async def list_conversations(
         self, cursor: str | None = None, agent_id: str | None = None, page_size: int = 100
@@ -87,7 +93,7 @@ class ElevenLabsClient:
 
     async def get_conversation(self, conversation_id: str) -> dict[str, Any]:
         """One conversation, in the shape of a `post_call_transcription`'s `data`."""
-        return await self._with_retries(f"/v1/convai/conversations/{conversation_id}")
+        return await self._with_retries(f"/v1/convai/conversations/{_segment(conversation_id)}")
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -110,16 +116,21 @@ class ElevenLabsClient:
         if not self.api_key:
             raise ElevenLabsError("ELEVENLABS_API_KEY is not set", retryable=False)
         try:
-            response = await self._client().get(path, params=params)
+            async with self._client().stream("GET", path, params=params) as response:
+                content = await _bounded_read(response, MAX_RESPONSE_BYTES)
         except httpx.HTTPError as error:
             raise ElevenLabsError(f"GET {path}: {type(error).__name__} {error}".strip()) from error
-        if response.status_code != 200:
+        if content is None:
             raise ElevenLabsError(
-                f"GET {path}: HTTP {response.status_code} {response.text[:200]}",
-                response.status_code,
+                f"GET {path}: answer larger than {MAX_RESPONSE_BYTES} bytes", retryable=False
+            )
+        if response.status_code != 200:
+            text = content[:200].decode("utf-8", "replace")
+            raise ElevenLabsError(
+                f"GET {path}: HTTP {response.status_code} {text}", response.status_code
             )
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError as error:
             raise ElevenLabsError(f"GET {path}: answer is not JSON", retryable=True) from error
         if not isinstance(body, dict):
@@ -145,3 +156,21 @@ class ElevenLabsClient:
             with attempt:
                 return await self._request(path, params)
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+def _segment(value: str) -> str:
+    """One URL path segment: "/", "." and "%" in an id cannot reach another endpoint."""
+    return quote(value, safe="")
+
+
+async def _bounded_read(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None once it passes `limit` (the rest is not read)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) > limit:
+            return None
+    return bytes(content)

@@ -67,8 +67,12 @@ class AlertSink:
     async def _post(self, kind: str, message: str, details: dict[str, Any]) -> None:
         body = {"service": SERVICE_NAME, "kind": kind, "message": message, "details": details}
         try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                response = await client.post(self.webhook_url, json=body)
+            async with (
+                httpx.AsyncClient(timeout=5.0) as client,
+                # Streamed and never read: only the status matters, and whatever answers
+                # the alert URL must not be able to fill our memory.
+                client.stream("POST", self.webhook_url, json=body) as response,
+            ):
                 response.raise_for_status()
             self.posts_sent += 1
         except httpx.HTTPError as error:

@@ -64,7 +64,11 @@ async def search_data(request: Request) -> Response:
     try:
         search = SearchRequest.model_validate_json(body) if body.strip() else SearchRequest()
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False), body=body) from None
+        # Without the input: `"limit": 1e400` is inf, which JSON cannot carry (the answer
+        # was a 500), and a 4,301-digit limit cannot even be turned into text.
+        raise RequestValidationError(
+            error.errors(include_url=False, include_input=False), body=None
+        ) from None
     query = (search.query or "").strip()
     if not query:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Missing query parameter")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import APIRouter, HTTPException, Request, status
 
 from elaoms.dependencies import AuthMonitorDep, IngestDep, SettingsDep
+from elaoms.operations.anomaly import AuthFailureMonitor
 from elaoms.webhooks.schemas import PostCallResponse
 from elaoms.webhooks.signature import (
     SIGNATURE_HEADER,
@@ -52,20 +54,40 @@ async def post_call(
             max_future=settings.signature_max_future_seconds,
         )
         verifier = SignatureVerifier(secret, header)
-        body = bytearray()
-        async for chunk in request.stream():
-            verifier.update(chunk)
-            body.extend(chunk)
-        verifier.verify()
     except SignatureError as error:
-        auth_monitor.record("post_call_signature", source)
-        logger.warning("post-call delivery refused from %s: %s", source, error)
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail=str(error)) from None
+        raise _refused(auth_monitor, source, error) from None
     try:
-        acknowledgement = await ingest.receive(bytes(body))
+        incoming = ingest.storage.incoming()
     except OSError as error:
-        logger.exception("could not write a post-call delivery to disk")
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"storage unavailable: {error.strerror}"
-        ) from None
+        raise _storage_failed(error) from None
+    try:
+        # The body goes to a temporary file as it arrives (the MAC over the same stream):
+        # never held whole in memory, and named only once the signature holds.
+        try:
+            async for chunk in request.stream():
+                verifier.update(chunk)
+                if incoming.write(chunk):
+                    await asyncio.to_thread(incoming.flush)
+            verifier.verify()
+        except SignatureError as error:
+            raise _refused(auth_monitor, source, error) from None
+        await asyncio.to_thread(incoming.finish)
+        acknowledgement = await ingest.receive(incoming)
+    except OSError as error:
+        raise _storage_failed(error) from None
+    finally:
+        incoming.discard()
     return acknowledgement.as_response()
+
+
+def _refused(monitor: AuthFailureMonitor, source: str | None, error: Exception) -> HTTPException:
+    monitor.record("post_call_signature", source)
+    logger.warning("post-call delivery refused from %s: %s", source, error)
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=str(error))
+
+
+def _storage_failed(error: OSError) -> HTTPException:
+    logger.error("could not write a post-call delivery to disk: %s", error)
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"storage unavailable: {error.strerror}"
+    )

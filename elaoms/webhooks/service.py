@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,8 @@ from elaoms.webhooks.schemas import (
     InitiationFailureData,
     TranscriptionData,
 )
-from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
+from elaoms.webhooks.storage import IncomingBody, PendingDelivery, WebhookStorage
+from elaoms.webhooks.streaming import AUDIO_MARKER, SplitBody, split_audio
 
 # Failures of the store or the set-up (down, slow, locked, a full disk, a missing key):
 # the delivery waits for them to be fixed.
@@ -71,6 +73,10 @@ PAYLOAD_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 logger = logging.getLogger(__name__)
+
+# The most of a delivery parsed in memory: everything but its audio, which is decoded from
+# the file as it is read. A transcript of several hours is a few megabytes.
+MAX_PARSED_BODY_BYTES = 32 * 1024 * 1024
 
 # Called after a call is in the store (profile preparation, agent refresh). Runs outside
 # the webhook's deadline; a failure leaves the delivery pending so it runs again.
@@ -123,8 +129,13 @@ class IngestService:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Receiving ---------------------------------------------------------------------------
-    async def receive(self, body: bytes) -> Acknowledgement:
-        """Handle one verified delivery. Raises OSError only when our own disk fails."""
+    async def receive(self, body: bytes | IncomingBody) -> Acknowledgement:
+        """Handle one verified delivery. Raises OSError only when our own disk fails.
+
+        The webhook hands over the file it streamed the body to (`IncomingBody`), so no
+        body is ever held whole; the CLI's backfill hands over bytes."""
+        if isinstance(body, IncomingBody):
+            return await self._receive_streamed(body)
         try:
             envelope = Envelope.model_validate_json(body)
         except ValidationError as error:
@@ -137,7 +148,49 @@ class IngestService:
             return await self._receive_call(body, envelope, InitiationFailureData)
         return await self._receive_other(body, envelope)
 
-    def _quarantine(self, body: bytes, reason: str) -> Acknowledgement:
+    async def _receive_streamed(self, incoming: IncomingBody) -> Acknowledgement:
+        sink = _AudioSink(self.storage)
+        try:
+            split = await asyncio.to_thread(_split, incoming, sink)
+            if split.too_large:
+                return self._quarantine(
+                    incoming,
+                    f"body too large to process: more than {MAX_PARSED_BODY_BYTES} bytes "
+                    "besides audio",
+                )
+            if not split.audio_values:  # the remainder is the body itself
+                return await self.receive(split.remainder)
+            try:
+                envelope = Envelope.model_validate_json(split.remainder)
+            except ValidationError as error:
+                return self._quarantine(incoming, _describe(error))
+            if envelope.type != AUDIO or envelope.data.get("full_audio") != AUDIO_MARKER:
+                # A full_audio key elsewhere: bounded like any body, parsed as usual.
+                return await self.receive(await asyncio.to_thread(incoming.read_all))
+            if split.audio_error:
+                return self._quarantine(incoming, split.audio_error)
+            try:
+                data = AudioData.model_validate(envelope.data)
+            except ValidationError as error:
+                return self._quarantine(incoming, _describe(error, prefix="data"))
+            if await self.store.is_forgotten(data.conversation_id):
+                return Acknowledgement(status="forgotten")
+            call = await self._stored_call(data.conversation_id)
+            user_id = call.user_id if call else None
+            path = await asyncio.to_thread(
+                self.storage.keep_audio, sink.file(), data.conversation_id, user_id
+            )
+            logger.info(
+                "post-call audio for %s kept (%d bytes, %s)",
+                data.conversation_id,
+                split.audio_bytes,
+                "claimed" if user_id else "awaiting its transcription",
+            )
+            return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
+        finally:
+            sink.discard()
+
+    def _quarantine(self, body: bytes | IncomingBody, reason: str) -> Acknowledgement:
         reason = mask_phone_numbers(reason)  # kept in a file and answered: no number in it
         try:
             path = self.storage.quarantine(body, reason)
@@ -223,7 +276,13 @@ class IngestService:
     async def _receive_other(self, body: bytes, envelope: Envelope) -> Acknowledgement:
         data = envelope.data if isinstance(envelope.data, dict) else {}
         user_id = caller_of(envelope.type, data) if data else None
-        delivery_id = str(data.get("conversation_id") or envelope.event_timestamp or "unknown")
+        delivery_id = str(data.get("conversation_id") or "")
+        if not delivery_id:
+            # Nothing names this delivery but its content: two different ones with the same
+            # timestamp (or none) shared a file and the first was lost after its 200, while
+            # a repeated one still lands on its own file.
+            digest = hashlib.sha256(body).hexdigest()[:16]
+            delivery_id = f"{envelope.event_timestamp or 'unknown'}-{digest}"
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
         await asyncio.to_thread(self.storage.keep, path, body, pending=False)
         logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
@@ -430,6 +489,34 @@ def _kept_at(entry: PendingDelivery) -> float:
         return entry.path.stat().st_mtime
     except OSError:
         return time.time()
+
+
+class _AudioSink:
+    """Decoded audio, to a temporary file next to the audio directory, created on the first
+    bytes (most deliveries have none)."""
+
+    def __init__(self, storage: WebhookStorage) -> None:
+        self._storage = storage
+        self._file: IncomingBody | None = None
+
+    def file(self) -> IncomingBody:
+        if self._file is None:
+            self._file = self._storage.audio_file()
+        return self._file
+
+    def write(self, data: bytes) -> None:
+        if self.file().write(data):
+            self.file().flush()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.discard()
+
+
+def _split(incoming: IncomingBody, sink: _AudioSink) -> SplitBody:
+    """Decode the body's audio into `sink` while reading it; the rest is returned."""
+    with incoming.open() as source:
+        return split_audio(source, sink, max_remainder=MAX_PARSED_BODY_BYTES)
 
 
 def _receipt_key(event_type: str, conversation_id: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,22 +26,30 @@ class SignatureHeader:
     signatures: tuple[str, ...]
 
 
+# Strict ASCII: int() takes "1_700_000_000" and non-ASCII digits, and a non-ASCII v0 made
+# hmac.compare_digest raise TypeError (a 500 that escaped the auth-failure count).
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_SIGNATURES = 8
+
+
 def parse_signature_header(header: str | None) -> SignatureHeader:
     if not header:
         raise SignatureError(f"Missing {SIGNATURE_HEADER} header")
     timestamp: int | None = None
     signatures: list[str] = []
-    for part in header.split(","):
+    for part in header.split(",", 2 * _MAX_SIGNATURES)[: 2 * _MAX_SIGNATURES]:
         key, _, value = part.strip().partition("=")
+        value = value.strip()
         if key == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                raise SignatureError(
-                    "Malformed signature header: t is not a unix timestamp"
-                ) from None
+            if not _TIMESTAMP.fullmatch(value):
+                raise SignatureError("Malformed signature header: t is not a unix timestamp")
+            timestamp = int(value)
         elif key == "v0" and value:
-            signatures.append(value.strip().lower())
+            value = value.lower()
+            if not _HEX_DIGEST.fullmatch(value):
+                raise SignatureError("Malformed signature header: v0 is not a hex SHA-256 digest")
+            signatures.append(value)
     if timestamp is None or not signatures:
         raise SignatureError("Malformed signature header: expected t=<timestamp>,v0=<hex>")
     return SignatureHeader(timestamp=timestamp, signatures=tuple(signatures))

@@ -7,7 +7,10 @@ Layout under WEBHOOK_STORAGE_PATH:
     _attempts/<pending entry name>                  failed tries of a pending delivery
     _audio/<conversation_id>.mp3                    audio no transcription claimed yet
     _other/<event_type>__<id>.json                  deliveries that name no caller
+    _incoming/                                      bodies still arriving (temporary)
 The caller directory is a hash of the caller ID, so no phone number appears in a path.
+A post-call body streams into `_incoming/` (encrypted when configured) while its signature
+is computed; only a verified one is moved or copied on, so nothing unsigned gets a name.
 A pending entry is a hard link to the delivery file: creating it costs no second write,
 and removing it once the store has the call leaves the record in place.
 """
@@ -15,11 +18,15 @@ and removing it once the store has the call leaves the record in place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
+import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elaoms.config import Settings
-from elaoms.operations.crypto import PayloadCipher
+from elaoms.operations.crypto import CHUNK_SIZE, ChunkWriter, PayloadCipher
 from elaoms.operations.files import atomic_write, ensure_private_dir, fsync_dir
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 OTHER_DIR = "_other"
+INCOMING_DIR = "_incoming"
+# A body still in _incoming/ this long after it was started belongs to a process that died.
+STALE_INCOMING_SECONDS = 3600
 
 
 def caller_dir_name(user_id: str) -> str:
@@ -43,6 +53,72 @@ def safe_name(value: str) -> str:
     if cleaned != value:
         cleaned += "-" + hashlib.sha256(value.encode()).hexdigest()[:8]
     return cleaned or hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+class StreamedFile:
+    """A file written chunk by chunk through the cipher, under a temporary name until
+    `WebhookStorage` moves it into place. Never holds more than one chunk in memory."""
+
+    def __init__(self, path: Path, cipher: PayloadCipher, file_mode: int) -> None:
+        self.path = path
+        self._cipher = cipher
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+        self._handle = os.fdopen(fd, "wb")
+        self._writer: ChunkWriter = cipher.writer(self._handle)
+        self._buffer = bytearray()
+        self.finished = False
+
+    @property
+    def size(self) -> int:
+        """Plain bytes written so far."""
+        return self._writer.plain_bytes + len(self._buffer)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def write(self, data: bytes) -> bool:
+        """Buffer `data`; True when a chunk is ready for `flush` (which does the I/O)."""
+        self._buffer += data
+        return len(self._buffer) >= CHUNK_SIZE
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._writer.write(bytes(self._buffer))
+            self._buffer.clear()
+
+    def finish(self) -> None:
+        """Write the rest and close: after this the file is complete and readable. Not
+        fsynced here: most bodies are read once and dropped; `sync` makes one durable."""
+        if self.finished:
+            return
+        self.flush()
+        self._writer.close()
+        self._handle.close()
+        self.finished = True
+
+    def sync(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def open(self) -> io.BufferedReader:
+        """The plain bytes, decrypted as they are read."""
+        return self._cipher.reader(open(self.path, "rb"))
+
+    def read_all(self) -> bytes:
+        with self.open() as reader:
+            return reader.read()
+
+    def discard(self) -> None:
+        """Drop the temporary file (a no-op once it has been moved into place)."""
+        if not self._handle.closed:
+            self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+IncomingBody = StreamedFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +153,56 @@ class WebhookStorage:
         """Create the directories; raise OSError when the disk is not usable."""
         for directory in (self.root, self.pending_root, self.audio_root, self.quarantine_root):
             ensure_private_dir(directory, self.dir_mode)
+        self._drop_stale_incoming()
+
+    # Bodies on their way in --------------------------------------------------------------
+    def incoming(self) -> StreamedFile:
+        """A temporary file for a post-call body that is still arriving."""
+        return self._streamed(self.root / INCOMING_DIR, ".body")
+
+    def audio_file(self) -> StreamedFile:
+        """A temporary file for decoded audio, next to where audio is kept."""
+        return self._streamed(self.audio_root, ".mp3")
+
+    def _streamed(self, directory: Path, suffix: str) -> StreamedFile:
+        ensure_private_dir(directory, self.dir_mode)
+        # Created with O_EXCL by StreamedFile: a name taken by someone else fails loudly.
+        path = directory / f".tmp-{secrets.token_hex(8)}{suffix}"
+        return StreamedFile(path, self.cipher, self.file_mode)
+
+    def _place(self, streamed: StreamedFile, target: Path) -> Path:
+        """Move a finished streamed file to `target` (copied when on another disk)."""
+        streamed.finish()
+        streamed.sync()
+        ensure_private_dir(target.parent, self.dir_mode)
+        try:
+            os.replace(streamed.path, target)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            temp = target.with_name(f".tmp-{os.urandom(6).hex()}{target.suffix}")
+            try:
+                with open(streamed.path, "rb") as source, open(temp, "xb") as copy:
+                    os.fchmod(copy.fileno(), self.file_mode)
+                    shutil.copyfileobj(source, copy, CHUNK_SIZE)
+                    copy.flush()
+                    os.fsync(copy.fileno())
+                os.replace(temp, target)
+            finally:
+                temp.unlink(missing_ok=True)
+            streamed.discard()
+        fsync_dir(target.parent)
+        return target
+
+    def _drop_stale_incoming(self) -> None:
+        cutoff = time.time() - STALE_INCOMING_SECONDS
+        for directory in (self.root / INCOMING_DIR, self.audio_root):
+            if not directory.exists():
+                continue
+            for path in directory.glob(".tmp-*"):
+                with contextlib.suppress(OSError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
 
     def _write(self, path: Path, data: bytes) -> Path:
         return atomic_write(path, self.cipher.encrypt(data), self.file_mode, self.dir_mode)
@@ -191,11 +317,18 @@ class WebhookStorage:
         return removed
 
     # Quarantine --------------------------------------------------------------------------
-    def quarantine(self, body: bytes, reason: str) -> Path:
+    def quarantine(self, body: bytes | StreamedFile, reason: str) -> Path:
+        """Keep a signed body we cannot process, with the reason. A streamed body is moved
+        as it is, never read into memory."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        digest = hashlib.sha256(body).hexdigest()[:16]
-        path = self.quarantine_root / f"{stamp}-{digest}.body"
-        self._write(path, body)
+        if isinstance(body, StreamedFile):
+            # Not a content hash (that would mean reading it all): unique all the same.
+            path = self.quarantine_root / f"{stamp}-{os.urandom(8).hex()}.body"
+            self._place(body, path)
+        else:
+            digest = hashlib.sha256(body).hexdigest()[:16]
+            path = self.quarantine_root / f"{stamp}-{digest}.body"
+            self._write(path, body)
         self._write(
             path.with_suffix(".reason.json"),
             json.dumps({"reason": reason, "received_at": time.time(), "bytes": len(body)}).encode(),
@@ -209,10 +342,16 @@ class WebhookStorage:
     def claimed_audio_path(self, user_id: str, conversation_id: str) -> Path:
         return self.root / caller_dir_name(user_id) / f"{safe_name(conversation_id)}.mp3"
 
-    def keep_audio(self, audio: bytes, conversation_id: str, user_id: str | None) -> Path:
+    def keep_audio(
+        self, audio: bytes | StreamedFile, conversation_id: str, user_id: str | None
+    ) -> Path:
         if user_id:
-            return self._write(self.claimed_audio_path(user_id, conversation_id), audio)
-        return self._write(self.unclaimed_audio_path(conversation_id), audio)
+            path = self.claimed_audio_path(user_id, conversation_id)
+        else:
+            path = self.unclaimed_audio_path(conversation_id)
+        if isinstance(audio, StreamedFile):
+            return self._place(audio, path)
+        return self._write(path, audio)
 
     def claim_audio(self, conversation_id: str, user_id: str) -> Path | None:
         """Move audio that arrived before its transcription into the caller's directory."""
