@@ -10,7 +10,7 @@ stalled body, and 30 connections trickling one byte every 3 s, are held. Run by 
     .venv/bin/python bench/bodies.py --only memory      # the memory cases
     .venv/bin/python bench/bodies.py --app-dir OTHER    # another checkout (a before figure)
 
-Numbers from this machine are in docs/security-parts/bodies.md.
+Numbers from this machine are in docs/security.md ("Figures").
 """
 
 from __future__ import annotations
