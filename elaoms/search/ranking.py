@@ -264,7 +264,7 @@ class CallerIndex:
     date_boost = 1.0  # x2 for calls in or just after a period the query names
     date_before = timedelta(days=7)
     date_after = timedelta(days=45)
-    speaker_boost = 1.0  # x2 for the turns of the one speaker the query names
+    speaker_boost = 2.0  # x3 for the turns of the one speaker the query names
     speaker_name_calls = 0.2  # a name must address a speaker in this share of calls
     dense_weight = 0.5  # embedding similarity next to BM25 (normalised to 1 at best turn)
     dense_floor = 0.2  # cosine below which a turn gets no semantic credit
