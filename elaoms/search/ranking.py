@@ -279,7 +279,7 @@ class CallerIndex:
         "user_id", "roles", "turn_numbers", "lengths", "chars", "unit_calls", "positions",
         "postings", "total_length", "call_keys", "call_turns", "call_started",
         "call_postings", "call_lengths", "speaker_names", "shared_metadata",
-        "recounted_postings", "recounted_lengths",
+        "recounted_postings", "recounted_lengths", "recounted_length",
     )  # fmt: skip
 
     def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
@@ -309,6 +309,7 @@ class CallerIndex:
         # turn (`_recount`), a second, weaker field of the turn.
         self.recounted_postings = Postings()
         self.recounted_lengths: dict[str, int] = {}  # unit (as JSON keys are) -> terms
+        self.recounted_length = 0  # their sum
         self.vector_cache: VectorCache | None = None
         self.vectors: Any = None
         self.extend(memories)
@@ -541,10 +542,9 @@ class CallerIndex:
                 postings[term] = (
                     f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
                 )
-            key = str(unit)
-            self.recounted_lengths[key] = self.recounted_lengths.get(key, 0) + sum(
-                sentence_terms.values()
-            )
+            key, length = str(unit), sum(sentence_terms.values())
+            self.recounted_lengths[key] = self.recounted_lengths.get(key, 0) + length
+            self.recounted_length += length
 
     def _learn_speaker_names(self) -> None:
         """Name (lower-cased) -> role, learnt from how the speakers address each other.
@@ -611,32 +611,38 @@ class CallerIndex:
 
     def _turn_scores(self, query_terms: Iterable[str]) -> dict[int, float]:
         scores: dict[int, float] = {}
+        idfs: dict[str, float] = {}
         average_length = self.total_length / max(1, self.units)
         lengths, k1, b, get = self.lengths, self.k1, self.b, scores.get
         for term in query_terms:
             postings = _pairs(self.postings.get(term))
             if not postings:
                 continue
-            idf = self._idf(term, len(postings))
+            idf = idfs[term] = self._idf(term, len(postings))
             for index, frequency in postings:  # `_saturate`, inlined: the ranker's hot loop
                 norm = k1 * (1 - b + b * lengths[index] / average_length)
                 scores[index] = get(index, 0.0) + idf * (frequency * (k1 + 1) / (frequency + norm))
-        if self.summary_weight and self.recounted_lengths:
-            self._add_recounted(query_terms, scores)
+        if self.summary_weight and self.recounted_length:
+            self._add_recounted(query_terms, scores, idfs)
         return scores
 
-    def _add_recounted(self, query_terms: Iterable[str], scores: dict[int, float]) -> None:
-        """The summary sentences' field (`_recount`), BM25 weighted by `summary_weight`."""
+    def _add_recounted(
+        self, query_terms: Iterable[str], scores: dict[int, float], idfs: dict[str, float]
+    ) -> None:
+        """The summary sentences' field (`_recount`), BM25 weighted by `summary_weight`.
+        `idfs`: the query terms' IDF among the turns (a word rare in what was said stays
+        rare in what recounts it)."""
         recounted = self.recounted_lengths
-        average = sum(recounted.values()) / len(recounted)
+        average = self.recounted_length / len(recounted)
         k1, weight = self.k1, self.summary_weight
         for term in query_terms:
             posting = self.recounted_postings.get(term)
             if not posting:
                 continue
-            # The turns' own document frequency: a word rare in what was said stays rare.
-            df = _pair_count(self.postings.get(term)) or _pair_count(posting)
-            idf = weight * self._idf(term, df)
+            idf = idfs.get(term)
+            if idf is None:  # no turn says it: only summaries do
+                idf = self._idf(term, _pair_count(posting))
+            idf *= weight
             for unit, frequency in _pairs(posting):
                 norm = k1 * (1 - 0.75 + 0.75 * recounted[str(unit)] / average)
                 scores[unit] = scores.get(unit, 0.0) + idf * _saturate(frequency, norm, k1)
