@@ -266,7 +266,7 @@ class CallerIndex:
     date_after = timedelta(days=45)
     speaker_boost = 2.0  # x3 for the turns of the one speaker the query names
     speaker_name_calls = 0.2  # a name must address a speaker in this share of calls
-    dense_weight = 0.5  # embedding similarity next to BM25 (normalised to 1 at best turn)
+    dense_weight = 1.0  # embedding similarity next to BM25 (normalised to 1 at best turn)
     dense_floor = 0.2  # cosine below which a turn gets no semantic credit
     dense_power = 2.0
     summary_weight = 0.3  # a summary sentence's words, credited to the turn it recounts
