@@ -9,6 +9,8 @@ shared/bench/locomo/README.md. Run by hand:
     .venv/bin/python bench/recall.py                  # every file in ../shared/bench/locomo
     .venv/bin/python bench/recall.py --limit 10 locomo-26.json
     SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py   # BM25 alone (the default install)
+    .venv/bin/python bench/recall.py --backend openmemory     # against the OpenMemory stand-in
+    .venv/bin/python bench/recall.py --leave-one-out          # in process, see recall_loo.py
 
 With the `embeddings` extra, each stored call's turns are embedded in the background;
 until a caller's vectors are all there, their searches rank by BM25 alone. `--warm`
@@ -52,7 +54,37 @@ def normalize(text: str) -> str:
 
 
 @contextmanager
-def running_service(data_dir: Path, hmac_key: str, api_key: str) -> Iterator[str]:
+def backend_env(
+    backend: str, data_dir: Path, openmemory_url: str | None
+) -> Iterator[dict[str, str]]:
+    """The service's settings for `backend`. OpenMemory: the server at `openmemory_url`
+    (key from OPENMEMORY_API_KEY), or else the tests' stand-in, started on loopback."""
+    if backend == "sqlite":
+        yield {"MEMORY_BACKEND": "sqlite"}
+        return
+    if backend != "openmemory":
+        raise SystemExit(f"no such backend: {backend}")
+    env = {
+        "MEMORY_BACKEND": "openmemory",
+        "OPENMEMORY_LEDGER_PATH": str(data_dir / "openmemory-ledger.sqlite3"),
+        # Every unit is added with its own request: let a call finish before the answer,
+        # so each question sees every call (the measure is ranking, not ingestion speed).
+        "POST_CALL_STORE_TIMEOUT_MS": "120000",
+    }
+    if openmemory_url:
+        yield {**env, "OPENMEMORY_URL": openmemory_url}
+        return
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from openmemory_standin import StandIn
+
+    with StandIn() as server:
+        yield {**env, "OPENMEMORY_URL": server.url, "OPENMEMORY_API_KEY": server.api_key}
+
+
+@contextmanager
+def running_service(
+    data_dir: Path, hmac_key: str, api_key: str, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -66,6 +98,7 @@ def running_service(data_dir: Path, hmac_key: str, api_key: str) -> Iterator[str
         "WEBHOOK_QUARANTINE_PATH": str(data_dir / "webhooks" / "quarantine"),
         "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # never call the real API
         "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--app-dir", str(REPO_ROOT), "--no-access-log"]
@@ -121,8 +154,29 @@ def main() -> None:
         help="wait for the embedding backlog, then one unmeasured search per caller "
         "before the questions (default: on)",
     )
+    parser.add_argument(
+        "--backend",
+        default="sqlite",
+        help="memory store the service runs on: sqlite (default) or openmemory",
+    )
+    parser.add_argument(
+        "--openmemory-url",
+        help="with --backend openmemory: a running server (default: the tests' stand-in)",
+    )
+    parser.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="in process: choose settings on all files but one, measure on that one",
+    )
     args = parser.parse_args()
     paths = [args.data / name for name in args.files] or sorted(args.data.glob("locomo-*.json"))
+    if args.leave_one_out:
+        from recall_loo import run
+
+        from elaoms.search.embeddings import default_cache
+
+        run(paths, args.chars, default_cache())
+        return
 
     hmac_key, api_key = secrets.token_hex(16), secrets.token_hex(16)
     found: dict[int, list[bool]] = defaultdict(list)
@@ -131,7 +185,8 @@ def main() -> None:
     timed_out = 0
     with (
         tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
-        running_service(Path(tmp), hmac_key, api_key) as url,
+        backend_env(args.backend, Path(tmp), args.openmemory_url) as extra_env,
+        running_service(Path(tmp), hmac_key, api_key, extra_env) as url,
         httpx.Client(base_url=url, timeout=30) as client,
     ):
         for path in paths:
@@ -170,7 +225,7 @@ def main() -> None:
                     found[question["category"]].append(normalize(evidence["text"]) in context)
 
     every = [hit for hits in found.values() for hit in hits]
-    print(f"files: {', '.join(path.name for path in paths)}")
+    print(f"backend: {args.backend}; files: {', '.join(path.name for path in paths)}")
     print(f"evidence recall@{args.chars} chars: {sum(every) / len(every):.3f} ({len(every)} turns)")
     for category in sorted(found):
         hits = found[category]

@@ -25,6 +25,7 @@ from openmemory_standin import (  # noqa: F401 - fixtures by name
     fresh_standin,
     openmemory_store,
     run,
+    simhash16,
     standin,
 )
 
@@ -153,6 +154,29 @@ def test_no_caller_loses_a_unit_to_the_global_fingerprint(
             for unit in call_memories(caller, transcription(f"c{index}", caller, turns=turns))
         ]
         assert contents == expected
+
+
+def test_a_long_turn_other_callers_also_said_is_stored_for_each(
+    server: StandIn, store: OpenMemoryStore, run: Run[Any]
+) -> None:
+    # The fingerprint is a vote of every distinct word: a few marker words cannot outvote
+    # a long turn's, so a turn folded into another caller's kept folding on every attempt
+    # and the call was never stored (OpenMemory lost calls late in a bench run, where more
+    # fingerprints are taken). Words whose hash bits are mostly set make every caller's
+    # copy of this turn share one fingerprint by a wide margin on each bit.
+    words = [
+        word
+        for word in (f"w{number}" for number in range(2000))
+        if simhash16(word).bit_count() >= 12
+    ][:40]
+    script = " ".join(words)
+    callers = [f"+1415555{index:04d}" for index in range(5)]
+    for index, caller in enumerate(callers):
+        add_call(run, store, f"conv_script_{index}", caller, turns=[("agent", script)])
+
+    for caller in callers:
+        assert script in [m.content for m in run(store.list_memories(caller))]
+    assert store.dedup_collisions >= 1
 
 
 def test_a_retried_call_resumes_without_duplicates(

@@ -84,6 +84,37 @@ def test_a_named_month_favours_calls_from_then() -> None:
     ]
 
 
+def test_a_question_in_the_summary_s_words_finds_the_turn_the_summary_recounts() -> None:
+    memories = call(
+        "c1",
+        MAY_2023,
+        "Hello again.",
+        "Hi Maria, how are you?",
+        "I finally finished Charlotte's Web last night, what a story.",
+        "Oh I loved it as a kid.",
+        "My dentist appointment is on Tuesday.",
+        "Good luck with that.",
+    )
+    memories.append(
+        Memory(
+            id="c1#summary",
+            user_id="+14155550123",
+            content="Maria finished reading the novel Charlotte's Web. "
+            "She has a dentist appointment on Tuesday.",
+            metadata={"kind": "summary", "conversation_id": "c1"},
+        )
+    )
+    index = CallerIndex(memories)
+    question = "Which novel did she read?"
+    # "novel" and "read" are only in the summary, whose first sentence recounts turn 2.
+    assert index.texts[index.rank(question)[0][0]] == memories[2].content
+    assert CallerIndex.from_bytes(index.to_bytes()).rank(question) == index.rank(question)
+    # The summary itself is never quoted; without its field nothing said matches.
+    assert all("novel" not in m.content for m in index.search(question, limit=5))
+    index.summary_weight = 0
+    assert index.rank(question) == []
+
+
 def test_no_words_no_results() -> None:
     index = CallerIndex(call("c1", MAY_2023, "Hello there."))
     assert index.search("the and of", limit=5) == []

@@ -390,7 +390,7 @@ class OpenMemoryStore(MemoryStore):
                 mask(user_id),
                 "another user's" if existing and _owner(existing) != user_id else "different",
             )
-            mark = _mark(attempt)
+            mark = _mark(attempt, text)
         raise OpenMemoryError(
             f"OpenMemory kept deduplicating a memory of {mask(user_id)} into others"
         )
@@ -761,8 +761,16 @@ def _header(user_id: str, reference: str, part: str) -> Callable[[str], str]:
     return lambda mark: f"{line} [ref {mark}]:" if mark else f"{line}:"
 
 
-def _mark(attempt: int) -> str:
-    return " ".join(uuid.uuid4().hex[:4] for _ in range(4 * attempt))
+def _mark(attempt: int, text: str) -> str:
+    """Random words, twice as many per attempt as `text` has words.
+
+    The server's fingerprint is a vote of the distinct words: a fixed handful of extra
+    words cannot outvote a long turn's, so the same fingerprint came back on every
+    attempt and the call was never stored (OpenMemory lost calls late in a bench run,
+    where more fingerprints are taken). Words in proportion to the text move the vote.
+    """
+    words = max(4, len(set(text.lower().split())))
+    return " ".join(uuid.uuid4().hex[:4] for _ in range(2 * attempt * words))
 
 
 def _placeholder(

@@ -74,6 +74,7 @@ _CALENDAR_WORDS = frozenset(
     if name
 )
 _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @lru_cache(maxsize=65536)  # thread-safe, and it only ever holds a stemmer's whole answer
@@ -140,7 +141,7 @@ def query_periods(query: str) -> list[_Period]:
 
 
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 6
+INDEX_FORMAT = 7
 
 
 class Postings:
@@ -277,11 +278,12 @@ class CallerIndex:
     date_boost = 1.0  # x2 for calls in or just after a period the query names
     date_before = timedelta(days=7)
     date_after = timedelta(days=45)
-    speaker_boost = 1.0  # x2 for the turns of the one speaker the query names
+    speaker_boost = 2.0  # x3 for the turns of the one speaker the query names
     speaker_name_calls = 0.2  # a name must address a speaker in this share of calls
-    dense_weight = 0.5  # embedding similarity next to BM25 (normalised to 1 at best turn)
+    dense_weight = 1.0  # embedding similarity next to BM25 (normalised to 1 at best turn)
     dense_floor = 0.2  # cosine below which a turn gets no semantic credit
     dense_power = 2.0
+    summary_weight = 0.3  # a summary sentence's words, credited to the turn it recounts
     excerpt_header_chars = 25  # what the context adds per excerpt ("[Call on ...]")
     max_chars = 2800  # excerpt text returned in total; the context's budget minus headers
 
@@ -291,6 +293,7 @@ class CallerIndex:
         "user_id", "roles", "turn_numbers", "lengths", "chars", "unit_calls", "positions",
         "postings", "total_length", "call_keys", "call_turns", "call_started",
         "call_postings", "call_lengths", "speaker_names", "shared_metadata",
+        "recounted_postings", "recounted_lengths", "recounted_length",
     )  # fmt: skip
 
     def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
@@ -316,6 +319,11 @@ class CallerIndex:
         self.call_postings = Postings()
         self.call_lengths: list[int] = []  # terms
         self.speaker_names: dict[str, str] = {}
+        # term -> "unit frequency ...": the words of the summary sentences recounting each
+        # turn (`_recount`), a second, weaker field of the turn.
+        self.recounted_postings = Postings()
+        self.recounted_lengths: dict[str, int] = {}  # unit (as JSON keys are) -> terms
+        self.recounted_length = 0  # their sum
         self.vector_cache: VectorCache | None = None
         self.vectors: Any = None
         self.extend(memories)
@@ -327,6 +335,7 @@ class CallerIndex:
         state = {name: getattr(self, name) for name in self._STATE}
         state["postings"] = self.postings.text()
         state["call_postings"] = self.call_postings.text()
+        state["recounted_postings"] = self.recounted_postings.text()
         records, lines = self.records.saved()
         # JSON escapes newlines inside strings: the first newline ends the state.
         text = orjson.dumps({"format": INDEX_FORMAT, **state, **records}) + b"\n" + lines
@@ -360,6 +369,7 @@ class CallerIndex:
             raise ValueError("caller index with records missing")
         index.postings = Postings(str(index.postings))
         index.call_postings = Postings(str(index.call_postings))
+        index.recounted_postings = Postings(str(index.recounted_postings))
         index.attach_vectors(vectors)
         return index
 
@@ -433,6 +443,7 @@ class CallerIndex:
         for conversation, summary in summaries.items():
             if conversation in call_of:
                 added.setdefault(call_of[conversation], Counter()).update(tokenize(summary.content))
+                self._recount(call_of[conversation], summary.content)
             else:
                 standalone.append(summary)
         call_postings = self.call_postings.terms()
@@ -509,6 +520,49 @@ class CallerIndex:
             postings[term] = f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
         return terms
 
+    def _recount(self, call: int, summary: str) -> None:
+        """Credit each sentence of a call's summary to the one turn of that call it recounts.
+
+        A summary says in a few plain words what a turn said at length or in other words
+        ("Melanie mentioned a book she read" for "This book I read last year reminds me
+        to..."), and questions are asked in such words. The sentence's words become a
+        weaker field of the turn that shares the most of its rare words (BM25 among the
+        call's own turns, so a call's credit depends on that call alone and is given once,
+        at ingestion, off the search path). The summary itself is still never quoted.
+        """
+        turns = self.call_turns[call]
+        if not turns:
+            return
+        turn_terms = [Counter(tokenize(self.records.text(unit))) for unit in turns]
+        in_turns: Counter[str] = Counter()
+        for terms in turn_terms:
+            in_turns.update(terms.keys())
+        average = sum(self.lengths[unit] for unit in turns) / len(turns)
+        postings = self.recounted_postings.terms()
+        for sentence in _SENTENCE_END.split(summary):
+            sentence_terms = Counter(tokenize(sentence))
+            best, best_score = -1, 0.0
+            for position, terms in enumerate(turn_terms):
+                norm = self.k1 * (1 - self.b + self.b * self.lengths[turns[position]] / average)
+                score = sum(
+                    _bm25_idf(len(turns), in_turns[term]) * _saturate(terms[term], norm, self.k1)
+                    for term in sentence_terms
+                    if term in terms
+                )
+                if score > best_score:
+                    best, best_score = position, score
+            if best < 0:
+                continue
+            unit = turns[best]
+            for term, frequency in sentence_terms.items():
+                posting = postings.get(term)
+                postings[term] = (
+                    f"{posting} {unit} {frequency}" if posting else f"{unit} {frequency}"
+                )
+            key, length = str(unit), sum(sentence_terms.values())
+            self.recounted_lengths[key] = self.recounted_lengths.get(key, 0) + length
+            self.recounted_length += length
+
     def _learn_speaker_names(self) -> None:
         """Name (lower-cased) -> role, learnt from how the speakers address each other.
 
@@ -574,17 +628,41 @@ class CallerIndex:
 
     def _turn_scores(self, query_terms: Iterable[str]) -> dict[int, float]:
         scores: dict[int, float] = {}
+        idfs: dict[str, float] = {}
         average_length = self.total_length / max(1, self.units)
         lengths, k1, b, get = self.lengths, self.k1, self.b, scores.get
         for term in query_terms:
             postings = _pairs(self.postings.get(term))
             if not postings:
                 continue
-            idf = self._idf(term, len(postings))
+            idf = idfs[term] = self._idf(term, len(postings))
             for index, frequency in postings:  # `_saturate`, inlined: the ranker's hot loop
                 norm = k1 * (1 - b + b * lengths[index] / average_length)
                 scores[index] = get(index, 0.0) + idf * (frequency * (k1 + 1) / (frequency + norm))
+        if self.summary_weight and self.recounted_length:
+            self._add_recounted(query_terms, scores, idfs)
         return scores
+
+    def _add_recounted(
+        self, query_terms: Iterable[str], scores: dict[int, float], idfs: dict[str, float]
+    ) -> None:
+        """The summary sentences' field (`_recount`), BM25 weighted by `summary_weight`.
+        `idfs`: the query terms' IDF among the turns (a word rare in what was said stays
+        rare in what recounts it)."""
+        recounted = self.recounted_lengths
+        average = self.recounted_length / len(recounted)
+        k1, weight = self.k1, self.summary_weight
+        for term in query_terms:
+            posting = self.recounted_postings.get(term)
+            if not posting:
+                continue
+            idf = idfs.get(term)
+            if idf is None:  # no turn says it: only summaries do
+                idf = self._idf(term, _pair_count(posting))
+            idf *= weight
+            for unit, frequency in _pairs(posting):
+                norm = k1 * (1 - 0.75 + 0.75 * recounted[str(unit)] / average)
+                scores[unit] = scores.get(unit, 0.0) + idf * _saturate(frequency, norm, k1)
 
     def _call_scores(self, query_terms: Iterable[str]) -> list[float]:
         """BM25 of each whole call (its turns and summary) against the query."""
