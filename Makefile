@@ -43,7 +43,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 bench-recall: install-test
-	$(BIN)/python bench/recall.py
+	$(BIN)/python bench/recall.py --data $(or $(DATA),bench-data/locomo)
 
 bench-load: install-test
 	$(BIN)/python bench/load.py

@@ -62,7 +62,13 @@ class Services:
             counter=cache,
         )
         elevenlabs = ElevenLabsClient.from_settings(settings)
-        agents = AgentProfiles(elevenlabs, store, cache, ttl=settings.agent_profile_ttl)
+        agents = AgentProfiles(
+            elevenlabs,
+            store,
+            cache,
+            ttl=settings.agent_profile_ttl,
+            config_dir=settings.agent_config_dir,
+        )
         personalization = PersonalizationService(
             settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)
         )

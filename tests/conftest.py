@@ -1,4 +1,4 @@
-"""Shared test harness: real servers on loopback, signed deliveries, the shared fixtures."""
+"""Shared test harness: real servers on loopback, signed deliveries, the example payloads."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from elaoms.memory.base import Memory, MemoryStore
 from elaoms.webhooks.signature import sign
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "elevenlabs"
+# ElevenLabs example payloads kept in the repository: a clone needs nothing beside it.
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "elevenlabs"
 
 # Servers under test rank by BM25 alone: deterministic, and no background embedding
 # competing for the CPU. tests/test_embeddings.py turns the semantic path on itself.
@@ -61,7 +61,7 @@ def transcription(
     turns: list[tuple[str, str]] | None = None,
     **analysis: Any,
 ) -> dict[str, Any]:
-    """The shared post_call_transcription fixture with a new id, caller and transcript."""
+    """The post_call_transcription fixture with a new id, caller and transcript."""
     payload = copy.deepcopy(load_fixture("post_call_transcription"))
     data = payload["data"]
     data["conversation_id"] = conversation_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import shutil
 import sqlite3
 import sys
 from collections import Counter
@@ -293,5 +294,49 @@ def test_every_documented_start_command_serves(tmp_path: Path, command: list[str
     try:
         assert httpx.get(f"{server.url}/").json()["status"] == "running"
         assert f"0.0.0.0:{server.port}" in server.logs()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "main.py"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "main:app",
+            "-w",
+            "1",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+        ],
+        [sys.executable, "-m", "elaoms.cli", "serve"],
+    ],
+    ids=["python-main", "gunicorn", "elaoms-serve"],
+)
+def test_every_start_command_that_reads_settings_binds_what_the_env_file_says(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """HOST and PORT only in `.env` (as `elaoms setup` writes them), none in the environment:
+    gunicorn once bound 0.0.0.0:8000 regardless. gunicorn reads ./gunicorn.conf.py by
+    itself, as the README's command expects."""
+    from conftest import REPO_ROOT
+
+    server = ServiceProcess(tmp_path, command=command)
+    for name in ("HOST", "PORT"):
+        server.env.pop(name, None)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / ".env").write_text(f"HOST=127.0.0.1\nPORT={server.port}\n")
+    shutil.copy(REPO_ROOT / "gunicorn.conf.py", tmp_path / "gunicorn.conf.py")
+    server.command = [
+        str(REPO_ROOT / part) if part == "main.py" else part for part in server.command
+    ]
+    server.start(timeout=40)
+    try:
+        assert httpx.get(f"{server.url}/").json()["status"] == "running"
+        assert f"127.0.0.1:{server.port}" in server.logs()
+        assert "0.0.0.0" not in server.logs()
     finally:
         server.stop()

@@ -342,9 +342,7 @@ def backfill_command(
     page_size: Annotated[int, typer.Option(min=1, max=100)] = 100,
     state_file: Annotated[
         Path | None,
-        typer.Option(
-            help="Resume file [default: backfill-state.json beside WEBHOOK_STORAGE_PATH]."
-        ),
+        typer.Option(help="Resume file. Default: backfill-state.json beside WEBHOOK_STORAGE_PATH."),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Ignore a saved position; start over.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,

@@ -105,6 +105,26 @@ def load_settings() -> Settings:
     return Settings()
 
 
+def store_description(settings: Settings | None = None) -> str:
+    """Which store the commands opened, and how to open another: run from another folder,
+    a command finds no `.env` and opens an empty store of its own."""
+    from elaoms.config import MemoryBackend
+
+    settings = settings or load_settings()
+    if settings.memory_backend is MemoryBackend.OPENMEMORY:
+        where = f"the OpenMemory store at {settings.openmemory_url}"
+    else:
+        where = f"the SQLite store {settings.sqlite_path.resolve()}"
+    env_file = Path.cwd() / ".env"
+    hint = (
+        f"settings from {env_file}"
+        if env_file.is_file()
+        else f"no .env in {Path.cwd()}: run from the service's folder, or set SQLITE_PATH "
+        "(or MEMORY_BACKEND and OPENMEMORY_URL)"
+    )
+    return f"{where} ({hint})"
+
+
 def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None) -> T:
     """Build the service's parts from settings, check the store answers, run `work`."""
     from elaoms.operations.logs import configure_logging

@@ -147,7 +147,7 @@ def _lower_keys(values: dict[str, str | None]) -> dict[str, str]:
 def _ask() -> EnvChoices:
     backend = MemoryBackend(
         click.prompt(
-            "Memory backend (sqlite, openmemory)",
+            "Memory backend",
             default=MemoryBackend.SQLITE.value,
             type=click.Choice([item.value for item in MemoryBackend]),
         )
