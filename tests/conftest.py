@@ -32,6 +32,10 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures" / "elevenlabs"
 # competing for the CPU. tests/test_embeddings.py turns the semantic path on itself.
 os.environ["SEARCH_EMBEDDINGS"] = "off"
 
+# A wait ends as soon as its condition holds; the bound only turns a hang into a failure.
+# CI shares two cores among many jobs: a bound must be far above what a loaded host needs.
+WAIT_BOUND = 60.0
+
 HMAC_KEY = "wsec_test_hmac_key_0123456789abcdef"
 WORKSPACE_SECRET = "test-workspace-secret-0123456789"
 
@@ -147,7 +151,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 20.0) -> ServiceProcess:
+    def start(self, timeout: float = WAIT_BOUND) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
@@ -158,7 +162,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, WAIT_BOUND)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.logs()}")
@@ -212,7 +216,7 @@ class InThreadServer:
 
     def __enter__(self) -> InThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + WAIT_BOUND
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("in-thread server did not start")
@@ -255,8 +259,11 @@ def client(server: ServiceProcess) -> Iterator[httpx.Client]:
         yield http
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = WAIT_BOUND, interval: float = 0.05
+) -> Any:
+    """The predicate's first truthy result, polled until it comes (at least `WAIT_BOUND`)."""
+    deadline = time.monotonic() + max(timeout, WAIT_BOUND)
     while time.monotonic() < deadline:
         result = predicate()
         if result:

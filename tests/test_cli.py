@@ -83,6 +83,9 @@ def deliver(settings: Settings, *payloads: dict[str, Any], status: str = "receiv
             for payload in payloads:
                 acknowledgement = await services.ingest.receive(json.dumps(payload).encode())
                 assert acknowledgement.status == status, acknowledgement
+            # Every profile hook done, however long a busy machine takes: close() alone
+            # waits 5 s, after which the last call's profile was missing (call_count 1).
+            await services.ingest.drain(timeout=None)
         finally:
             await services.close()
 
@@ -246,6 +249,28 @@ def test_first_message_previews_the_client_data_answer(callers: Settings) -> Non
     assert variables["user_context"]
 
 
+def test_a_command_returns_only_once_the_calls_it_stored_have_their_profiles(
+    settings: Settings,
+) -> None:
+    """On a loaded host a profile hook took longer than the 5 s the service's shutdown
+    waits: the command returned with the caller's last call missing from the profile."""
+    from elaoms.cli.runtime import run
+
+    prepared: list[str] = []
+
+    async def work(services: Services) -> None:
+        async def slow_hook(user_id: str, payload: dict[str, Any], receipt: Any) -> None:
+            await asyncio.sleep(6)  # a profile preparation on a very busy machine
+            prepared.append(user_id)
+
+        services.ingest.hooks.append(slow_hook)
+        body = json.dumps(transcription("conv_slow_hook", MARIA)).encode()
+        assert (await services.ingest.receive(body)).status == "received"
+
+    run(work, settings=settings)
+    assert prepared == [MARIA]
+
+
 # privacy -----------------------------------------------------------------------------------
 def test_export_holds_everything_about_the_caller_and_nothing_else(callers: Settings) -> None:
     document = as_json(elaoms("export", MARIA))
@@ -300,7 +325,9 @@ def test_forget_deletes_the_caller_everywhere_and_only_the_caller(callers: Setti
     assert as_json(elaoms("calls", "--caller", MARIA, "--json")) == []
     assert elaoms("profile", MARIA).exit_code == 3
     assert elaoms("export", MARIA).exit_code == 3
-    assert as_json(elaoms("search", MARIA, "cleaning", "--json"))["memories_found"] == 0
+    searched = elaoms("search", MARIA, "cleaning", "--json")
+    assert searched.exit_code == 3  # as profile: an unknown caller is "not found"
+    assert json.loads(searched.stdout)["memories_found"] == 0
 
     # Bob is untouched.
     assert len(list(bob_dir.iterdir())) == 1

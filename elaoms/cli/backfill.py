@@ -187,7 +187,7 @@ async def _settle_profiles(services: Services, callers: set[str]) -> None:
     calls at once, and each call's hook rebuilds the profile from the calls it sees: the
     last hook to write may have seen fewer calls than are stored.
     """
-    await services.ingest.drain()
+    await services.ingest.drain(timeout=None)  # a hook still running would overwrite
     for user_id in sorted(callers):
         try:
             await services.personalization.prepare_caller(user_id)

@@ -138,7 +138,12 @@ def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None
         services = Services.build(settings)
         try:
             await services.store.check()
-            return await work(services)
+            result = await work(services)
+            # Calls stored by the command prepare their callers' profiles in the background:
+            # all of it is done before the command returns, however busy the machine (the
+            # service's shutdown waits a bounded time; an operator's command must not).
+            await services.ingest.drain(timeout=None)
+            return result
         finally:
             await services.close()
 

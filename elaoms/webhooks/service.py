@@ -281,8 +281,8 @@ class IngestService:
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
 
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Let in-flight background work finish (shutdown, tests)."""
+    async def drain(self, timeout: float | None = 5.0) -> None:
+        """Let in-flight background work finish (shutdown, tests); None waits for all."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
