@@ -429,3 +429,35 @@ def test_serve_runs_the_service(tmp_path: Path) -> None:
             assert client.get("/").json()["status"] == "running"
     finally:
         server.stop()
+
+
+def test_output_piped_into_a_reader_that_closes_early_ends_quietly(tmp_path: Path) -> None:
+    """`elaoms ... --json | head` once printed "disk error: Broken pipe"."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elaoms.cli", "setup", "--non-interactive", "--json",
+         "--path", str(tmp_path / ".env")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the command writes a byte
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr == ""
+
+
+def test_setup_asks_again_for_a_backend_it_does_not_know(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    answers = "mongodb\nsqlite\n\n\nn\n\n"  # backend twice, API key, secret, admin, URL
+    result = elaoms("setup", "--interactive", "--path", str(env_file), input=answers)
+    assert result.exit_code == 0, result.output
+    assert "'mongodb' is not one of sqlite, openmemory" in result.output
+    assert "(sqlite, openmemory) (sqlite, openmemory)" not in result.output
+    assert "MEMORY_BACKEND=sqlite" in env_file.read_text()
+
+
+def test_setup_interrupted_at_a_prompt_ends_without_a_traceback(tmp_path: Path) -> None:
+    result = elaoms("setup", "--interactive", "--path", str(tmp_path / ".env"), input="")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / ".env").exists()

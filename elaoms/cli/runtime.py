@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import click
 import httpx
 import typer
 from pydantic import ValidationError
@@ -84,11 +83,19 @@ def describe_error(error: BaseException) -> str | None:
 class ElaomsGroup(TyperGroup):
     """Turns expected failures of any subcommand into one red line and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    # `Any`: typer (0.29+) types the context with its private copy of click.
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage, exits
             raise
+        except BrokenPipeError:
+            # The reader went away (`elaoms calls --json | head`): nothing to report, and
+            # nowhere to report it. Further writes go nowhere; exit 1 silently, as click
+            # and rich do when they meet a closed pipe themselves.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(EXIT_FAILURE) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")
             raise typer.Exit(130) from None

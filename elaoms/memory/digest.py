@@ -128,7 +128,8 @@ def digest_call(payload: dict[str, Any]) -> CallDigest:
     started_at = call_started_at(data, payload.get("event_timestamp"))
     if payload.get("type", TRANSCRIPTION) != TRANSCRIPTION:
         return CallDigest(conversation_id, data.get("agent_id"), started_at, facts={})
-    analysis = data.get("analysis") if isinstance(data.get("analysis"), dict) else {}
+    raw_analysis = data.get("analysis")
+    analysis = raw_analysis if isinstance(raw_analysis, dict) else {}
     values = collected_values(data)
     turns = [turn for turn in data.get("transcript") or [] if isinstance(turn, dict)]
     spoken = [turn for turn in turns if turn.get("message")]

@@ -68,7 +68,7 @@ _CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
 
 @lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
-    return _STEMMER.stemWord(word)
+    return str(_STEMMER.stemWord(word))
 
 
 def tokenize(text: str) -> list[str]:
