@@ -194,6 +194,29 @@ def test_calls_lists_and_filters_stored_calls(callers: Settings) -> None:
     assert "conv_maria_2" in table.stdout and "conv_bob_1" not in table.stdout
 
 
+@pytest.mark.parametrize("columns", [80, 100, 160])
+def test_calls_keeps_ids_whole_and_shows_agent_and_title_at_any_width(
+    callers: Settings, columns: int
+) -> None:
+    """At 80 columns the table hid the agent and title; at 100 it folded ids over lines."""
+    long_id = "conv_5301kb4c2yrj9e7qn8w6t3v0xa_long"
+    payload = transcription(long_id, "+14155550199")
+    payload["data"]["agent_id"] = "agent_7201kb3x9tq8f5sv2m0d4hnp6e"
+    deliver(callers, payload)
+    shown = subprocess.run(
+        [sys.executable, "-m", "elaoms.cli", "calls"],
+        env={**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    for whole in (long_id, "conv_maria_2", "+14155550199", "+14155550123"):
+        assert any(whole in line for line in lines), (whole, shown.stdout)
+    assert "Cleaning rescheduled" in shown.stdout  # the title
+    assert "Brightside" in shown.stdout or "agent_7201" in shown.stdout  # the agent
+    assert all(len(line) <= columns for line in lines if long_id not in line)
+
+
 def test_calls_show_prints_a_transcript(callers: Settings) -> None:
     shown = elaoms("calls", "show", "conv_maria_1")
     assert shown.exit_code == 0
@@ -461,3 +484,43 @@ def test_setup_interrupted_at_a_prompt_ends_without_a_traceback(tmp_path: Path) 
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert not (tmp_path / ".env").exists()
+
+
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)  # the one without our venv
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "show_user_profile.py",
+        "build_comprehensive_user_profile.py",
+        "view_stored_conversations.py",
+        "store_conversations.py",
+        "generate_first_message.py",
+    ],
+)
+def test_the_seed_scripts_run_under_a_python_without_elaoms(script: str, tmp_path: Path) -> None:
+    """They crashed with ModuleNotFoundError under the system python; now they hand over to
+    .venv, or say in one line what to do when there is none."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if (REPO_ROOT / ".venv" / "bin" / "python").exists():
+        shown = subprocess.run(
+            [BASE_PYTHON, str(REPO_ROOT / "scripts" / script), "--help"],
+            cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "Usage: elaoms" in shown.stdout
+
+    lonely = tmp_path / "clone" / "scripts"  # a checkout that was never installed
+    lonely.mkdir(parents=True)
+    for name in (script, "_project_python.py"):
+        (lonely / name).write_text((REPO_ROOT / "scripts" / name).read_text())
+    failed = subprocess.run(
+        [BASE_PYTHON, "-s", str(lonely / script), "--help"],
+        cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if failed.returncode == 0:
+        pytest.skip(f"{BASE_PYTHON} has ELAOMS installed itself")
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    assert "run `make install`" in failed.stderr
