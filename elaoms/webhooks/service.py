@@ -39,6 +39,16 @@ from elaoms.webhooks.storage import PendingDelivery, WebhookStorage
 
 logger = logging.getLogger(__name__)
 
+# Event types ElevenLabs documents that never become memory: kept on disk (under the
+# caller's directory when the body names one, so forget, export and retention cover them),
+# logged, and answered 200. Unredacted bodies hold what the workspace chose to redact:
+# search and greetings only ever use the redacted transcript.
+KEPT_NOT_INDEXED = {
+    "answering_machine_detection": "an outbound call reached voicemail; no conversation",
+    "unredacted_transcript": "unredacted; search and greetings use the redacted one",
+    "unredacted_audio": "unredacted; recordings come from post_call_audio",
+}
+
 # Called after a call is in the store (profile preparation, agent refresh). Runs outside
 # the webhook's deadline; a failure leaves the delivery pending so it runs again.
 CallStoredHook = Callable[[str, dict[str, Any], CallReceipt], Awaitable[None]]
@@ -176,10 +186,25 @@ class IngestService:
         delivery_id = str(data.get("conversation_id") or envelope.event_timestamp or "unknown")
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
         await asyncio.to_thread(self.storage.keep, path, body, pending=False)
+        if why := KEPT_NOT_INDEXED.get(envelope.type):
+            logger.info("post-call %s kept as %s, not indexed (%s)", envelope.type, path.name, why)
+            return Acknowledgement(
+                status="received", detail=f"event type {envelope.type!r} kept, not indexed: {why}"
+            )
         logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
         return Acknowledgement(
             status="received", detail=f"event type {envelope.type!r} kept, not processed"
         )
+
+    async def claim_stored_audio(self) -> int:
+        """File audio that waits for a transcription already stored (it came after it, while
+        the store was too slow to say whose it was), so it is never dropped as unclaimed."""
+        claimed = 0
+        for path in self.storage.unclaimed_audio():
+            call = await self._stored_call(path.stem)
+            if call is not None and self.storage.claim_audio(path.stem, call.user_id):
+                claimed += 1
+        return claimed
 
     # Storing -----------------------------------------------------------------------------
     async def _store_within_deadline(
