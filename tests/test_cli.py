@@ -524,3 +524,23 @@ def test_the_seed_scripts_run_under_a_python_without_elaoms(script: str, tmp_pat
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     assert "run `make install`" in failed.stderr
+
+
+def test_run_from_another_folder_says_which_store_it_opened_and_how_to_point_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """It silently opened an empty store and said "nothing stored about +1..."."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SQLITE_", "MEMORY_"))}
+    for command in (["profile", MARIA], ["search", MARIA, "cleaning"]):
+        shown = subprocess.run(
+            [sys.executable, "-m", "elaoms.cli", *command],
+            cwd=elsewhere, env={**clean, "PYTHONPATH": str(REPO_ROOT)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert shown.returncode == 3, shown.stderr
+        message = " ".join(shown.stderr.split())  # rich may wrap the line
+        assert f"SQLite store {elsewhere / 'data' / 'memory.sqlite3'}" in message
+        assert f"no .env in {elsewhere}" in message
+        assert "set SQLITE_PATH" in message

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from elaoms.config import Settings
 
@@ -44,3 +45,25 @@ def test_every_variable_in_env_example_is_a_setting() -> None:
     named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, flags=re.MULTILINE))
     assert named, "no variable found in .env.example"
     assert named <= setting_names(), f"not settings: {sorted(named - setting_names())}"
+
+
+def test_the_readme_has_no_internal_references() -> None:
+    """Read by people outside the team: no issue numbers, sibling folders or machine paths."""
+    text = README.read_text()
+    for pattern in (r"\bissue \d+", r"\.\./shared", r"/work/", r"ELAOMS_SHARED_DIR", r"\bseed\b"):
+        assert not re.search(pattern, text, flags=re.IGNORECASE), pattern
+
+
+def test_nothing_in_the_repository_reads_a_folder_beside_it() -> None:
+    """A clone stands alone: tests, benchmarks and tools read nothing from `../shared`."""
+    offenders = []
+    for path in REPO_ROOT.rglob("*"):
+        if path == Path(__file__).resolve() or any(
+            part in {".git", ".venv", "__pycache__", ".mypy_cache"} for part in path.parts
+        ):
+            continue
+        if path.suffix in {".py", ".md", ".toml", ".yaml", ".sh"} or path.name == "Makefile":
+            text = path.read_text(errors="replace")
+            if "ELAOMS_SHARED_DIR" in text or '"shared"' in text or "../shared" in text:
+                offenders.append(str(path.relative_to(REPO_ROOT)))
+    assert offenders == []
