@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test run test lint format bench-recall bench-load clean
+.PHONY: install install-test run test check lint format bench-recall bench-load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,16 @@ run: install
 	$(BIN)/python main.py
 
 ## Install everything (Python packages, and the Redis server and wrk the tests use) and run every test.
-test: install-test
+test: install-test check
 	./scripts/install-test-services.sh
+	$(BIN)/pytest
+
+## Lint, format check and type check (run by `make test`, so by CI).
+check: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 lint:
 	$(BIN)/ruff check .
@@ -43,7 +48,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 bench-recall: install-test
-	$(BIN)/python bench/recall.py
+	$(BIN)/python bench/recall.py --data $(or $(DATA),bench-data/locomo)
 
 bench-load: install-test
 	$(BIN)/python bench/load.py

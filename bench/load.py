@@ -53,11 +53,7 @@ from elaoms.search.ranking import INDEX_FORMAT  # noqa: E402
 from elaoms.services import Services  # noqa: E402
 from elaoms.webhooks.signature import sign  # noqa: E402
 
-FIXTURES = (
-    Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
-    / "fixtures"
-    / "elevenlabs"
-)
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "elevenlabs"
 HMAC_KEY = "wsec_bench_hmac_key_0123456789abcdef"
 API_KEY = "bench-workspace-secret-0123456789"
 ENDPOINTS = ["client-data", "search-data", "post-call"]
@@ -65,7 +61,7 @@ SEED_FORMAT = 1  # bump when the synthetic data changes, so cached stores are re
 START = 1_704_067_200  # 2024-01-01T00:00:00Z: the first seeded call
 
 # --------------------------------------------------------------------------------------
-# Synthetic, deterministic calls to a dental front desk (the shared fixture's agent)
+# Synthetic, deterministic calls to a dental front desk (the fixture's agent)
 # --------------------------------------------------------------------------------------
 FIRST = [
     "Maria",
@@ -329,7 +325,7 @@ SEARCH_WORDS = {
 CITIES = ["Oakland", "Fresno", "Denver", "Austin", "Portland", "Boston", "Tucson", "Madison"]
 STREETS = ["Elm", "Oak", "Maple", "Cedar", "Pine", "Market", "Mission", "Valencia"]
 
-TURN_FIELDS = {  # every turn carries these in real deliveries (see the shared fixture)
+TURN_FIELDS = {  # every turn carries these in real deliveries (see the fixture)
     "tool_calls": [],
     "tool_results": [],
     "feedback": None,
@@ -403,7 +399,7 @@ def make_call(
     conversation_id: str,
     started_at: int,
 ) -> tuple[dict[str, Any], str]:
-    """One post_call_transcription envelope (the shared fixture's shape) and its topic."""
+    """One post_call_transcription envelope (the fixture's shape) and its topic."""
     topic = rng.choice(list(TOPICS))
     title, caller_lines, agent_lines = TOPICS[topic]
     slots = _slots(rng, caller)

@@ -3,14 +3,14 @@
 Starts the service on loopback (a subprocess, a temporary data directory), posts every
 call of every file through the signed post-call webhook, asks every question through
 POST /webhooks/search-data, and prints evidence recall (overall and per LoCoMo category)
-with the search latency seen by the client. The measure is the one in
-shared/bench/locomo/README.md. Run by hand:
+with the search latency seen by the client. The data and the measure: bench/README.md
+(build the data with bench/locomo_convert.py; it is not in the repository). Run by hand:
 
-    .venv/bin/python bench/recall.py                  # every file in ../shared/bench/locomo
-    .venv/bin/python bench/recall.py --limit 10 locomo-26.json
-    SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py   # BM25 alone (the default install)
-    .venv/bin/python bench/recall.py --backend openmemory     # against the OpenMemory stand-in
-    .venv/bin/python bench/recall.py --leave-one-out          # in process, see recall_loo.py
+    .venv/bin/python bench/recall.py --data bench-data/locomo          # every file there
+    .venv/bin/python bench/recall.py --data bench-data/locomo --limit 10 locomo-26.json
+    SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py --data DIR  # BM25 alone
+    .venv/bin/python bench/recall.py --data DIR --backend openmemory  # the OpenMemory stand-in
+    .venv/bin/python bench/recall.py --data DIR --leave-one-out       # in process, see recall_loo.py
 
 With the `embeddings` extra, each stored call's turns are embedded in the background;
 until a caller's vectors are all there, their searches rank by BM25 alone. `--warm`
@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from elaoms.webhooks.signature import SIGNATURE_HEADER, sign  # noqa: E402
 
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "bench" / "locomo"
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 
 
@@ -144,7 +143,12 @@ def embedding_backlog(client: httpx.Client) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="bench files (default: all in --data)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("ELAOMS_BENCH_DATA"),
+        help="folder of locomo-*.json files (bench/README.md builds them; or ELAOMS_BENCH_DATA)",
+    )
     parser.add_argument("--limit", type=int, help="send this limit (default: the service's)")
     parser.add_argument("--chars", type=int, default=3000, help="context cut for the measure")
     parser.add_argument(
@@ -169,7 +173,16 @@ def main() -> None:
         help="in process: choose settings on all files but one, measure on that one",
     )
     args = parser.parse_args()
+    if args.data is None:
+        parser.error("--data DIR is required: bench/README.md says how to build it from LoCoMo")
+    args.data = Path(args.data)
     paths = [args.data / name for name in args.files] or sorted(args.data.glob("locomo-*.json"))
+    missing = [path for path in paths if not path.is_file()]
+    if not paths or missing:
+        parser.error(
+            f"no bench file in {args.data} ({', '.join(map(str, missing)) or 'no locomo-*.json'}):"
+            " build them with bench/locomo_convert.py (bench/README.md)"
+        )
     if args.leave_one_out:
         from recall_loo import run
 

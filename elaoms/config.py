@@ -185,11 +185,22 @@ class Settings(BaseSettings):
         ge=0,
         description="How long an agent id the API does not know is not asked about again",
     )
+    agent_config_dir: Path | None = Field(
+        default=None,
+        description="folder of agent configurations as files, `<agent_id>.json` as exported "
+        "by `GET /v1/convai/agents/{id}`: used instead of the API (no ELEVENLABS_API_KEY needed)",
+    )
     elevenlabs_api_timeout_seconds: float = 2.0
     llm_base_url: str = ""
     llm_api_key: str = ""
     llm_model: str = ""
     llm_timeout_seconds: float = 20.0
+
+    @field_validator("agent_config_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `AGENT_CONFIG_DIR=` in .env means no folder, not the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("file_permissions_mode", "directory_permissions_mode_setting", mode="before")
     @classmethod

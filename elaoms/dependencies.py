@@ -14,7 +14,8 @@ from elaoms.webhooks.service import IngestService
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -36,7 +37,8 @@ def get_auth_monitor(request: Request) -> AuthFailureMonitor:
 # FastAPI runs a plain `def` dependency in its thread pool: a thread hop per dependency
 # per request (a third of client-data's time under load). The ones below are `async def`.
 async def _services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 async def _settings(request: Request) -> Settings:

@@ -18,7 +18,9 @@ API_KEY_HEADER = "X-Api-Key"
 
 
 def secret_matches(given: str | None, expected: str) -> bool:
-    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def require_workspace_secret(

@@ -76,6 +76,7 @@ class Services:
             ttl=settings.agent_profile_ttl,
             unknown_ttl=settings.unknown_agent_ttl_seconds,
             lookups_per_minute=settings.agent_lookups_per_minute,
+            config_dir=settings.agent_config_dir,
         )
         personalization = PersonalizationService(
             settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)

@@ -6,6 +6,10 @@ Arguments pass through: `python scripts/show_user_profile.py --help` lists them.
 
 import sys
 
-from elaoms.cli import app
+from _project_python import use_project_python
+
+use_project_python()
+
+from elaoms.cli import app  # noqa: E402
 
 app(prog_name="elaoms", args=["profile", *sys.argv[1:]])

@@ -6,6 +6,10 @@ Arguments pass through: `python scripts/view_stored_conversations.py --help` lis
 
 import sys
 
-from elaoms.cli import app
+from _project_python import use_project_python
+
+use_project_python()
+
+from elaoms.cli import app  # noqa: E402
 
 app(prog_name="elaoms", args=["calls", *sys.argv[1:]])

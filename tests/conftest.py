@@ -1,4 +1,4 @@
-"""Shared test harness: real servers on loopback, signed deliveries, the shared fixtures."""
+"""Shared test harness: real servers on loopback, signed deliveries, the example payloads."""
 
 from __future__ import annotations
 
@@ -25,12 +25,16 @@ from elaoms.memory.base import Memory, MemoryStore
 from elaoms.webhooks.signature import sign
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ELAOMS_SHARED_DIR", REPO_ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "elevenlabs"
+# ElevenLabs example payloads kept in the repository: a clone needs nothing beside it.
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "elevenlabs"
 
 # Servers under test rank by BM25 alone: deterministic, and no background embedding
 # competing for the CPU. tests/test_embeddings.py turns the semantic path on itself.
 os.environ["SEARCH_EMBEDDINGS"] = "off"
+
+# A wait ends as soon as its condition holds; the bound only turns a hang into a failure.
+# CI shares two cores among many jobs: a bound must be far above what a loaded host needs.
+WAIT_BOUND = 60.0
 
 HMAC_KEY = "wsec_test_hmac_key_0123456789abcdef"
 WORKSPACE_SECRET = "test-workspace-secret-0123456789"
@@ -61,7 +65,7 @@ def transcription(
     turns: list[tuple[str, str]] | None = None,
     **analysis: Any,
 ) -> dict[str, Any]:
-    """The shared post_call_transcription fixture with a new id, caller and transcript."""
+    """The post_call_transcription fixture with a new id, caller and transcript."""
     payload = copy.deepcopy(load_fixture("post_call_transcription"))
     data = payload["data"]
     data["conversation_id"] = conversation_id
@@ -147,7 +151,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 20.0) -> ServiceProcess:
+    def start(self, timeout: float = WAIT_BOUND) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
@@ -158,7 +162,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, WAIT_BOUND)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.logs()}")
@@ -212,7 +216,7 @@ class InThreadServer:
 
     def __enter__(self) -> InThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + WAIT_BOUND
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("in-thread server did not start")
@@ -255,8 +259,11 @@ def client(server: ServiceProcess) -> Iterator[httpx.Client]:
         yield http
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = WAIT_BOUND, interval: float = 0.05
+) -> Any:
+    """The predicate's first truthy result, polled until it comes (at least `WAIT_BOUND`)."""
+    deadline = time.monotonic() + max(timeout, WAIT_BOUND)
     while time.monotonic() < deadline:
         result = predicate()
         if result:

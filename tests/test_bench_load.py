@@ -13,9 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Seeding, two servers and five wrk runs: minutes on a loaded 2-core host, where the
+# suite's 120 s bound cut it short. The run is waited for; the bound only catches a hang.
+@pytest.mark.timeout(900)
 def test_the_load_benchmark_drives_every_endpoint_and_finds_every_delivery_stored(
     tmp_path: Path,
 ) -> None:
@@ -26,7 +31,7 @@ def test_the_load_benchmark_drives_every_endpoint_and_finds_every_delivery_store
          "--cache-dir", str(tmp_path / "seeds"), "--work-dir", str(tmp_path),
          "--log-dir", str(tmp_path / "logs"), "--json", str(figures),
          "--env", "SEARCH_EMBEDDINGS=off"],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=840,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout + completed.stderr
 

@@ -87,7 +87,9 @@ def test_redis_going_away_falls_back_to_this_process_then_recovers(
                     await shared.set(f"test:during:{index}", index)
                     assert await shared.get(f"test:during:{index}") == index
                 assert await shared.incr("test:count") == 1
-                assert time.perf_counter() - started < 1.0  # not one timeout per operation
+                # One 50 ms timeout per operation would be 40 of them, 2 s: below that, with
+                # room for a loaded host (the local work itself takes milliseconds).
+                assert time.perf_counter() - started < 1.5
                 assert not shared.redis_available
                 unavailable = [r for r in caplog.records if "redis unavailable" in r.message]
                 assert len(unavailable) == 1  # logged once, not per operation
@@ -133,7 +135,7 @@ def test_two_services_share_prepared_profiles_through_redis(
                     return (answer, elapsed) if answer == expected else None
 
                 answer, elapsed = wait_until(shared_answer, timeout=20, interval=0.5)
-                assert elapsed < 0.5
+                assert elapsed < 1.0  # within the deadline, plus a loaded host's scheduling
                 assert first_message(answer).startswith("Hi Maria, welcome back")
         finally:
             first.stop()

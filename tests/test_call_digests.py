@@ -44,7 +44,9 @@ def with_services(data_dir: Path, work: Callable[[Services], Awaitable[T]], **se
     async def scenario() -> T:
         services = Services.build(make_settings(data_dir, **settings))
         try:
-            return await work(services)
+            result = await work(services)
+            await services.ingest.drain(timeout=None)  # profile hooks, however slow the host
+            return result
         finally:
             await services.close()
 

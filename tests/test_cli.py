@@ -83,6 +83,9 @@ def deliver(settings: Settings, *payloads: dict[str, Any], status: str = "receiv
             for payload in payloads:
                 acknowledgement = await services.ingest.receive(json.dumps(payload).encode())
                 assert acknowledgement.status == status, acknowledgement
+            # Every profile hook done, however long a busy machine takes: close() alone
+            # waits 5 s, after which the last call's profile was missing (call_count 1).
+            await services.ingest.drain(timeout=None)
         finally:
             await services.close()
 
@@ -191,6 +194,29 @@ def test_calls_lists_and_filters_stored_calls(callers: Settings) -> None:
     assert "conv_maria_2" in table.stdout and "conv_bob_1" not in table.stdout
 
 
+@pytest.mark.parametrize("columns", [80, 100, 160])
+def test_calls_keeps_ids_whole_and_shows_agent_and_title_at_any_width(
+    callers: Settings, columns: int
+) -> None:
+    """At 80 columns the table hid the agent and title; at 100 it folded ids over lines."""
+    long_id = "conv_5301kb4c2yrj9e7qn8w6t3v0xa_long"
+    payload = transcription(long_id, "+14155550199")
+    payload["data"]["agent_id"] = "agent_7201kb3x9tq8f5sv2m0d4hnp6e"
+    deliver(callers, payload)
+    shown = subprocess.run(
+        [sys.executable, "-m", "elaoms.cli", "calls"],
+        env={**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    for whole in (long_id, "conv_maria_2", "+14155550199", "+14155550123"):
+        assert any(whole in line for line in lines), (whole, shown.stdout)
+    assert "Cleaning rescheduled" in shown.stdout  # the title
+    assert "Brightside" in shown.stdout or "agent_7201" in shown.stdout  # the agent
+    assert all(len(line) <= columns for line in lines if long_id not in line)
+
+
 def test_calls_show_prints_a_transcript(callers: Settings) -> None:
     shown = elaoms("calls", "show", "conv_maria_1")
     assert shown.exit_code == 0
@@ -246,6 +272,28 @@ def test_first_message_previews_the_client_data_answer(callers: Settings) -> Non
     assert variables["user_context"]
 
 
+def test_a_command_returns_only_once_the_calls_it_stored_have_their_profiles(
+    settings: Settings,
+) -> None:
+    """On a loaded host a profile hook took longer than the 5 s the service's shutdown
+    waits: the command returned with the caller's last call missing from the profile."""
+    from elaoms.cli.runtime import run
+
+    prepared: list[str] = []
+
+    async def work(services: Services) -> None:
+        async def slow_hook(user_id: str, payload: dict[str, Any], receipt: Any) -> None:
+            await asyncio.sleep(6)  # a profile preparation on a very busy machine
+            prepared.append(user_id)
+
+        services.ingest.hooks.append(slow_hook)
+        body = json.dumps(transcription("conv_slow_hook", MARIA)).encode()
+        assert (await services.ingest.receive(body)).status == "received"
+
+    run(work, settings=settings)
+    assert prepared == [MARIA]
+
+
 # privacy -----------------------------------------------------------------------------------
 def test_export_holds_everything_about_the_caller_and_nothing_else(callers: Settings) -> None:
     document = as_json(elaoms("export", MARIA))
@@ -284,7 +332,7 @@ def test_forget_deletes_the_caller_everywhere_and_only_the_caller(callers: Setti
     assert len(maria_files) == 3  # two transcriptions and one recording
 
     declined = elaoms("forget", MARIA, input="n\n")
-    assert declined.exit_code == 1
+    assert declined.exit_code == 0  # a refusal is the operator's answer, not a failure
     assert "About to delete everything about +14155550123: 2 stored call(s)" in declined.stderr
     assert all(path.exists() for path in maria_files)
 
@@ -300,7 +348,9 @@ def test_forget_deletes_the_caller_everywhere_and_only_the_caller(callers: Setti
     assert as_json(elaoms("calls", "--caller", MARIA, "--json")) == []
     assert elaoms("profile", MARIA).exit_code == 3
     assert elaoms("export", MARIA).exit_code == 3
-    assert as_json(elaoms("search", MARIA, "cleaning", "--json"))["memories_found"] == 0
+    searched = elaoms("search", MARIA, "cleaning", "--json")
+    assert searched.exit_code == 3  # as profile: an unknown caller is "not found"
+    assert json.loads(searched.stdout)["memories_found"] == 0
 
     # Bob is untouched.
     assert len(list(bob_dir.iterdir())) == 1
@@ -402,3 +452,95 @@ def test_serve_runs_the_service(tmp_path: Path) -> None:
             assert client.get("/").json()["status"] == "running"
     finally:
         server.stop()
+
+
+def test_output_piped_into_a_reader_that_closes_early_ends_quietly(tmp_path: Path) -> None:
+    """`elaoms ... --json | head` once printed "disk error: Broken pipe"."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elaoms.cli", "setup", "--non-interactive", "--json",
+         "--path", str(tmp_path / ".env")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()  # the reader is gone before the command writes a byte
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr == ""
+
+
+def test_setup_asks_again_for_a_backend_it_does_not_know(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    answers = "mongodb\nsqlite\n\n\nn\n\n"  # backend twice, API key, secret, admin, URL
+    result = elaoms("setup", "--interactive", "--path", str(env_file), input=answers)
+    assert result.exit_code == 0, result.output
+    assert "'mongodb' is not one of sqlite, openmemory" in result.output
+    assert "(sqlite, openmemory) (sqlite, openmemory)" not in result.output
+    assert "MEMORY_BACKEND=sqlite" in env_file.read_text()
+
+
+def test_setup_interrupted_at_a_prompt_ends_without_a_traceback(tmp_path: Path) -> None:
+    result = elaoms("setup", "--interactive", "--path", str(tmp_path / ".env"), input="")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert not (tmp_path / ".env").exists()
+
+
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)  # the one without our venv
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "show_user_profile.py",
+        "build_comprehensive_user_profile.py",
+        "view_stored_conversations.py",
+        "store_conversations.py",
+        "generate_first_message.py",
+    ],
+)
+def test_the_seed_scripts_run_under_a_python_without_elaoms(script: str, tmp_path: Path) -> None:
+    """They crashed with ModuleNotFoundError under the system python; now they hand over to
+    .venv, or say in one line what to do when there is none."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if (REPO_ROOT / ".venv" / "bin" / "python").exists():
+        shown = subprocess.run(
+            [BASE_PYTHON, str(REPO_ROOT / "scripts" / script), "--help"],
+            cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "Usage: elaoms" in shown.stdout
+
+    lonely = tmp_path / "clone" / "scripts"  # a checkout that was never installed
+    lonely.mkdir(parents=True)
+    for name in (script, "_project_python.py"):
+        (lonely / name).write_text((REPO_ROOT / "scripts" / name).read_text())
+    failed = subprocess.run(
+        [BASE_PYTHON, "-s", str(lonely / script), "--help"],
+        cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if failed.returncode == 0:
+        pytest.skip(f"{BASE_PYTHON} has ELAOMS installed itself")
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    assert "run `make install`" in failed.stderr
+
+
+def test_run_from_another_folder_says_which_store_it_opened_and_how_to_point_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """It silently opened an empty store and said "nothing stored about +1..."."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SQLITE_", "MEMORY_"))}
+    for command in (["profile", MARIA], ["search", MARIA, "cleaning"]):
+        shown = subprocess.run(
+            [sys.executable, "-m", "elaoms.cli", *command],
+            cwd=elsewhere, env={**clean, "PYTHONPATH": str(REPO_ROOT)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert shown.returncode == 3, shown.stderr
+        message = " ".join(shown.stderr.split())  # rich may wrap the line
+        assert f"SQLite store {elsewhere / 'data' / 'memory.sqlite3'}" in message
+        assert f"no .env in {elsewhere}" in message
+        assert "set SQLITE_PATH" in message

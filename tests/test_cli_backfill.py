@@ -29,7 +29,7 @@ from elaoms.cli import app
 from elaoms.config import Settings
 from elaoms.webhooks.storage import caller_dir_name
 
-from conftest import REPO_ROOT, base_env, transcription, wait_until
+from conftest import REPO_ROOT, WAIT_BOUND, base_env, transcription, wait_until
 from standins import AGENT_ID, ElevenLabsStandIn
 
 API_KEY = "xi-test-key"
@@ -218,6 +218,7 @@ def test_backfill_takes_only_the_date_range(api: Conversations, env: dict[str, s
     assert {row["conversation_id"] for row in calls} == set(api.fetched)
 
 
+@pytest.mark.timeout(300)
 def test_an_interrupted_backfill_resumes_where_it_stopped(
     api: Conversations, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -226,15 +227,22 @@ def test_an_interrupted_backfill_resumes_where_it_stopped(
     process = subprocess.Popen(
         [sys.executable, "-m", "elaoms.cli", "backfill", "--agent", AGENT_ID, "--page-size", "2"],
         cwd=tmp_path,
-        env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+        # If it ever hangs, SIGABRT makes faulthandler print where: a failure to act on.
+        env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT), "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        wait_until(lambda: "2" in api.cursors, timeout=30)
+        wait_until(lambda: "2" in api.cursors or process.poll() is not None)
+        assert process.poll() is None, process.communicate()
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        # The condition is the exit itself; the bound only reports a hang (with stacks).
+        # A fixed 30 s once failed on a loaded 2-core host.
+        _, stderr = process.communicate(timeout=WAIT_BOUND)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        raise AssertionError(f"no exit after SIGINT:\n{process.communicate()[1]}") from None
     finally:
         if process.poll() is None:
             process.kill()

@@ -24,7 +24,10 @@ from standins import (
     first_message,
 )
 
-DEADLINE = 0.5
+# The service answers within CLIENT_DATA_TIMEOUT_MS (0.5 s) by its own clock; the client's
+# also counts a loaded host's scheduling. 1 s still tells an answer in time from one that
+# waited for the slow API (1.5 s) or store (5 s) of these tests.
+DEADLINE = 1.0
 
 
 @pytest.fixture(scope="module")

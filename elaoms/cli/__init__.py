@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from elaoms.cli import backfill, callers, calls, maintenance, quarantine, serve, setup
+from elaoms.cli import backfill, callers, calls, demo, maintenance, quarantine, serve, setup
 from elaoms.cli.runtime import EXIT_CODES_HELP, ElaomsGroup
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app = typer.Typer(
 
 app.command("setup")(setup.setup)
 app.command("serve")(serve.serve)
+app.command("demo")(demo.demo)
 app.command("backfill")(backfill.backfill_command)
 app.command("profile")(callers.profile)
 app.add_typer(calls.calls_app, name="calls")

@@ -188,7 +188,7 @@ async def _settle_profiles(services: Services, callers: set[str]) -> None:
     calls at once, and each call's hook rebuilds the profile from the calls it sees: the
     last hook to write may have seen fewer calls than are stored.
     """
-    await services.ingest.drain()
+    await services.ingest.drain(timeout=None)  # a hook still running would overwrite
     for user_id in sorted(callers):
         try:
             await services.personalization.prepare_caller(user_id)
@@ -345,9 +345,7 @@ def backfill_command(
     page_size: Annotated[int, typer.Option(min=1, max=100)] = 100,
     state_file: Annotated[
         Path | None,
-        typer.Option(
-            help="Resume file [default: backfill-state.json beside WEBHOOK_STORAGE_PATH]."
-        ),
+        typer.Option(help="Resume file. Default: backfill-state.json beside WEBHOOK_STORAGE_PATH."),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Ignore a saved position; start over.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,

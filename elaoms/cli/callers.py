@@ -12,7 +12,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from elaoms.cli.runtime import (
-    CliError,
     caller_id,
     console,
     err_console,
@@ -20,6 +19,7 @@ from elaoms.cli.runtime import (
     not_found,
     print_json,
     run,
+    store_description,
     write_private,
 )
 from elaoms.operations.privacy import ForgetReport, export_caller, forget_caller
@@ -57,12 +57,21 @@ def profile(
     json_output: JsonOption = False,
 ) -> None:
     """A caller's profile: name, calls, topics, follow-ups, and what the next call gets."""
+    from elaoms.cli.greeting import greeting_withheld_reason
+
     user_id = caller_id(caller)
-    found = run(lambda services: caller_profile(services, user_id))
+
+    async def work(services: Services) -> tuple[dict[str, Any] | None, str | None]:
+        found = await caller_profile(services, user_id)
+        if found is None or (found.get("greeting") and await _greeting_sent(services, user_id)):
+            return found, None
+        return found, await greeting_withheld_reason(services, found, found.get("agent_id"))
+
+    found, withheld = run(work)
     if found is None:
-        not_found(f"nothing stored about {user_id}")
+        not_found(f"nothing stored about {user_id} in {store_description()}")
     if json_output:
-        print_json(found)
+        print_json(found if withheld is None else {**found, "greeting_withheld": withheld})
         return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -83,6 +92,8 @@ def profile(
         )
     greeting = found.get("greeting")
     rows.append(("next greeting", _with_source(greeting, found.get("greeting_source"))))
+    if withheld:
+        rows.append(("greeting sent", f"no: {withheld}"))
     rows.append(("user_context", found.get("user_context") or "-"))
     for label, value in rows:
         table.add_row(escape(label), escape(str(value if value is not None else "-")))
@@ -92,6 +103,15 @@ def profile(
             "[dim]computed from stored calls: no prepared profile yet (the next stored call "
             "prepares one, with its greeting)[/]"
         )
+
+
+async def _greeting_sent(services: Services, user_id: str) -> bool:
+    """Whether client-data would send a personalized first message to this caller now."""
+    from elaoms.personalization.service import preview_first_message
+
+    answer = (await preview_first_message(services, user_id)).model_dump(exclude_none=True)
+    override = answer.get("conversation_config_override") or {}
+    return bool((override.get("agent") or {}).get("first_message"))
 
 
 def _with_source(value: Any, source: Any) -> str:
@@ -125,14 +145,22 @@ def search(
 ) -> None:
     """What the search-data tool would answer the agent for this caller and query."""
     user_id = caller_id(caller)
-    answer = run(lambda services: search_as_tool(services, user_id, query, limit))
+
+    async def work(services: Services) -> tuple[dict[str, Any], bool]:
+        answer = await search_as_tool(services, user_id, query, limit)
+        known = bool(answer["memories_found"]) or bool(await services.store.list_calls(user_id))
+        return answer, known
+
+    answer, known = run(work)
     if json_output:
         print_json(answer)
-        return
-    console.print(f"{answer['memories_found']} excerpt(s) for {escape(user_id)}")
-    if answer["context"]:
-        console.print()
-        console.print(escape(answer["context"]))
+    else:
+        console.print(f"{answer['memories_found']} excerpt(s) for {escape(user_id)}")
+        if answer["context"]:
+            console.print()
+            console.print(escape(answer["context"]))
+    if not known:  # as `profile` does: a caller we know nothing about is "not found"
+        not_found(f"nothing stored about {user_id} in {store_description()}")
 
 
 # first-message ---------------------------------------------------------------------------
@@ -142,19 +170,31 @@ def first_message(
     json_output: JsonOption = False,
 ) -> None:
     """What the client-data webhook would answer when this caller rings next."""
-    try:
-        from elaoms.personalization.service import preview_first_message
-    except ImportError:
-        raise CliError("first-message preview is not part of this build yet") from None
+    from elaoms.cli.greeting import greeting_withheld_reason
+    from elaoms.personalization.service import preview_first_message
+
     user_id = caller_id(caller)
-    response = run(lambda services: preview_first_message(services, user_id, agent_id=agent))
-    answer = response.model_dump(exclude_none=True)
+
+    async def work(services: Services) -> tuple[dict[str, Any], str | None]:
+        response = await preview_first_message(services, user_id, agent_id=agent)
+        answer = response.model_dump(exclude_none=True)
+        override = answer.get("conversation_config_override") or {}
+        if (override.get("agent") or {}).get("first_message"):
+            return answer, None
+        found = await caller_profile(services, user_id)
+        agent_id = agent or (found or {}).get("agent_id")
+        return answer, await greeting_withheld_reason(services, found, agent_id)
+
+    answer, withheld = run(work)
     if json_output:
-        print_json(answer)
+        print_json(answer if withheld is None else {**answer, "greeting_withheld": withheld})
         return
     override = answer.get("conversation_config_override") or {}
     greeting = (override.get("agent") or {}).get("first_message")
-    console.print(f"[bold]first message:[/] {escape(str(greeting or '(the agent default)'))}")
+    if greeting:
+        console.print(f"[bold]first message:[/] {escape(str(greeting))}")
+    else:
+        console.print(f"[bold]first message:[/] (the agent's own) because {escape(str(withheld))}")
     for name, value in sorted((answer.get("dynamic_variables") or {}).items()):
         console.print(f"[bold]{escape(name)}:[/] {escape(str(value))}")
 
@@ -189,9 +229,9 @@ def forget(
         return await forget_caller(services, user_id)
 
     report = run(work)
-    if report is None:
+    if report is None:  # the operator's answer, not a failure
         err_console.print("nothing deleted")
-        raise typer.Exit(1)
+        return
     if json_output:
         print_json(report.as_dict())
         return

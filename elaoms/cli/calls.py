@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 calls_app = typer.Typer(no_args_is_help=False, rich_markup_mode=None)
 
 
+# Below this width the table squeezes the agent and title out: a list reads better.
+WIDE_TABLE_COLUMNS = 120
+
+
 @calls_app.callback(invoke_without_command=True)
 def calls(
     ctx: typer.Context,
@@ -55,15 +59,8 @@ def calls(
     if not rows:
         console.print("no stored calls match")
         return
-    table = Table()
-    # Identifiers are copied into other commands: never broken across lines.
-    for column in ("started (UTC)", "conversation", "caller"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("agent", overflow="fold", max_width=24)
-    table.add_column("secs", justify="right", no_wrap=True)
-    table.add_column("title", overflow="fold")
-    for row in rows:
-        cells = (
+    cells = [
+        (
             format_time(row["started_at"]).removesuffix(" UTC"),
             row["conversation_id"],
             row["user_id"],
@@ -71,8 +68,32 @@ def calls(
             row["duration_secs"] if row["duration_secs"] is not None else "-",
             row["title"] or "-",
         )
-        table.add_row(*(escape(str(cell)) for cell in cells))
-    console.print(table)
+        for row in rows
+    ]
+    if console.width >= WIDE_TABLE_COLUMNS:
+        table = Table()
+        # Identifiers are copied into other commands: never broken across lines.
+        for column in ("started (UTC)", "conversation", "caller"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("agent", overflow="fold", max_width=24)
+        table.add_column("secs", justify="right", no_wrap=True)
+        table.add_column("title", overflow="fold")
+        for cell in cells:
+            table.add_row(*(escape(str(value)) for value in cell))
+        console.print(table)
+    else:
+        # A table this narrow hid the agent and title, or folded ids over many lines: one
+        # line of identifiers per call, whole, then what it was about.
+        for started, conversation, user, agent_name, secs, title in cells:
+            seconds = f"{secs}s" if secs != "-" else "-"
+            console.print(
+                f"[bold]{escape(started)}[/]  {escape(str(conversation))}  "
+                f"{escape(str(user))}  {seconds}",
+                no_wrap=True,
+                overflow="ignore",
+                crop=False,
+            )
+            console.print(f"  {escape(str(agent_name))}: {escape(str(title))}", style="dim")
     console.print(f"{len(rows)} call(s)" + (f" (--limit {limit})" if len(rows) == limit else ""))
 
 

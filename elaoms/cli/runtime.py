@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import click
 import httpx
 import typer
 from pydantic import ValidationError
@@ -84,11 +83,19 @@ def describe_error(error: BaseException) -> str | None:
 class ElaomsGroup(TyperGroup):
     """Turns expected failures of any subcommand into one red line and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    # `Any`: typer (0.29+) types the context with its private copy of click.
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage, exits
             raise
+        except BrokenPipeError:
+            # The reader went away (`elaoms calls --json | head`): nothing to report, and
+            # nowhere to report it. Further writes go nowhere; exit 1 silently, as click
+            # and rich do when they meet a closed pipe themselves.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(EXIT_FAILURE) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")
             raise typer.Exit(130) from None
@@ -105,6 +112,26 @@ def load_settings() -> Settings:
     return Settings()
 
 
+def store_description(settings: Settings | None = None) -> str:
+    """Which store the commands opened, and how to open another: run from another folder,
+    a command finds no `.env` and opens an empty store of its own."""
+    from elaoms.config import MemoryBackend
+
+    settings = settings or load_settings()
+    if settings.memory_backend is MemoryBackend.OPENMEMORY:
+        where = f"the OpenMemory store at {settings.openmemory_url}"
+    else:
+        where = f"the SQLite store {settings.sqlite_path.resolve()}"
+    env_file = Path.cwd() / ".env"
+    hint = (
+        f"settings from {env_file}"
+        if env_file.is_file()
+        else f"no .env in {Path.cwd()}: run from the service's folder, or set SQLITE_PATH "
+        "(or MEMORY_BACKEND and OPENMEMORY_URL)"
+    )
+    return f"{where} ({hint})"
+
+
 def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None) -> T:
     """Build the service's parts from settings, check the store answers, run `work`."""
     from elaoms.operations.logs import configure_logging
@@ -118,7 +145,12 @@ def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None
         services = Services.build(settings)
         try:
             await services.store.check()
-            return await work(services)
+            result = await work(services)
+            # Calls stored by the command prepare their callers' profiles in the background:
+            # all of it is done before the command returns, however busy the machine (the
+            # service's shutdown waits a bounded time; an operator's command must not).
+            await services.ingest.drain(timeout=None)
+            return result
         finally:
             await services.close()
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from dotenv import dotenv_values
 from rich.markup import escape
@@ -129,7 +128,7 @@ def setup(
     settings = Settings(**_lower_keys(dotenv_values(path)))
     url = public_url or f"http://localhost:{settings.port}"
     if written and interactive and public_url is None:
-        url = click.prompt("Public URL ElevenLabs reaches this service at", default=url)
+        url = typer.prompt("Public URL ElevenLabs reaches this service at", default=url)
     endpoints = webhook_endpoints(settings, url)
     if json_output:
         print_json({"env_file": str(path), "written": written, "endpoints": endpoints})
@@ -139,38 +138,46 @@ def setup(
     _print_endpoints(endpoints, settings)
 
 
-def _lower_keys(values: dict[str, str | None]) -> dict[str, str]:
+def _lower_keys(values: dict[str, str | None]) -> dict[str, Any]:
     # The file the user asked about wins over the environment and ./.env for the URLs shown.
     return {key.lower(): value for key, value in values.items() if value is not None}
 
 
+def _backend(value: str) -> MemoryBackend:
+    try:
+        return MemoryBackend(value.strip().lower())
+    except ValueError:
+        choices = ", ".join(item.value for item in MemoryBackend)
+        raise typer.BadParameter(f"{value!r} is not one of {choices}") from None
+
+
 def _ask() -> EnvChoices:
     backend = MemoryBackend(
-        click.prompt(
-            "Memory backend (sqlite, openmemory)",
+        typer.prompt(
+            f"Memory backend ({', '.join(item.value for item in MemoryBackend)})",
             default=MemoryBackend.SQLITE.value,
-            type=click.Choice([item.value for item in MemoryBackend]),
+            value_proc=_backend,
         )
     )
     openmemory_url, openmemory_key = "http://localhost:8080", ""
     if backend is MemoryBackend.OPENMEMORY:
-        openmemory_url = click.prompt("OpenMemory URL", default=openmemory_url)
-        openmemory_key = click.prompt(
+        openmemory_url = typer.prompt("OpenMemory URL", default=openmemory_url)
+        openmemory_key = typer.prompt(
             "OpenMemory API key", default="", show_default=False, hide_input=True
         )
-    api_key = click.prompt(
+    api_key = typer.prompt(
         "ElevenLabs API key (for backfill and agent profiles; Enter to skip)",
         default="",
         show_default=False,
         hide_input=True,
     )
-    hmac_key = click.prompt(
+    hmac_key = typer.prompt(
         "Post-call webhook secret from ElevenLabs (Enter to paste it later)",
         default="",
         show_default=False,
         hide_input=True,
     )
-    admin = click.confirm("Enable the admin endpoints for forget/export?", default=False)
+    admin = typer.confirm("Enable the admin endpoints for forget/export?", default=False)
     return EnvChoices(
         memory_backend=backend,
         openmemory_url=openmemory_url,

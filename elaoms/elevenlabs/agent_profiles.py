@@ -4,17 +4,23 @@ A call is never held up by the ElevenLabs API. A cached profile is served as it 
 one older than AGENT_PROFILE_TTL is refreshed in the background while it keeps serving.
 Only an agent never seen before is waited for, briefly, because without its profile we
 cannot name the placeholders its prompt needs.
+
+An operator without API access can supply configurations as files instead
+(`AGENT_CONFIG_DIR/<agent_id>.json`, the body of `GET /v1/convai/agents/{id}` as exported
+from ElevenLabs); a file wins over the API. The demo agent of `elaoms demo` is bundled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
@@ -25,6 +31,8 @@ from elaoms.payloads import dig
 logger = logging.getLogger(__name__)
 
 AGENT_KEY_PREFIX = "elaoms:agent:"
+# The agent `elaoms demo` delivers calls for: its configuration ships with the package.
+DEMO_AGENTS_DIR = Path(__file__).resolve().parents[1] / "demo" / "agents"
 
 # ElevenLabs agent ids are `agent_` and 28 letters and digits; older ones are 20 letters
 # and digits. Checked before an id is put in a URL or a cache key: "../../../v1/user" as an
@@ -137,8 +145,10 @@ class AgentProfiles:
         min_age_after_call: float = 60.0,
         unknown_ttl: float = 600.0,
         lookups_per_minute: float = 30.0,
+        config_dir: Path | None = None,
     ) -> None:
         self.client = client
+        self.files = AgentConfigFiles(config_dir)
         self.store = store
         self.cache = cache
         self.ttl = ttl
@@ -161,6 +171,8 @@ class AgentProfiles:
         never seen is fetched, waiting at most `wait` seconds for it."""
         if not valid_agent_id(agent_id):
             return None
+        if (from_file := self.files.get(agent_id)) is not None:
+            return from_file
         profile = await self._cached(agent_id)
         if profile is None:
             profile = await self._stored(agent_id)
@@ -180,6 +192,8 @@ class AgentProfiles:
         """This process's copy, without any I/O (last-resort answers)."""
         if not valid_agent_id(agent_id):
             return None
+        if (from_file := self.files.peek(agent_id)) is not None:
+            return from_file
         return self._profile(agent_id, self.cache.peek(AGENT_KEY_PREFIX + agent_id))
 
     async def after_call(self, agent_id: str) -> AgentProfile | None:
@@ -187,6 +201,8 @@ class AgentProfiles:
         so configuration changes reach the next call. Never raises."""
         if not valid_agent_id(agent_id):
             return None
+        if (from_file := self.files.get(agent_id)) is not None:
+            return from_file
         try:
             profile = await self._cached(agent_id) or await self._stored(agent_id)
         except Exception as error:
@@ -267,7 +283,10 @@ class AgentProfiles:
                 self._warned_unconfigured = True
                 logger.warning(
                     "ELEVENLABS_API_KEY is not set: agent profiles (placeholders, default "
-                    "greeting, allowed overrides) are not fetched"
+                    "greeting, allowed overrides) are not fetched, so client-data sends no "
+                    "first message for agent %s; set the key, or put the agent's exported "
+                    "configuration in AGENT_CONFIG_DIR/<agent_id>.json",
+                    agent_id,
                 )
             return None
         task = self._inflight.get(agent_id)
@@ -287,3 +306,47 @@ class AgentProfiles:
         self._inflight[agent_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(agent_id, None))
         return task
+
+
+class AgentConfigFiles:
+    """Agent configurations supplied as files (no API needed), read once per change."""
+
+    def __init__(self, config_dir: Path | None) -> None:
+        self.dirs = [path for path in (config_dir, DEMO_AGENTS_DIR) if path is not None]
+        # Per agent id: the file read, its modification time, and what it held.
+        self._loaded: dict[str, tuple[Path, float, AgentProfile | None]] = {}
+
+    def path_of(self, agent_id: str) -> Path | None:
+        """The file holding this agent's configuration, if any."""
+        if not valid_agent_id(agent_id):  # it becomes a file name
+            return None
+        for directory in self.dirs:
+            path = directory / f"{agent_id}.json"
+            if path.is_file():
+                return path
+        return None
+
+    def get(self, agent_id: str) -> AgentProfile | None:
+        path = self.path_of(agent_id)
+        if path is None:
+            return None
+        try:
+            changed = path.stat().st_mtime
+            known = self._loaded.get(agent_id)
+            if known is not None and known[:2] == (path, changed):
+                return known[2]
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as error:
+            logger.warning("agent configuration %s not readable: %s", path, error)
+            return None
+        # A file is as fresh as it is: never "stale", never refreshed from the API.
+        profile = AgentProfile.from_api(agent_id, {**raw, "_fetched_at": float("inf")})
+        self._loaded[agent_id] = (path, changed, profile)
+        return profile
+
+    def peek(self, agent_id: str) -> AgentProfile | None:
+        """What was read already, without touching the disk."""
+        known = self._loaded.get(agent_id)
+        return known[2] if known is not None else None

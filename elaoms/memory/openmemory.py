@@ -740,7 +740,8 @@ def _call_header(user_id: str, unit: Memory) -> Callable[[str], str]:
     metadata = unit.metadata
     kind = metadata.get("kind")
     if kind == "turn":
-        speaker = {"user": "caller"}.get(metadata.get("role"), str(metadata.get("role")))
+        role = str(metadata.get("role"))
+        speaker = {"user": "caller"}.get(role, role)
         part = f"turn {metadata.get('turn_index')} ({speaker})"
     elif kind == "data_collection":
         part = f"collected {metadata.get('field')}"

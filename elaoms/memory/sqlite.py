@@ -8,6 +8,7 @@ duplicate delivery racing in another process stores nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -829,7 +830,7 @@ class SQLiteStore(MemoryStore):
         callers = self._indexes.take_unsaved()
         for number, user_id in enumerate(callers):
             try:
-                await self._run(lambda user_id=user_id: self._save_index(user_id))
+                await self._run(functools.partial(self._save_index, user_id))
             except StoreUnavailableError:
                 self._indexes.remark_unsaved(callers[number:])
                 raise
@@ -933,7 +934,7 @@ class SQLiteStore(MemoryStore):
             )
             if not row:
                 return None
-            profile = json.loads(row[0])
+            profile: dict[str, Any] = json.loads(row[0])
             profile["_fetched_at"] = json.loads(row[1]).get("fetched_at", 0.0)
             return profile
 

@@ -141,7 +141,7 @@ class TwoLevelCache:
 
         count = await self._call_redis(increment, missing=_NO_ANSWER)
         if count is not _NO_ANSWER:
-            return count
+            return int(count)
         entry = self._local.get(key)
         now = time.monotonic()
         if entry is None or entry[0] <= now or not isinstance(entry[1], int):

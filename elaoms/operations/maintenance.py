@@ -31,6 +31,7 @@ async def run_maintenance(services: Services) -> None:
         try:
             await services.ingest.sweep()
             PENDING_DELIVERIES.set(len(services.storage.pending()))
+            await services.ingest.claim_stored_audio()  # before any is dropped as unclaimed
             services.storage.drop_unclaimed_audio(settings.audio_cache_ttl)
             if time.monotonic() - last_purge >= RETENTION_INTERVAL_SECONDS:
                 last_purge = time.monotonic()

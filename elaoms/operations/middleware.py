@@ -136,7 +136,7 @@ class OperationsMiddleware:
         if self.proxy_header:
             for name, value in scope.get("headers", []):
                 if name == self.proxy_header:
-                    return value.decode("latin-1").split(",")[0].strip()
+                    return bytes(value).decode("latin-1").split(",")[0].strip()
         client = scope.get("client")
         return client[0] if client else ""
 

@@ -84,7 +84,7 @@ def build_facts(user_id: str, history: CallHistory) -> dict[str, Any]:
     promise or recorded it again, so older ones may be stale and must not be repeated.
     """
     name, name_source = find_name(history)
-    recent = [
+    recent: list[dict[str, Any]] = [
         {
             "conversation_id": digest.conversation_id,
             "started_at": digest.started_at,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-CLIENT_DATA_TYPE = "conversation_initiation_client_data"
+CLIENT_DATA_TYPE: Final = "conversation_initiation_client_data"
 
 Scalar = str | int | float | bool
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from elaoms.memory.units import call_memories
 from elaoms.operations.metrics import EMBEDDING_BACKLOG
@@ -168,25 +168,25 @@ class MiniLMEmbedder:
         self._tokenizer = WordPieceTokenizer.load()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        np = self._np
-        result = np.zeros((len(texts), 384), dtype=np.float32)
+        numpy = self._np
+        result = numpy.zeros((len(texts), 384), dtype=numpy.float32)
         encoded = [self._tokenizer.encode(text) for text in texts]
         order = sorted(range(len(texts)), key=lambda index: len(encoded[index]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             width = max(len(encoded[index]) for index in batch)
-            ids = np.zeros((len(batch), width), dtype=np.int64)
+            ids = numpy.zeros((len(batch), width), dtype=numpy.int64)
             for row, index in enumerate(batch):
                 ids[row, : len(encoded[index])] = encoded[index]
-            mask = (ids != 0).astype(np.int64)
+            mask = (ids != 0).astype(numpy.int64)
             hidden = self._session.run(
                 None,
-                {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+                {"input_ids": ids, "attention_mask": mask, "token_type_ids": numpy.zeros_like(ids)},
             )[0]
             pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
-            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
+            pooled /= numpy.linalg.norm(pooled, axis=1, keepdims=True) + 1e-12
             result[batch] = pooled
-        return result
+        return cast("np.ndarray", result)  # numpy is imported lazily, so typed as Any here
 
 
 # Vectors, cached ---------------------------------------------------------------------------
@@ -268,7 +268,7 @@ class VectorCache:
 def _query_vector(cache: VectorCache, text: str) -> np.ndarray:
     # One array shared by every thread that searches for `text`: read-only, so no caller
     # can change what the others rank with.
-    vector = cache.embedder.embed([text])[0]
+    vector: np.ndarray = cache.embedder.embed([text])[0]
     vector.setflags(write=False)
     return vector
 

@@ -78,6 +78,16 @@ logger = logging.getLogger(__name__)
 # the file as it is read. A transcript of several hours is a few megabytes.
 MAX_PARSED_BODY_BYTES = 32 * 1024 * 1024
 
+# Event types ElevenLabs documents that never become memory: kept on disk (under the
+# caller's directory when the body names one, so forget, export and retention cover them),
+# logged, and answered 200. Unredacted bodies hold what the workspace chose to redact:
+# search and greetings only ever use the redacted transcript.
+KEPT_NOT_INDEXED = {
+    "answering_machine_detection": "an outbound call reached voicemail; no conversation",
+    "unredacted_transcript": "unredacted; search and greetings use the redacted one",
+    "unredacted_audio": "unredacted; recordings come from post_call_audio",
+}
+
 # Called after a call is in the store (profile preparation, agent refresh). Runs outside
 # the webhook's deadline; a failure leaves the delivery pending so it runs again.
 CallStoredHook = Callable[[str, dict[str, Any], CallReceipt], Awaitable[None]]
@@ -285,10 +295,25 @@ class IngestService:
             delivery_id = f"{envelope.event_timestamp or 'unknown'}-{digest}"
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
         await asyncio.to_thread(self.storage.keep, path, body, pending=False)
+        if why := KEPT_NOT_INDEXED.get(envelope.type):
+            logger.info("post-call %s kept as %s, not indexed (%s)", envelope.type, path.name, why)
+            return Acknowledgement(
+                status="received", detail=f"event type {envelope.type!r} kept, not indexed: {why}"
+            )
         logger.warning("post-call event of unhandled type %r kept as %s", envelope.type, path.name)
         return Acknowledgement(
             status="received", detail=f"event type {envelope.type!r} kept, not processed"
         )
+
+    async def claim_stored_audio(self) -> int:
+        """File audio that waits for a transcription already stored (it came after it, while
+        the store was too slow to say whose it was), so it is never dropped as unclaimed."""
+        claimed = 0
+        for path in self.storage.unclaimed_audio():
+            call = await self._stored_call(path.stem)
+            if call is not None and self.storage.claim_audio(path.stem, call.user_id):
+                claimed += 1
+        return claimed
 
     # Storing -----------------------------------------------------------------------------
     async def _store_within_deadline(
@@ -471,8 +496,8 @@ class IngestService:
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
 
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Let in-flight background work finish (shutdown, tests)."""
+    async def drain(self, timeout: float | None = 5.0) -> None:
+        """Let in-flight background work finish (shutdown, tests); None waits for all."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 

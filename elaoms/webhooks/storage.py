@@ -367,6 +367,9 @@ class WebhookStorage:
         fsync_dir(target.parent)
         return target
 
+    def unclaimed_audio(self) -> list[Path]:
+        return sorted(self.audio_root.glob("*.mp3")) if self.audio_root.exists() else []
+
     def drop_unclaimed_audio(self, older_than_seconds: float) -> int:
         cutoff = time.time() - older_than_seconds
         dropped = 0

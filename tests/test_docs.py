@@ -1,0 +1,69 @@
+"""What a newcomer reads matches what the code does: the README's settings table and
+`.env.example` name every setting the service reads, and nothing else."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from elaoms.config import Settings
+
+from conftest import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+
+
+def readme_settings() -> set[str]:
+    """Variables named in the first column of the README's 'Environment variables' table."""
+    section = README.read_text().split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first_column = line.split("|")[1]
+            names |= set(re.findall(r"`([A-Z][A-Z0-9_]*)`", first_column))
+    return names
+
+
+def setting_names() -> set[str]:
+    return {name.upper() for name in Settings.model_fields}
+
+
+def test_the_readme_settings_table_names_every_setting_and_only_those() -> None:
+    documented, read = readme_settings(), setting_names()
+    missing, unknown = sorted(read - documented), sorted(documented - read)
+    rows = "\n".join(
+        f"| `{name}` | `{Settings.model_fields[name.lower()].default}` | "
+        f"{Settings.model_fields[name.lower()].description or '...'} |"
+        for name in missing
+    )
+    assert not missing, f"add these rows to the README's settings table:\n{rows}"
+    assert not unknown, f"the README documents settings the code does not read: {unknown}"
+
+
+def test_every_variable_in_env_example_is_a_setting() -> None:
+    text = (REPO_ROOT / ".env.example").read_text()
+    named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, flags=re.MULTILINE))
+    assert named, "no variable found in .env.example"
+    assert named <= setting_names(), f"not settings: {sorted(named - setting_names())}"
+
+
+def test_the_readme_has_no_internal_references() -> None:
+    """Read by people outside the team: no issue numbers, sibling folders or machine paths."""
+    text = README.read_text()
+    for pattern in (r"\bissue \d+", r"\.\./shared", r"/work/", r"ELAOMS_SHARED_DIR", r"\bseed\b"):
+        assert not re.search(pattern, text, flags=re.IGNORECASE), pattern
+
+
+def test_nothing_in_the_repository_reads_a_folder_beside_it() -> None:
+    """A clone stands alone: tests, benchmarks and tools read nothing from `../shared`."""
+    offenders = []
+    for path in REPO_ROOT.rglob("*"):
+        if path == Path(__file__).resolve() or any(
+            part in {".git", ".venv", "__pycache__", ".mypy_cache"} for part in path.parts
+        ):
+            continue
+        if path.suffix in {".py", ".md", ".toml", ".yaml", ".sh"} or path.name == "Makefile":
+            text = path.read_text(errors="replace")
+            if "ELAOMS_SHARED_DIR" in text or '"shared"' in text or "../shared" in text:
+                offenders.append(str(path.relative_to(REPO_ROOT)))
+    assert offenders == []
