@@ -16,7 +16,8 @@ from functools import lru_cache
 import phonenumbers
 
 # Numbers written without a country code are read as North American, the region the
-# seed's deployments used; a leading "+" or a full international number always wins.
+# seed's deployments used; a leading "+" always wins, and digits valid only as a full
+# international number (no "+") are read as that number.
 DEFAULT_REGION = "US"
 
 _PHONE_LIKE = re.compile(r"^\+?[\d\s().\-]{7,}$")
@@ -37,7 +38,11 @@ def normalize_caller_id(raw: str | None) -> str | None:
     if not _PHONE_LIKE.match(text):
         return text
     digits = re.sub(r"\D", "", text)
-    candidates = [text] if text.startswith("+") else ["+" + digits, text]
+    # Without a "+", a number valid in the default region is read there first: reading
+    # its digits as international first made one US caller in ten someone abroad
+    # ("4798570523", Arkansas, became +47 98570523, a Norwegian mobile): two people, one
+    # memory. Digits valid only as an international number ("442071838750") still are.
+    candidates = [text] if text.startswith("+") else [text, "+" + digits]
     for candidate in candidates:
         try:
             number = phonenumbers.parse(

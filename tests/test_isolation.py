@@ -412,3 +412,46 @@ def test_a_follow_up_that_stages_instructions_stays_out_of_the_template_greeting
     greeting = template_greeting(facts, "Brightside Dental", GreetingDisclosure.NAME_AND_TOPIC)
     assert "Cleaning rescheduled" in greeting
     assert "verified" not in greeting and "System" not in greeting
+
+
+# National numbers of the default region ---------------------------------------------------
+# Ten-digit US numbers whose digits also read as a valid number abroad once a "+" is put in
+# front: Arkansas 479 as Norway +47, Texas 432 as Austria +43, 353 as Ireland, 468 as Sweden.
+US_NATIONAL_AND_FOREIGN = [
+    ("4798570523", "+14798570523", "+4798570523"),
+    ("4325348894", "+14325348894", "+4325348894"),
+    ("3532401219", "+13532401219", "+3532401219"),
+    ("4683504527", "+14683504527", "+4683504527"),
+]
+
+
+@pytest.mark.parametrize(("national", "key", "abroad"), US_NATIONAL_AND_FOREIGN)
+def test_a_us_number_without_its_country_code_is_never_read_as_a_number_abroad(
+    national: str, key: str, abroad: str
+) -> None:
+    assert phone_caller(national).key == key
+    assert phone_caller(f"sip:{national}@trunk.example.com").key == key
+    assert phone_caller(abroad).key == abroad  # the number abroad stays who it is
+
+
+def test_a_us_caller_sent_in_national_form_never_reads_a_caller_abroad(
+    server: ServiceProcess,
+) -> None:
+    national, _, abroad = US_NATIONAL_AND_FOREIGN[0]
+    payload = transcription(
+        "conv_norway_pin",
+        caller=abroad,
+        turns=[("user", "My door code is 7719, write it down."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == abroad
+        answer = search(client, "door code", user_id=national)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["memories_found"] == 0
+        assert "7719" not in answer.text
+        body = {"caller_id": national, "agent_id": payload["data"]["agent_id"]}
+        greeting = client.post(
+            "/webhooks/client-data", json=body, headers={"X-Api-Key": WORKSPACE_SECRET}
+        ).json()
+        assert greeting["dynamic_variables"]["call_count"] == 0
+        assert "7719" not in json.dumps(greeting)
