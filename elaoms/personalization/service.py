@@ -114,6 +114,11 @@ class PersonalizationService:
         }
         await self.store.put_caller_profile(user_id, profile)
         await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
+        if await self.store.is_forgotten(last.conversation_id):
+            # Forgotten while the greeting was written (an LLM takes seconds): what was just
+            # kept would greet the caller by name again. Kept first, checked after: either
+            # forget's own deletion comes later, or this check sees its tombstones.
+            return await self._forgotten_meanwhile(user_id)
         logger.info(
             "profile of %s prepared (%d calls, greeting from %s)",
             mask(user_id),
@@ -121,6 +126,14 @@ class PersonalizationService:
             source,
         )
         return profile
+
+    async def _forgotten_meanwhile(self, user_id: str) -> dict[str, Any] | None:
+        logger.info("profile of %s not kept: the caller was forgotten meanwhile", mask(user_id))
+        if (await caller_history(self.store, user_id)).count:
+            return await self.prepare_caller(user_id)  # a new call since: from it alone
+        await self.store.delete_user(user_id)
+        await self.cache.invalidate_caller(user_id)
+        return None
 
     async def _write_greeting(
         self,
