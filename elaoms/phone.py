@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from urllib.parse import unquote
 
 import phonenumbers
 
@@ -197,10 +198,16 @@ def _all_zeros(number: str) -> bool:
 def _sip_caller(scheme: str, user: str, host: str | None) -> CallerIdentity:
     user = user.strip()
     host = (host or "").strip().lower()
-    if not user or user.lower() in WITHHELD_WORDS or host.endswith("anonymous.invalid"):
+    # A SIP user part may escape any character (RFC 3261): "sip:%2B14155550123@host" is the
+    # number (filed apart from it, forgetting the number left its calls behind), and
+    # "sip:anonym%6Fus@host" is a withheld caller, not one memory shared by every stranger.
+    decoded = unquote(user).strip()
+    if not decoded or not decoded.isprintable() or decoded.lower() in WITHHELD_WORDS:
         return WITHHELD
-    if _PHONE_LIKE.match(user):
-        number = phone_caller(user)
+    if host.endswith("anonymous.invalid"):
+        return WITHHELD
+    if _PHONE_LIKE.match(decoded):
+        number = phone_caller(decoded)
         if number.kind is CallerKind.PHONE or scheme == "tel":
             return number
     if scheme == "tel" or not host:

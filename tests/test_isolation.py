@@ -455,3 +455,46 @@ def test_a_us_caller_sent_in_national_form_never_reads_a_caller_abroad(
         ).json()
         assert greeting["dynamic_variables"]["call_count"] == 0
         assert "7719" not in json.dumps(greeting)
+
+
+# Escaped SIP user parts ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw", ["sip:anonym%6Fus@203.0.113.7", "sip:%41NONYMOUS@pbx.example.com", "sip:%00@h"]
+)
+def test_an_escaped_withheld_sip_user_is_no_caller(raw: str) -> None:
+    assert phone_caller(raw).kind is CallerKind.WITHHELD
+
+
+def test_an_escaped_number_in_a_sip_address_is_that_number() -> None:
+    assert phone_caller("sip:%2B14155550123@trunk.example.com").key == PHONE_CALLER
+    assert phone_caller("sip:%2b1%20415%20555%200123@trunk.example.com").key == PHONE_CALLER
+
+
+def test_two_callers_behind_an_escaped_anonymous_sip_user_never_share_a_memory(
+    server: ServiceProcess,
+) -> None:
+    stranger = "sip:anonym%6Fus@203.0.113.7"
+    first = transcription(
+        "conv_escaped_anonymous",
+        caller=stranger,
+        turns=[("user", "My account password is Heliotrope42."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, first) == "conv_escaped_anonymous"
+        answer = search(client, "password", user_id=stranger)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["memories_found"] == 0
+        assert "Heliotrope42" not in answer.text
+
+
+def test_a_call_from_an_escaped_sip_number_is_filed_under_the_number_operators_name(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription(
+        "conv_escaped_number",
+        caller="sip:%2B13125550188@trunk.example.com",
+        turns=[("user", "Please remember my locker is 5512."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "+13125550188"
+    assert operator_caller("+1 312 555 0188") == "+13125550188"
