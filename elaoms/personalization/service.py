@@ -294,7 +294,12 @@ def parse_request(body: bytes) -> ClientDataRequest:
     try:
         return ClientDataRequest.model_validate_json(body or b"{}")
     except ValidationError as error:
-        logger.warning("client-data request not understood (%s): default answer", error)
+        # Where and what, never the input: pydantic quotes the values it refused.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)[:5]
+        )
+        logger.warning("client-data request not understood (%s): default answer", problems)
         return ClientDataRequest()
 
 
