@@ -157,7 +157,13 @@ NO_CALLER = CallerIdentity(CallerKind.NONE)
 WITHHELD = CallerIdentity(CallerKind.WITHHELD)
 
 
-@lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
+# Longer than any caller ID (E.164 has at most 15 digits; SIP addresses stay far below):
+# such a value is nobody, and is neither parsed nor kept in the cache below (16384 values of
+# a megabyte each, sent by whoever fills a search tool field, would be gigabytes).
+MAX_CALLER_ID_CHARS = 256
+E164_MAX_DIGITS = 15
+
+
 def phone_caller(raw: str | None) -> CallerIdentity:
     """The caller a telephony value names (`system__caller_id`, `external_number`, a
     client-data `caller_id`, a Twilio `From`).
@@ -166,6 +172,13 @@ def phone_caller(raw: str | None) -> CallerIdentity:
     or a SIP address (a word, a conversation id, "user:..."), is no caller: guessing whom
     such a value means is how strangers end up sharing a memory.
     """
+    if raw is not None and len(str(raw)) > MAX_CALLER_ID_CHARS:
+        return WITHHELD
+    return _phone_caller(raw)
+
+
+@lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
+def _phone_caller(raw: str | None) -> CallerIdentity:
     if raw is None:
         return NO_CALLER
     text = str(raw).strip()
@@ -185,6 +198,8 @@ def phone_caller(raw: str | None) -> CallerIdentity:
         return WITHHELD  # "266696687" without its "+" reads as another number
     if _all_zeros(number):
         return WITHHELD  # "0000000000", "+1 000-000-0000": what some trunks send for none
+    if len(number) - 1 > E164_MAX_DIGITS:
+        return WITHHELD  # no number has that many digits
     return CallerIdentity(CallerKind.PHONE, number)
 
 

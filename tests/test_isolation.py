@@ -498,3 +498,31 @@ def test_a_call_from_an_escaped_sip_number_is_filed_under_the_number_operators_n
     with server.client() as client:
         assert deliver_stored(client, server, payload) == "+13125550188"
     assert operator_caller("+1 312 555 0188") == "+13125550188"
+
+
+# Values longer than any number ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw",
+    ["+1" + "4" * 40, "4" * 16, "+1" + "4" * 1_000_000, "sip:" + "a" * 300 + "@pbx.example.com"],
+)
+def test_a_caller_id_longer_than_any_number_is_no_caller(raw: str) -> None:
+    assert phone_caller(raw).kind is CallerKind.WITHHELD
+
+
+def test_the_longest_numbers_e164_allows_are_still_callers() -> None:
+    assert phone_caller("+" + "4" * 15).key == "+" + "4" * 15
+
+
+def test_a_call_from_an_over_long_caller_id_is_kept_on_its_own_and_found_by_no_one(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription(
+        "conv_over_long",
+        caller="+1" + "4" * 40,
+        turns=[("user", "The gate code is Quillfeather9."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "conv_over_long"
+        answer = search(client, "gate code", user_id="+1" + "4" * 40)
+        assert answer.status_code == 200, answer.text
+        assert "Quillfeather9" not in answer.text
