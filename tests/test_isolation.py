@@ -526,3 +526,46 @@ def test_a_call_from_an_over_long_caller_id_is_kept_on_its_own_and_found_by_no_o
         answer = search(client, "gate code", user_id="+1" + "4" * 40)
         assert answer.status_code == 200, answer.text
         assert "Quillfeather9" not in answer.text
+
+
+# Outbound calls -------------------------------------------------------------------------------
+AGENT_LINE = "+14155550199"  # the fixture's agent_number
+
+
+def outbound_call(conversation_id: str, called: str, secret: str) -> dict[str, Any]:
+    """An outbound call as ElevenLabs reports it: the agent's line is the caller ID (Twilio's
+    `From`), the customer is the number called (`external_number`)."""
+    payload = transcription(
+        conversation_id,
+        caller=called,
+        turns=[("agent", "Hello, this is Ava."), ("user", f"My reference is {secret}.")],
+    )
+    data = payload["data"]
+    data["metadata"]["phone_call"].update(
+        {"direction": "outbound", "agent_number": AGENT_LINE, "external_number": called}
+    )
+    variables = data["conversation_initiation_client_data"]["dynamic_variables"]
+    variables.update({"system__caller_id": AGENT_LINE, "system__called_number": called})
+    return payload
+
+
+def test_everyone_an_agent_calls_out_to_keeps_their_own_memory(server: ServiceProcess) -> None:
+    first = outbound_call("conv_outbound_first", "+13125550161", "Marigold61")
+    second = outbound_call("conv_outbound_second", "+13125550162", "Juniper62")
+    with server.client() as client:
+        assert deliver_stored(client, server, first) == "+13125550161"
+        assert deliver_stored(client, server, second) == "+13125550162"
+        answer = search(client, "reference", user_id="+13125550162")
+        assert answer.status_code == 200, answer.text
+        assert "Juniper62" in answer.text and "Marigold61" not in answer.text
+        # The agent's own line is nobody's memory.
+        line = search(client, "reference", user_id=AGENT_LINE)
+        assert "Juniper62" not in line.text and "Marigold61" not in line.text
+
+
+def test_an_inbound_call_reporting_the_agent_line_as_caller_is_kept_on_its_own(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription("conv_agent_line_caller", caller=AGENT_LINE)
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "conv_agent_line_caller"
