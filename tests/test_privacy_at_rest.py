@@ -434,3 +434,21 @@ def test_with_encryption_on_no_path_is_the_plain_hash_of_a_number_and_forget_fin
 
 def _pending(data: Path) -> list[Path]:
     return [p for p in (data / "webhooks").rglob("_pending/*") if p.is_file()]
+
+
+def test_files_written_while_encryption_was_on_are_still_forgotten_after_it_is_turned_off(
+    tmp_path: Path,
+) -> None:
+    key = Fernet.generate_key().decode()
+    settings = Settings(_env_file=None, webhook_storage_path=tmp_path / "webhooks")
+    encrypted = WebhookStorage(settings, PayloadCipher(key, enabled=True))
+    kept = encrypted.delivery_path(CALLER, "post_call_transcription", "conv_while_on")
+    encrypted.keep(kept, json.dumps(call("conv_while_on")).encode(), pending=True)
+    assert encrypted.pending()
+
+    # Turned off, its key kept so the older files still read: forget must still find them.
+    plain = WebhookStorage(settings, PayloadCipher(key, enabled=False))
+    assert plain.caller_dir(CALLER).name == caller_dir_name(CALLER)
+    assert plain.files_of(CALLER) == [kept]
+    assert plain.forget(CALLER) == [kept]
+    assert not kept.exists() and plain.pending() == []

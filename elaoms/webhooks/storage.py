@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elaoms.config import Settings
-from elaoms.operations.crypto import PayloadCipher, keyed_hash, new_hash_key
+from elaoms.operations.crypto import (
+    EncryptionConfigError,
+    PayloadCipher,
+    keyed_hash,
+    new_hash_key,
+)
 from elaoms.operations.files import atomic_write, ensure_private_dir, fsync_dir
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -89,24 +94,36 @@ class WebhookStorage:
     # Caller directories ------------------------------------------------------------------
     def caller_dir(self, user_id: str) -> Path:
         """Where the caller's files are written: keyed name with encryption at rest."""
-        return self.root / caller_dir_name(user_id, self._caller_dir_key())
+        key = self._caller_dir_key(create=True) if self.cipher.enabled else None
+        return self.root / caller_dir_name(user_id, key)
 
     def caller_dirs(self, user_id: str) -> list[Path]:
-        """Every directory that may hold the caller's files: files written before encryption
-        was turned on stay under the plain name until they are forgotten or aged out."""
-        keyed, plain = self.caller_dir(user_id), self.root / caller_dir_name(user_id)
-        return [keyed] if keyed == plain else [keyed, plain]
+        """Every directory that may hold the caller's files: the plain name holds what was
+        written while encryption was off (before it was turned on, or after it was turned
+        off again), the keyed one what was written while it was on."""
+        directories = [self.caller_dir(user_id)]
+        if key := self._caller_dir_key(create=False):
+            directories.append(self.root / caller_dir_name(user_id, key))
+        directories.append(self.root / caller_dir_name(user_id))
+        return list(dict.fromkeys(directories))
 
-    def _caller_dir_key(self) -> bytes | None:
-        if not self.cipher.enabled:
-            return None
+    def _caller_dir_key(self, *, create: bool) -> bytes | None:
         if self._dir_key is None:
             path = self.root / CALLER_DIR_KEY_FILE
             try:
-                key = self.cipher.decrypt(path.read_bytes())
+                token = path.read_bytes()
             except FileNotFoundError:
-                key = self._create_caller_dir_key(path)
-            else:
+                if not create:
+                    return None
+                self._dir_key = self._create_caller_dir_key(path)
+                return self._dir_key
+            try:
+                key = self.cipher.decrypt(token)
+            except EncryptionConfigError:
+                if self.cipher.enabled:
+                    raise
+                return None  # encryption off and its key gone: those files are unreadable too
+            if self.cipher.enabled:
                 # Re-wrapped with the first ENCRYPTION_KEY, so the old one can be dropped.
                 atomic_write(path, self.cipher.encrypt(key), self.file_mode, self.dir_mode)
             self._dir_key = key
