@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import ServiceProcess, transcription, wait_until
-from standins import LLMStandIn, ask, deliver
+import pytest
+
+from elaoms.memory.units import call_memories
+from elaoms.operations.cache import TwoLevelCache, caller_key
+from elaoms.operations.privacy import forget_caller
+from elaoms.services import Services
+
+from conftest import ServiceProcess, make_settings, transcription, wait_until
+from standins import LLMStandIn, RedisServer, ask, deliver
 
 CALLER = "+13125550177"
 ADMIN_KEY = "admin-key-for-forget-race-tests"
@@ -66,3 +75,46 @@ def test_a_caller_forgotten_while_their_greeting_is_written_is_not_greeted_by_na
         finally:
             release.set()
             server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    settings = make_settings(tmp_path, redis_url=redis_server.url)
+
+    async def scenario() -> Any:
+        services = Services.build(settings)
+        store = services.store
+        try:
+            payload = transcription("conv_redis_race", caller=CALLER)
+            await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+            await services.personalization.prepare_caller(CALLER)
+            # Cold: only the store has the profile, as on a replica that never saw the call.
+            await services.personalization.cache.invalidate_caller(CALLER)
+            read = store.get_caller_profile
+
+            async def read_then_forget(user_id: str) -> dict[str, Any] | None:
+                store.get_caller_profile = read  # type: ignore[method-assign]
+                profile = await read(user_id)
+                await forget_caller(services, user_id)  # lands between the read and the copy
+                return profile
+
+            store.get_caller_profile = read_then_forget  # type: ignore[method-assign]
+            await services.personalization.caller_profile(CALLER)
+            # What every worker's next client-data finds in Redis.
+            other_worker = TwoLevelCache(settings.redis_url)
+            try:
+                return await other_worker.get(caller_key(CALLER))
+            finally:
+                await other_worker.close()
+        finally:
+            await services.close()
+
+    assert asyncio.run(scenario()) is None

@@ -260,6 +260,15 @@ class PersonalizationService:
                 # set, still gets it for the other workers and hosts.
                 local_ttl = 0 if self.store.caller_profiles_on_loop else CALLER_LOCAL_TTL
                 await self.cache.set(key, profile, local_ttl=local_ttl)
+                if (
+                    self.cache.redis_enabled
+                    and await self.store.get_caller_profile(user_id) is None
+                ):
+                    # Forgotten between the read and the copy: the copy would outlive the
+                    # forget in Redis for REDIS_TTL. Copied first, read again after: either
+                    # forget clears Redis later, or this second read sees the row gone.
+                    await self.cache.invalidate_caller(user_id)
+                    return None
         return profile
 
     async def _profile_for_call(self, user_id: str | None) -> dict[str, Any] | None:
