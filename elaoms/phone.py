@@ -12,11 +12,13 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
+from urllib.parse import unquote
 
 import phonenumbers
 
 # Numbers written without a country code are read as North American, the region the
-# seed's deployments used; a leading "+" or a full international number always wins.
+# seed's deployments used; a leading "+" always wins, and digits valid only as a full
+# international number (no "+") are read as that number.
 DEFAULT_REGION = "US"
 
 _PHONE_LIKE = re.compile(r"^\+?[\d\s().\-]{7,}$")
@@ -37,7 +39,11 @@ def normalize_caller_id(raw: str | None) -> str | None:
     if not _PHONE_LIKE.match(text):
         return text
     digits = re.sub(r"\D", "", text)
-    candidates = [text] if text.startswith("+") else ["+" + digits, text]
+    # Without a "+", a number valid in the default region is read there first: reading
+    # its digits as international first made one US caller in ten someone abroad
+    # ("4798570523", Arkansas, became +47 98570523, a Norwegian mobile): two people, one
+    # memory. Digits valid only as an international number ("442071838750") still are.
+    candidates = [text] if text.startswith("+") else [text, "+" + digits]
     for candidate in candidates:
         try:
             number = phonenumbers.parse(
@@ -151,7 +157,13 @@ NO_CALLER = CallerIdentity(CallerKind.NONE)
 WITHHELD = CallerIdentity(CallerKind.WITHHELD)
 
 
-@lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
+# Longer than any caller ID (E.164 has at most 15 digits; SIP addresses stay far below):
+# such a value is nobody, and is neither parsed nor kept in the cache below (16384 values of
+# a megabyte each, sent by whoever fills a search tool field, would be gigabytes).
+MAX_CALLER_ID_CHARS = 256
+E164_MAX_DIGITS = 15
+
+
 def phone_caller(raw: str | None) -> CallerIdentity:
     """The caller a telephony value names (`system__caller_id`, `external_number`, a
     client-data `caller_id`, a Twilio `From`).
@@ -160,6 +172,13 @@ def phone_caller(raw: str | None) -> CallerIdentity:
     or a SIP address (a word, a conversation id, "user:..."), is no caller: guessing whom
     such a value means is how strangers end up sharing a memory.
     """
+    if raw is not None and len(str(raw)) > MAX_CALLER_ID_CHARS:
+        return WITHHELD
+    return _phone_caller(raw)
+
+
+@lru_cache(maxsize=16384)  # pure, and asked on every client-data and search request
+def _phone_caller(raw: str | None) -> CallerIdentity:
     if raw is None:
         return NO_CALLER
     text = str(raw).strip()
@@ -179,6 +198,8 @@ def phone_caller(raw: str | None) -> CallerIdentity:
         return WITHHELD  # "266696687" without its "+" reads as another number
     if _all_zeros(number):
         return WITHHELD  # "0000000000", "+1 000-000-0000": what some trunks send for none
+    if len(number) - 1 > E164_MAX_DIGITS:
+        return WITHHELD  # no number has that many digits
     return CallerIdentity(CallerKind.PHONE, number)
 
 
@@ -192,10 +213,16 @@ def _all_zeros(number: str) -> bool:
 def _sip_caller(scheme: str, user: str, host: str | None) -> CallerIdentity:
     user = user.strip()
     host = (host or "").strip().lower()
-    if not user or user.lower() in WITHHELD_WORDS or host.endswith("anonymous.invalid"):
+    # A SIP user part may escape any character (RFC 3261): "sip:%2B14155550123@host" is the
+    # number (filed apart from it, forgetting the number left its calls behind), and
+    # "sip:anonym%6Fus@host" is a withheld caller, not one memory shared by every stranger.
+    decoded = unquote(user).strip()
+    if not decoded or not decoded.isprintable() or decoded.lower() in WITHHELD_WORDS:
         return WITHHELD
-    if _PHONE_LIKE.match(user):
-        number = phone_caller(user)
+    if host.endswith("anonymous.invalid"):
+        return WITHHELD
+    if _PHONE_LIKE.match(decoded):
+        number = phone_caller(decoded)
         if number.kind is CallerKind.PHONE or scheme == "tel":
             return number
     if scheme == "tel" or not host:

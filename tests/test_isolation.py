@@ -412,3 +412,160 @@ def test_a_follow_up_that_stages_instructions_stays_out_of_the_template_greeting
     greeting = template_greeting(facts, "Brightside Dental", GreetingDisclosure.NAME_AND_TOPIC)
     assert "Cleaning rescheduled" in greeting
     assert "verified" not in greeting and "System" not in greeting
+
+
+# National numbers of the default region ---------------------------------------------------
+# Ten-digit US numbers whose digits also read as a valid number abroad once a "+" is put in
+# front: Arkansas 479 as Norway +47, Texas 432 as Austria +43, 353 as Ireland, 468 as Sweden.
+US_NATIONAL_AND_FOREIGN = [
+    ("4798570523", "+14798570523", "+4798570523"),
+    ("4325348894", "+14325348894", "+4325348894"),
+    ("3532401219", "+13532401219", "+3532401219"),
+    ("4683504527", "+14683504527", "+4683504527"),
+]
+
+
+@pytest.mark.parametrize(("national", "key", "abroad"), US_NATIONAL_AND_FOREIGN)
+def test_a_us_number_without_its_country_code_is_never_read_as_a_number_abroad(
+    national: str, key: str, abroad: str
+) -> None:
+    assert phone_caller(national).key == key
+    assert phone_caller(f"sip:{national}@trunk.example.com").key == key
+    assert phone_caller(abroad).key == abroad  # the number abroad stays who it is
+
+
+def test_a_us_caller_sent_in_national_form_never_reads_a_caller_abroad(
+    server: ServiceProcess,
+) -> None:
+    national, _, abroad = US_NATIONAL_AND_FOREIGN[0]
+    payload = transcription(
+        "conv_norway_pin",
+        caller=abroad,
+        turns=[("user", "My door code is 7719, write it down."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == abroad
+        answer = search(client, "door code", user_id=national)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["memories_found"] == 0
+        assert "7719" not in answer.text
+        body = {"caller_id": national, "agent_id": payload["data"]["agent_id"]}
+        greeting = client.post(
+            "/webhooks/client-data", json=body, headers={"X-Api-Key": WORKSPACE_SECRET}
+        ).json()
+        assert greeting["dynamic_variables"]["call_count"] == 0
+        assert "7719" not in json.dumps(greeting)
+
+
+# Escaped SIP user parts ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw", ["sip:anonym%6Fus@203.0.113.7", "sip:%41NONYMOUS@pbx.example.com", "sip:%00@h"]
+)
+def test_an_escaped_withheld_sip_user_is_no_caller(raw: str) -> None:
+    assert phone_caller(raw).kind is CallerKind.WITHHELD
+
+
+def test_an_escaped_number_in_a_sip_address_is_that_number() -> None:
+    assert phone_caller("sip:%2B14155550123@trunk.example.com").key == PHONE_CALLER
+    assert phone_caller("sip:%2b1%20415%20555%200123@trunk.example.com").key == PHONE_CALLER
+
+
+def test_two_callers_behind_an_escaped_anonymous_sip_user_never_share_a_memory(
+    server: ServiceProcess,
+) -> None:
+    stranger = "sip:anonym%6Fus@203.0.113.7"
+    first = transcription(
+        "conv_escaped_anonymous",
+        caller=stranger,
+        turns=[("user", "My account password is Heliotrope42."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, first) == "conv_escaped_anonymous"
+        answer = search(client, "password", user_id=stranger)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["memories_found"] == 0
+        assert "Heliotrope42" not in answer.text
+
+
+def test_a_call_from_an_escaped_sip_number_is_filed_under_the_number_operators_name(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription(
+        "conv_escaped_number",
+        caller="sip:%2B13125550188@trunk.example.com",
+        turns=[("user", "Please remember my locker is 5512."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "+13125550188"
+    assert operator_caller("+1 312 555 0188") == "+13125550188"
+
+
+# Values longer than any number ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw",
+    ["+1" + "4" * 40, "4" * 16, "+1" + "4" * 1_000_000, "sip:" + "a" * 300 + "@pbx.example.com"],
+)
+def test_a_caller_id_longer_than_any_number_is_no_caller(raw: str) -> None:
+    assert phone_caller(raw).kind is CallerKind.WITHHELD
+
+
+def test_the_longest_numbers_e164_allows_are_still_callers() -> None:
+    assert phone_caller("+" + "4" * 15).key == "+" + "4" * 15
+
+
+def test_a_call_from_an_over_long_caller_id_is_kept_on_its_own_and_found_by_no_one(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription(
+        "conv_over_long",
+        caller="+1" + "4" * 40,
+        turns=[("user", "The gate code is Quillfeather9."), ("agent", "Noted.")],
+    )
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "conv_over_long"
+        answer = search(client, "gate code", user_id="+1" + "4" * 40)
+        assert answer.status_code == 200, answer.text
+        assert "Quillfeather9" not in answer.text
+
+
+# Outbound calls -------------------------------------------------------------------------------
+AGENT_LINE = "+14155550199"  # the fixture's agent_number
+
+
+def outbound_call(conversation_id: str, called: str, secret: str) -> dict[str, Any]:
+    """An outbound call as ElevenLabs reports it: the agent's line is the caller ID (Twilio's
+    `From`), the customer is the number called (`external_number`)."""
+    payload = transcription(
+        conversation_id,
+        caller=called,
+        turns=[("agent", "Hello, this is Ava."), ("user", f"My reference is {secret}.")],
+    )
+    data = payload["data"]
+    data["metadata"]["phone_call"].update(
+        {"direction": "outbound", "agent_number": AGENT_LINE, "external_number": called}
+    )
+    variables = data["conversation_initiation_client_data"]["dynamic_variables"]
+    variables.update({"system__caller_id": AGENT_LINE, "system__called_number": called})
+    return payload
+
+
+def test_everyone_an_agent_calls_out_to_keeps_their_own_memory(server: ServiceProcess) -> None:
+    first = outbound_call("conv_outbound_first", "+13125550161", "Marigold61")
+    second = outbound_call("conv_outbound_second", "+13125550162", "Juniper62")
+    with server.client() as client:
+        assert deliver_stored(client, server, first) == "+13125550161"
+        assert deliver_stored(client, server, second) == "+13125550162"
+        answer = search(client, "reference", user_id="+13125550162")
+        assert answer.status_code == 200, answer.text
+        assert "Juniper62" in answer.text and "Marigold61" not in answer.text
+        # The agent's own line is nobody's memory.
+        line = search(client, "reference", user_id=AGENT_LINE)
+        assert "Juniper62" not in line.text and "Marigold61" not in line.text
+
+
+def test_an_inbound_call_reporting_the_agent_line_as_caller_is_kept_on_its_own(
+    server: ServiceProcess,
+) -> None:
+    payload = transcription("conv_agent_line_caller", caller=AGENT_LINE)
+    with server.client() as client:
+        assert deliver_stored(client, server, payload) == "conv_agent_line_caller"

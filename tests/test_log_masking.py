@@ -184,3 +184,41 @@ def test_a_real_gunicorn_server_masks_numbers_in_every_log_line(tmp_path: Path) 
     assert "Booting worker" in logs  # gunicorn's own lines are in the capture
     assert "/admin/callers/%2B***0142" in logs
     assert_masked(logs)
+
+
+# Spellings the caller-id parser takes as a caller (Unicode spaces are whitespace to it) or
+# that a copy from a web page or a word processor carries: no-break, thin and narrow
+# no-break spaces, en dashes, the minus sign, invisible zero-width marks; raw and URL-encoded.
+UNICODE_SPELLINGS = [
+    "+1\u00a0312\u00a0555\u00a00142",
+    "+1\u2009312\u2009555\u20090142",
+    "+1\u202f312\u202f555\u202f0142",
+    "312\u2013555\u20130142",
+    "+1\u2212312\u2212555\u22120142",
+    "+1312\u200b5550142",
+    "+1\u3000312\u3000555\u30000142",
+    "%2B1%C2%A0312%C2%A0555%C2%A00142",
+    "%2B1%E2%80%AF312%E2%80%AF555%E2%80%AF0142",
+    "312%E2%80%93555%E2%80%930142",
+]
+
+
+@pytest.mark.parametrize("spelling", UNICODE_SPELLINGS)
+def test_numbers_spelled_with_unicode_spaces_or_dashes_are_masked_too(spelling: str) -> None:
+    masked = mask_phone_numbers(f"GET /admin/callers/{spelling}/export caller={spelling}")
+    assert [part for part in masked.split("***") if "312" in part or "555" in part] == []
+    assert masked.count("***0142") == 2
+
+
+def test_a_real_uvicorn_access_log_masks_a_number_with_no_break_spaces(tmp_path: Path) -> None:
+    server = ServiceProcess(tmp_path, env={"ADMIN_API_KEY": ADMIN_KEY}).start()
+    try:
+        with server.client(headers={"X-Admin-Key": ADMIN_KEY}) as client:
+            # What an operator pastes from a web page; the admin API reads it as the caller.
+            client.get("/admin/callers/%2B1%C2%A0312%C2%A0555%C2%A00142/export")
+        wait_until(lambda: "/export" in server.logs())
+    finally:
+        server.stop()
+    logs = server.logs()
+    assert "/admin/callers/%2B***0142/export" in logs
+    assert "%C2%A0555" not in logs and "312%C2%A0" not in logs

@@ -211,7 +211,9 @@ def test_encryption_at_rest_hides_payloads_and_survives_key_rotation(
         assert post(client, transcription("conv_secret", caller="+14155550704")).json()[
             "status"
         ] == ("received")
-    kept = next((settings.webhook_storage_path / caller_dir_name("+14155550704")).iterdir())
+    # With encryption at rest the caller's directory is keyed: the storage names it.
+    storage = WebhookStorage(settings, PayloadCipher(old_key, enabled=True))
+    kept = next(storage.caller_dir("+14155550704").iterdir())
     assert b"Maria" not in kept.read_bytes()
     with sqlite3.connect(settings.sqlite_path) as connection:
         (blob,) = connection.execute("SELECT payload FROM calls").fetchone()

@@ -14,10 +14,12 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from elaoms.config import Settings
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.privacy import names_caller
+from elaoms.webhooks.storage import WebhookStorage, caller_dir_name
 
 from conftest import ServiceProcess, signed_headers, transcription, wait_until
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -379,3 +381,74 @@ def test_a_forget_s_checkpoint_held_back_by_a_reader_is_completed_by_the_upkeep(
     _run(store.maintain())  # the service's upkeep, every second
     assert b"quokka" not in wal.read_bytes() + path.read_bytes()
     assert leaks(tmp_path) == []
+
+
+# Caller directories --------------------------------------------------------------------------
+def test_with_encryption_on_no_path_is_the_plain_hash_of_a_number_and_forget_finds_both(
+    tmp_path: Path,
+) -> None:
+    # A plain SHA-256 of a number is reversed by hashing every number of a country: a
+    # directory named by it tells a copy of the disk who called.
+    plain_name = caller_dir_name(CALLER)
+    data, env = data_env(tmp_path)
+    server = ServiceProcess(tmp_path, env=env).start()  # before encryption was turned on
+    try:
+        with server.client() as client:
+            deliver(client, call("conv_before_encryption"))
+        wait_until(lambda: list((data / "webhooks" / plain_name).glob("*.json")))
+    finally:
+        server.stop()
+    key = Fernet.generate_key().decode()
+    env.update(ENABLE_ENCRYPTION_AT_REST="true", ENCRYPTION_KEY=key)
+    server = ServiceProcess(tmp_path, env=env).start()
+    try:
+        with server.client() as client:
+            deliver(client, call("conv_after_encryption"))
+            wait_until(lambda: search(client, "quokka", CALLER) and not _pending(data))
+            named = {path.name for path in (data / "webhooks").rglob("*")}
+            new_files = [p for p in (data / "webhooks").rglob("*conv_after_encryption*")]
+            assert new_files and all(plain_name not in str(path) for path in new_files)
+            assert plain_name in named  # the older files stay where they were
+            response = client.delete(
+                "/admin/callers/%2B13125550142", headers={"X-Admin-Key": ADMIN_KEY}
+            )
+            assert response.status_code == 200, response.text
+            deleted = " ".join(response.json()["files_deleted"])
+            assert "conv_before_encryption" in deleted and "conv_after_encryption" in deleted
+            assert not list((data / "webhooks").rglob("*conv_*"))
+    finally:
+        server.stop()
+
+    # The key survives a rotation: under new,old it is re-wrapped with the new key, so the
+    # old key can then be dropped and the caller's directory stays the same.
+    def directory(keys: str) -> Path:
+        settings = Settings(_env_file=None, webhook_storage_path=data / "webhooks")
+        return WebhookStorage(settings, PayloadCipher(keys, enabled=True)).caller_dir(CALLER)
+
+    new = Fernet.generate_key().decode()
+    before = directory(key)
+    assert before.name != plain_name
+    assert directory(f"{new},{key}") == before
+    assert directory(new) == before
+
+
+def _pending(data: Path) -> list[Path]:
+    return [p for p in (data / "webhooks").rglob("_pending/*") if p.is_file()]
+
+
+def test_files_written_while_encryption_was_on_are_still_forgotten_after_it_is_turned_off(
+    tmp_path: Path,
+) -> None:
+    key = Fernet.generate_key().decode()
+    settings = Settings(_env_file=None, webhook_storage_path=tmp_path / "webhooks")
+    encrypted = WebhookStorage(settings, PayloadCipher(key, enabled=True))
+    kept = encrypted.delivery_path(CALLER, "post_call_transcription", "conv_while_on")
+    encrypted.keep(kept, json.dumps(call("conv_while_on")).encode(), pending=True)
+    assert encrypted.pending()
+
+    # Turned off, its key kept so the older files still read: forget must still find them.
+    plain = WebhookStorage(settings, PayloadCipher(key, enabled=False))
+    assert plain.caller_dir(CALLER).name == caller_dir_name(CALLER)
+    assert plain.files_of(CALLER) == [kept]
+    assert plain.forget(CALLER) == [kept]
+    assert not kept.exists() and plain.pending() == []

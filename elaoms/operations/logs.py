@@ -21,7 +21,14 @@ from typing import Any
 # ((312) 555-0142, 312-555-0142, 312.555.0142), or a bare run of digits right after a
 # letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
 # the lengths E.164 allows, with up to three separators between any two of them.
-_SEPARATOR = r"(?:[ \t().+\-]|%2[0589dDeE])"
+# Unicode spaces, dashes and invisible marks separate digits too: the caller-id parser takes
+# "+1\u00a0415\u00a0555\u00a00123" (no-break spaces, as copied from a web page) as a caller,
+# and the access log URL-encodes it as %C2%A0.
+_UNICODE_SEPARATORS = "\u00a0\u2000-\u200d\u2010-\u2015\u2060\u202f\u205f\u2212\u3000\ufeff"
+_SEPARATOR = (
+    rf"(?:[ \t().+\-{_UNICODE_SEPARATORS}]|%2[0589dDeE]|%[cC]2%[aA]0|%[eE]2%80%(?:[89][0-9a-fA-F]|[aA][fF])"
+    r"|%[eE]2%88%92|%[eE]3%80%80)"
+)
 PHONE_RUN = re.compile(
     rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
 )

@@ -141,6 +141,11 @@ class PersonalizationService:
         }
         await self.store.put_caller_profile(user_id, profile)
         await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
+        if await self.store.is_forgotten(last.conversation_id):
+            # Forgotten while the greeting was written (an LLM takes seconds): what was just
+            # kept would greet the caller by name again. Kept first, checked after: either
+            # forget's own deletion comes later, or this check sees its tombstones.
+            return await self._forgotten_meanwhile(user_id)
         logger.info(
             "profile of %s prepared (%d calls, greeting from %s)",
             mask(user_id),
@@ -148,6 +153,14 @@ class PersonalizationService:
             source,
         )
         return profile
+
+    async def _forgotten_meanwhile(self, user_id: str) -> dict[str, Any] | None:
+        logger.info("profile of %s not kept: the caller was forgotten meanwhile", mask(user_id))
+        if (await caller_history(self.store, user_id)).count:
+            return await self.prepare_caller(user_id)  # a new call since: from it alone
+        await self.store.delete_user(user_id)
+        await self.cache.invalidate_caller(user_id)
+        return None
 
     async def _write_greeting(
         self,
@@ -274,6 +287,15 @@ class PersonalizationService:
                 # set, still gets it for the other workers and hosts.
                 local_ttl = 0 if self.store.caller_profiles_on_loop else CALLER_LOCAL_TTL
                 await self.cache.set(key, profile, local_ttl=local_ttl)
+                if (
+                    self.cache.redis_enabled
+                    and await self.store.get_caller_profile(user_id) is None
+                ):
+                    # Forgotten between the read and the copy: the copy would outlive the
+                    # forget in Redis for REDIS_TTL. Copied first, read again after: either
+                    # forget clears Redis later, or this second read sees the row gone.
+                    await self.cache.invalidate_caller(user_id)
+                    return None
         return profile
 
     async def _profile_for_call(self, user_id: str | None) -> dict[str, Any] | None:
@@ -308,7 +330,12 @@ def parse_request(body: bytes) -> ClientDataRequest:
     try:
         return ClientDataRequest.model_validate_json(body or b"{}")
     except ValidationError as error:
-        logger.warning("client-data request not understood (%s): default answer", error)
+        # Where and what, never the input: pydantic quotes the values it refused.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)[:5]
+        )
+        logger.warning("client-data request not understood (%s): default answer", problems)
         return ClientDataRequest()
 
 

@@ -20,6 +20,12 @@ _TELEPHONY_PATHS: tuple[tuple[str, ...], ...] = (
     ("conversation_initiation_client_data", "dynamic_variables", "system__caller_id"),
     ("metadata", "phone_call", "external_number"),
 )
+# On an outbound call the agent dials out: `system__caller_id` is then the agent's own line
+# (Twilio's `From`), and the other party is the number called.
+_OUTBOUND_PATHS: tuple[tuple[str, ...], ...] = (
+    ("metadata", "phone_call", "external_number"),
+    ("conversation_initiation_client_data", "dynamic_variables", "system__called_number"),
+)
 # Where a web/SDK application's own user id may arrive.
 _APP_USER_PATHS: tuple[tuple[str, ...], ...] = (
     ("user_id",),
@@ -34,12 +40,23 @@ def _present(value: Any) -> bool:
 
 
 def call_identity(data: dict[str, Any]) -> CallerIdentity:
-    """The caller of a `post_call_transcription` (or similar) `data` object."""
-    for path in _TELEPHONY_PATHS:
+    """The caller of a `post_call_transcription` (or similar) `data` object: the other
+    party of the call, never the agent's own line (every call of the agent has that one:
+    filed under it, everyone the agent called would share one memory)."""
+    phone_call = dig(data, "metadata", "phone_call")
+    phone_call = phone_call if isinstance(phone_call, dict) else None
+    agent_line = None
+    if phone_call is not None and _present(phone_call.get("agent_number")):
+        agent_line = phone_caller(str(phone_call["agent_number"])).key
+    direction = str((phone_call or {}).get("direction") or "").lower()
+    for path in _OUTBOUND_PATHS if direction.startswith("outbound") else _TELEPHONY_PATHS:
         value = dig(data, *path)
         if _present(value):
-            return phone_caller(str(value))
-    if isinstance(dig(data, "metadata", "phone_call"), dict):
+            identity = phone_caller(str(value))
+            if agent_line is not None and identity.key == agent_line:
+                continue
+            return identity
+    if phone_call is not None:
         return WITHHELD  # a phone call without a number: the number was withheld
     for path in _APP_USER_PATHS:
         value = dig(data, *path)

@@ -8,7 +8,8 @@ Layout under WEBHOOK_STORAGE_PATH:
     _audio/<conversation_id>.mp3                    audio no transcription claimed yet
     _other/<event_type>__<id>.json                  deliveries that name no caller
     _incoming/                                      bodies still arriving (temporary)
-The caller directory is a hash of the caller ID, so no phone number appears in a path.
+The caller directory is a hash of the caller ID, so no phone number appears in a path;
+with encryption at rest a keyed one (see `caller_dir_name`).
 A post-call body streams into `_incoming/` (encrypted when configured) while its signature
 is computed; only a verified one is moved or copied on, so nothing unsigned gets a name.
 A pending entry is a hard link to the delivery file: creating it costs no second write,
@@ -34,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elaoms.config import Settings
-from elaoms.operations.crypto import CHUNK_SIZE, ChunkWriter, PayloadCipher
+from elaoms.operations.crypto import (
+    CHUNK_SIZE,
+    ChunkWriter,
+    EncryptionConfigError,
+    PayloadCipher,
+    keyed_hash,
+    new_hash_key,
+)
 from elaoms.operations.files import atomic_write, ensure_private_dir, fsync_dir
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -44,7 +52,16 @@ INCOMING_DIR = "_incoming"
 STALE_INCOMING_SECONDS = 3600
 
 
-def caller_dir_name(user_id: str) -> str:
+# The random key of the caller directories' names, wrapped with ENCRYPTION_KEY.
+CALLER_DIR_KEY_FILE = "_caller_dirs.key"
+
+
+def caller_dir_name(user_id: str, key: bytes | None = None) -> str:
+    """The caller's directory. Plain SHA-256 without `key`: a phone number's hash is
+    reversed by hashing every number of a country in minutes, so with encryption at rest
+    the name is keyed (`WebhookStorage` keeps the key)."""
+    if key:
+        return "c_" + keyed_hash(key, user_id)[-24:]
     return "c_" + hashlib.sha256(user_id.encode()).hexdigest()[:24]
 
 
@@ -148,6 +165,7 @@ class WebhookStorage:
         self.file_mode = settings.file_permissions_mode
         self.dir_mode = settings.directory_permissions_mode
         self.cipher = cipher
+        self._dir_key: bytes | None = None
 
     def prepare(self) -> None:
         """Create the directories; raise OSError when the disk is not usable."""
@@ -210,9 +228,61 @@ class WebhookStorage:
     def read(self, path: Path) -> bytes:
         return self.cipher.decrypt(path.read_bytes())
 
+    # Caller directories ------------------------------------------------------------------
+    def caller_dir(self, user_id: str) -> Path:
+        """Where the caller's files are written: keyed name with encryption at rest."""
+        key = self._caller_dir_key(create=True) if self.cipher.enabled else None
+        return self.root / caller_dir_name(user_id, key)
+
+    def caller_dirs(self, user_id: str) -> list[Path]:
+        """Every directory that may hold the caller's files: the plain name holds what was
+        written while encryption was off (before it was turned on, or after it was turned
+        off again), the keyed one what was written while it was on."""
+        directories = [self.caller_dir(user_id)]
+        if key := self._caller_dir_key(create=False):
+            directories.append(self.root / caller_dir_name(user_id, key))
+        directories.append(self.root / caller_dir_name(user_id))
+        return list(dict.fromkeys(directories))
+
+    def _caller_dir_key(self, *, create: bool) -> bytes | None:
+        if self._dir_key is None:
+            path = self.root / CALLER_DIR_KEY_FILE
+            try:
+                token = path.read_bytes()
+            except FileNotFoundError:
+                if not create:
+                    return None
+                self._dir_key = self._create_caller_dir_key(path)
+                return self._dir_key
+            try:
+                key = self.cipher.decrypt(token)
+            except EncryptionConfigError:
+                if self.cipher.enabled:
+                    raise
+                return None  # encryption off and its key gone: those files are unreadable too
+            if self.cipher.enabled:
+                # Re-wrapped with the first ENCRYPTION_KEY, so the old one can be dropped.
+                atomic_write(path, self.cipher.encrypt(key), self.file_mode, self.dir_mode)
+            self._dir_key = key
+        return self._dir_key
+
+    def _create_caller_dir_key(self, path: Path) -> bytes:
+        """A new key, unless another worker created one first: theirs is used then."""
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        key = new_hash_key()
+        atomic_write(temp, self.cipher.encrypt(key), self.file_mode, self.dir_mode)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            key = self.cipher.decrypt(path.read_bytes())
+        finally:
+            temp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return key
+
     # Deliveries --------------------------------------------------------------------------
     def delivery_path(self, user_id: str | None, event_type: str, delivery_id: str) -> Path:
-        directory = caller_dir_name(user_id) if user_id else OTHER_DIR
+        directory = self.caller_dir(user_id).name if user_id else OTHER_DIR
         return self.root / directory / f"{safe_name(event_type)}__{safe_name(delivery_id)}.json"
 
     def keep(self, path: Path, body: bytes, *, pending: bool) -> Path:
@@ -299,21 +369,25 @@ class WebhookStorage:
         return path
 
     def files_of(self, user_id: str) -> list[Path]:
-        directory = self.root / caller_dir_name(user_id)
-        return sorted(directory.iterdir()) if directory.exists() else []
+        return sorted(
+            path
+            for directory in self.caller_dirs(user_id)
+            if directory.exists()
+            for path in directory.iterdir()
+        )
 
     def forget(self, user_id: str) -> list[Path]:
         """Delete every file kept for a caller, and their pending links."""
-        directory = self.root / caller_dir_name(user_id)
         removed: list[Path] = []
-        if self.pending_root.exists():
-            for link in self.pending_root.glob(f"{directory.name}__*"):
-                self.done(PendingDelivery(link))
-        for path in self.files_of(user_id):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-        if directory.exists():
-            directory.rmdir()
+        for directory in self.caller_dirs(user_id):
+            if self.pending_root.exists():
+                for link in self.pending_root.glob(f"{directory.name}__*"):
+                    self.done(PendingDelivery(link))
+            if directory.exists():
+                for path in sorted(directory.iterdir()):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                directory.rmdir()
         return removed
 
     # Quarantine --------------------------------------------------------------------------
@@ -340,7 +414,7 @@ class WebhookStorage:
         return self.audio_root / f"{safe_name(conversation_id)}.mp3"
 
     def claimed_audio_path(self, user_id: str, conversation_id: str) -> Path:
-        return self.root / caller_dir_name(user_id) / f"{safe_name(conversation_id)}.mp3"
+        return self.caller_dir(user_id) / f"{safe_name(conversation_id)}.mp3"
 
     def keep_audio(
         self, audio: bytes | StreamedFile, conversation_id: str, user_id: str | None
