@@ -109,6 +109,8 @@ class PersonalizationService:
             if not history.count:
                 return profile
             profile = await self._prepare(user_id, history)
+            if profile is None:
+                return await self._forgotten_meanwhile(user_id)
             latest = await caller_history(self.store, user_id)
             if history_version(latest) == history_version(history):
                 break
@@ -120,8 +122,9 @@ class PersonalizationService:
             )
         return profile
 
-    async def _prepare(self, user_id: str, history: CallHistory) -> dict[str, Any]:
-        """Write the profile of `history` to the store and the cache."""
+    async def _prepare(self, user_id: str, history: CallHistory) -> dict[str, Any] | None:
+        """Write the profile of `history` to the store and the cache; None when the caller
+        was forgotten meanwhile."""
         facts = build_facts(user_id, history)
         last = history.recent[0]
         agent = await self.agents.after_call(facts["agent_id"]) if facts["agent_id"] else None
@@ -145,7 +148,7 @@ class PersonalizationService:
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
             # kept would greet the caller by name again. Kept first, checked after: either
             # forget's own deletion comes later, or this check sees its tombstones.
-            return await self._forgotten_meanwhile(user_id)
+            return None
         logger.info(
             "profile of %s prepared (%d calls, greeting from %s)",
             mask(user_id),
