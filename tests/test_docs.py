@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
+
 from elaoms.config import Settings
 
 from conftest import REPO_ROOT
@@ -24,16 +27,27 @@ def readme_settings() -> set[str]:
     return names
 
 
+def settings_by_variable() -> dict[str, FieldInfo]:
+    """Each setting under the environment variable it is read from (its first alias, if any)."""
+    variables = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            name = str(alias.choices[0])
+        variables[name.upper()] = field
+    return variables
+
+
 def setting_names() -> set[str]:
-    return {name.upper() for name in Settings.model_fields}
+    return set(settings_by_variable())
 
 
 def test_the_readme_settings_table_names_every_setting_and_only_those() -> None:
     documented, read = readme_settings(), setting_names()
     missing, unknown = sorted(read - documented), sorted(documented - read)
+    fields = settings_by_variable()
     rows = "\n".join(
-        f"| `{name}` | `{Settings.model_fields[name.lower()].default}` | "
-        f"{Settings.model_fields[name.lower()].description or '...'} |"
+        f"| `{name}` | `{fields[name].default}` | {fields[name].description or '...'} |"
         for name in missing
     )
     assert not missing, f"add these rows to the README's settings table:\n{rows}"
