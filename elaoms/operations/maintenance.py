@@ -31,8 +31,12 @@ async def run_maintenance(services: Services) -> None:
         try:
             await services.ingest.sweep()
             PENDING_DELIVERIES.set(len(services.storage.pending()))
-            await services.ingest.claim_stored_audio()  # before any is dropped as unclaimed
-            services.storage.drop_unclaimed_audio(settings.audio_cache_ttl)
+            # Claimed first: audio that came after its stored transcription is the call's.
+            claims_began = time.time()
+            undecided = await services.ingest.claim_stored_audio()
+            services.storage.drop_unclaimed_audio(
+                settings.audio_cache_ttl, keep=undecided, now=claims_began
+            )
             if time.monotonic() - last_purge >= RETENTION_INTERVAL_SECONDS:
                 last_purge = time.monotonic()
                 await asyncio.to_thread(

@@ -305,15 +305,23 @@ class IngestService:
             status="received", detail=f"event type {envelope.type!r} kept, not processed"
         )
 
-    async def claim_stored_audio(self) -> int:
+    async def claim_stored_audio(self) -> set[str]:
         """File audio that waits for a transcription already stored (it came after it, while
-        the store was too slow to say whose it was), so it is never dropped as unclaimed."""
-        claimed = 0
+        the store was too slow to say whose it was), so it is never dropped as unclaimed.
+
+        Background work: the store may take its time here. Returns the audio files (stems)
+        whose call could not be looked up, which must not be dropped in this pass."""
+        undecided: set[str] = set()
         for path in self.storage.unclaimed_audio():
-            call = await self._stored_call(path.stem)
-            if call is not None and self.storage.claim_audio(path.stem, call.user_id):
-                claimed += 1
-        return claimed
+            try:
+                call = await asyncio.wait_for(self.store.get_call(path.stem), timeout=10)
+            except Exception as error:
+                logger.warning("audio %s not claimed yet: %s", path.name, error)
+                undecided.add(path.stem)
+                continue
+            if call is not None:
+                self.storage.claim_audio(path.stem, call.user_id)
+        return undecided
 
     # Storing -----------------------------------------------------------------------------
     async def _store_within_deadline(

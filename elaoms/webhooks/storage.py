@@ -29,7 +29,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,11 +444,16 @@ class WebhookStorage:
     def unclaimed_audio(self) -> list[Path]:
         return sorted(self.audio_root.glob("*.mp3")) if self.audio_root.exists() else []
 
-    def drop_unclaimed_audio(self, older_than_seconds: float) -> int:
-        cutoff = time.time() - older_than_seconds
+    def drop_unclaimed_audio(
+        self, older_than_seconds: float, keep: Collection[str] = (), now: float | None = None
+    ) -> int:
+        """Delete audio no transcription claimed within `older_than_seconds` of `now`, but
+        for the files named in `keep` (by stem: their call could not be looked up just now).
+        `now` is when the claims began: audio that arrived since was not looked at."""
+        cutoff = (time.time() if now is None else now) - older_than_seconds
         dropped = 0
-        for path in self.audio_root.glob("*.mp3") if self.audio_root.exists() else ():
-            if path.stat().st_mtime < cutoff:
+        for path in self.unclaimed_audio():
+            if path.stem not in keep and path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 dropped += 1
         return dropped
