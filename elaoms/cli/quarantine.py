@@ -30,12 +30,9 @@ def requeue(
         paths = files or (sorted(root.glob("*.body")) if root.exists() else [])
         outcomes = []
         for path in paths:
-            body = services.storage.read(path)
-            acknowledgement = await services.ingest.receive(body)
+            acknowledgement = await services.ingest.requeue(path)
+            # This process ends after the loop: let the stores it started finish first.
             await services.ingest.drain()
-            if acknowledgement.status in {"received", "queued"}:
-                for done in (path, path.with_suffix(".reason.json")):
-                    done.unlink(missing_ok=True)
             outcomes.append({"file": path.name, **acknowledgement.as_response()})
         return outcomes
 

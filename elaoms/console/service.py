@@ -49,8 +49,6 @@ TIMELINE_CALLS = 100
 SERVICE_CHART_TTL = 60.0
 SEARCH_LIMIT = 5  # the limit the README tells operators to give the agent's tool
 QUEUE_LINES = 200
-# Quarantined files are named `<UTC stamp>-<hash of the body>.body` (webhooks/storage.py).
-QUARANTINE_NAME = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{16}$")
 
 
 def masked_number(user_id: str) -> str:
@@ -283,24 +281,12 @@ class ConsoleService:
 
     async def requeue(self, name: str) -> str:
         """Hand a quarantined body to ingestion again (after a fix); say what became of it."""
-        if not QUARANTINE_NAME.match(name):
-            raise LookupError(name)
         storage = self.services.storage
-        body_path = storage.quarantine_root / f"{name}.body"
         try:
-            body = await asyncio.to_thread(storage.read, body_path)
-        except FileNotFoundError:
+            acknowledgement = await self.services.ingest.requeue(storage.quarantined(name))
+        except FileNotFoundError:  # requeued or forgotten meanwhile
             raise LookupError(name) from None
-        acknowledgement = await self.services.ingest.receive(body)
-        refused = acknowledgement.status == "quarantined"
-        # Refused again, ingestion quarantined it anew with the current reason: under a new
-        # name, unless within the same second (then it rewrote this very file).
-        digest = name.split("-", 1)[1]
-        copies = [p for p in storage.quarantine_root.glob(f"*-{digest}.body") if p != body_path]
-        if not refused or copies:
-            for path in (body_path, body_path.with_suffix(".reason.json")):
-                path.unlink(missing_ok=True)
-        if refused:
+        if acknowledgement.status == "quarantined":
             return f"Still refused: {mask_phone_numbers(acknowledgement.detail or '')}"
         return f"Accepted: {acknowledgement.status}"
 

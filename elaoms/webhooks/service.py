@@ -16,9 +16,11 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -471,6 +473,18 @@ class IngestService:
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
 
+    async def requeue(self, path: Path) -> Acknowledgement:
+        """Hand a quarantined body to ingestion again (after a fix or an outage), as if
+        ElevenLabs had just delivered it. Accepted, it leaves quarantine. Refused again,
+        ingestion has quarantined it anew with the current reason: under a new name (the
+        old one goes), or under this very name within the same second (it stays)."""
+        before = await asyncio.to_thread(path.stat)
+        body = await asyncio.to_thread(self.storage.read, path)
+        acknowledgement = await self.receive(body)
+        if acknowledgement.status != "quarantined" or not _rewritten(path, before):
+            await asyncio.to_thread(self.storage.release, path)
+        return acknowledgement
+
     async def drain(self, timeout: float = 5.0) -> None:
         """Let in-flight background work finish (shutdown, tests)."""
         if self._tasks:
@@ -481,6 +495,15 @@ class IngestService:
         for conversation_id in conversation_ids:
             for event_type in (TRANSCRIPTION, INITIATION_FAILURE):
                 await self.receipts.delete(_receipt_key(event_type, conversation_id))
+
+
+def _rewritten(path: Path, before: os.stat_result) -> bool:
+    """Whether `path` was written anew since `before` (files are replaced, never edited)."""
+    try:
+        after = path.stat()
+    except FileNotFoundError:
+        return False
+    return (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
 
 
 def _kept_at(entry: PendingDelivery) -> float:
