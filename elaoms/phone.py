@@ -67,21 +67,32 @@ def mask(identifier: str | None) -> str:
     return f"***{text[-4:]}" if len(text) > 9 else f"***{text[-2:]}"
 
 
-# Runs of 7+ digits, optionally with a leading + and common separators: what a phone
-# number looks like anywhere in a log line.
-_PHONE_IN_TEXT = re.compile(r"(?<![\w+])\+?\d[\d\s().\-]{5,}\d(?!\w)")
+# A phone number in any spelling a log line may hold: E.164 (+13125550142), URL-encoded
+# by a client or by uvicorn's access log (%2B13125550142, %28312%29%20555-0142), national
+# ((312) 555-0142, 312-555-0142, 312.555.0142), or a bare run of digits right after a
+# letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
+# the lengths E.164 allows, with up to three separators between any two of them.
+_SEPARATOR = r"(?:[ \t().+\-]|%2[0589dDeE])"
+PHONE_RUN = re.compile(
+    rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
+)
+# Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
+_NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
+SHOWN_DIGITS = 4
 
 
 def mask_phone_numbers(text: str) -> str:
-    """Mask every phone-number-looking run inside free text."""
+    """`text` with every phone-number-looking run replaced by its last four digits."""
 
-    def _replace(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group(0))
-        if len(digits) < 7:
-            return match.group(0)
-        return mask(match.group(0))
+    def replace(match: re.Match[str]) -> str:
+        found = match.group(0)
+        prefix = match.group("prefix")
+        if prefix is None and _NOT_A_PHONE.fullmatch(found):
+            return found
+        digits = re.sub(r"\D", "", found[len(prefix or "") :])
+        return f"{prefix or ''}***{digits[-SHOWN_DIGITS:]}"
 
-    return _PHONE_IN_TEXT.sub(_replace, text)
+    return PHONE_RUN.sub(replace, text)
 
 
 # Withheld numbers ------------------------------------------------------------------------

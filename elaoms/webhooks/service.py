@@ -39,10 +39,9 @@ from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memori
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.crypto import EncryptionConfigError
-from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
-from elaoms.phone import mask
+from elaoms.phone import mask, mask_phone_numbers
 from elaoms.webhooks.identity import caller_of
 from elaoms.webhooks.schemas import (
     AUDIO,
