@@ -76,6 +76,11 @@ _SEPARATOR = r"(?:[ \t().+\-]|%2[0589dDeE])"
 PHONE_RUN = re.compile(
     rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
 )
+# A UTC stamp in ISO 8601's basic form (20261130T081701), with the 16 hex digits that
+# follow it in a quarantined file's name: its digits are a date and a time, not a number.
+# Tried first at each place, with the opening bracket a phone run may start with.
+_STAMP = r"(?P<stamp>(?:\(|%28)?\d{8}T\d{6}Z?(?:-[0-9a-f]{16}(?![0-9a-f]))?)"
+_STAMP_OR_PHONE = re.compile(f"{_STAMP}|{PHONE_RUN.pattern}")
 # Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
 _NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
 SHOWN_DIGITS = 4
@@ -87,12 +92,12 @@ def mask_phone_numbers(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
         found = match.group(0)
         prefix = match.group("prefix")
-        if prefix is None and _NOT_A_PHONE.fullmatch(found):
+        if match.group("stamp") or (prefix is None and _NOT_A_PHONE.fullmatch(found)):
             return found
         digits = re.sub(r"\D", "", found[len(prefix or "") :])
         return f"{prefix or ''}***{digits[-SHOWN_DIGITS:]}"
 
-    return PHONE_RUN.sub(replace, text)
+    return _STAMP_OR_PHONE.sub(replace, text)
 
 
 # Withheld numbers ------------------------------------------------------------------------
