@@ -41,7 +41,7 @@ from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.operations.files import atomic_write
 from elaoms.phone import mask
-from elaoms.webhooks.identity import extract_user_id
+from elaoms.webhooks.identity import caller_of
 
 if TYPE_CHECKING:
     from elaoms.services import Services
@@ -302,7 +302,7 @@ async def _backfill_one(
         return "failed", f"{type(failure).__name__}: {failure}", None
     statuses = {"received": "stored", "queued": "queued", "forgotten": "forgotten"}
     outcome = statuses.get(acknowledgement.status, "quarantined")
-    return outcome, None, extract_user_id(data) or conversation_id
+    return outcome, None, caller_of(TRANSCRIPTION, data) or conversation_id
 
 
 def envelope_of(data: dict[str, Any]) -> bytes:
