@@ -345,10 +345,14 @@ class WebhookStorage:
             raise LookupError(name)
         return path
 
-    def release(self, path: Path) -> None:
-        """Take a quarantined body and its reason out of quarantine."""
+    def release(self, path: Path) -> list[Path]:
+        """Take a quarantined body and its reason out of quarantine; the files removed."""
+        removed = []
         for done in (path, path.with_suffix(".reason.json")):
-            done.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                done.unlink()
+                removed.append(done)
+        return removed
 
     # Audio -------------------------------------------------------------------------------
     def unclaimed_audio_path(self, conversation_id: str) -> Path:
