@@ -22,8 +22,8 @@ def requeue(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Deliver quarantined bodies again. One that is now stored (or queued) leaves
-    quarantine; one quarantined again stays, with its new reason beside it."""
+    """Deliver quarantined bodies again. One that is now stored, queued or forgotten
+    leaves quarantine; one refused again stays there once, with the current reason."""
 
     async def work(services: Services) -> list[dict[str, Any]]:
         root = services.storage.quarantine_root
