@@ -497,6 +497,19 @@ def test_a_quarantined_delivery_is_requeued_after_a_fix_and_leaves_the_quarantin
     )
 
 
+def test_a_quarantine_reason_naming_a_url_encoded_number_is_shown_masked(
+    console: Console,
+) -> None:
+    services = console.server.app.state.services
+    # As a reason file from an earlier version (ingestion masks what it writes now).
+    services.storage.quarantine(b"{}", "GET /x?caller=%2B14155550123 refused")
+
+    health = console.get("/console/health").text
+
+    assert "refused" in health
+    assert "4155550123" not in health and "%2B***0123" in health
+
+
 def test_the_agents_page_lists_the_agents_calls_name(console: Console) -> None:
     with maria_delivered(console.server):
         wait_for_callers(console, 1)
