@@ -78,9 +78,8 @@ PHONE_RUN = re.compile(
 )
 # A UTC stamp in ISO 8601's basic form (20261130T081701), with the 16 hex digits that
 # follow it in a quarantined file's name: its digits are a date and a time, not a number.
-# Tried first at each place, with the opening bracket a phone run may start with.
-_STAMP = r"(?P<stamp>(?:\(|%28)?\d{8}T\d{6}Z?(?:-[0-9a-f]{16}(?![0-9a-f]))?)"
-_STAMP_OR_PHONE = re.compile(f"{_STAMP}|{PHONE_RUN.pattern}")
+# With the opening bracket a phone run may start with.
+_STAMP = re.compile(r"(?:\(|%28)?\d{8}T\d{6}Z?(?:-[0-9a-f]{16}(?![0-9a-f]))?")
 # Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
 _NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
 SHOWN_DIGITS = 4
@@ -92,12 +91,24 @@ def mask_phone_numbers(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
         found = match.group(0)
         prefix = match.group("prefix")
-        if match.group("stamp") or (prefix is None and _NOT_A_PHONE.fullmatch(found)):
+        if prefix is None and (_NOT_A_PHONE.fullmatch(found) or _in_stamp(match)):
             return found
         digits = re.sub(r"\D", "", found[len(prefix or "") :])
         return f"{prefix or ''}***{digits[-SHOWN_DIGITS:]}"
 
-    return _STAMP_OR_PHONE.sub(replace, text)
+    return PHONE_RUN.sub(replace, text)
+
+
+def _in_stamp(match: re.Match[str]) -> bool:
+    """Whether a run is a stamp's date (it starts there), its time (the stamp starts 9
+    characters before: 8 digits and a T) or the digits its hash starts with (16 before).
+    Looked at only for runs found: masking runs on every log record."""
+    text, start, end = match.string, match.start(), match.end()
+    for stamp_start in (start, start - 9, start - 16):
+        stamp = _STAMP.match(text, stamp_start) if stamp_start >= 0 else None
+        if stamp and stamp.end() >= end:
+            return True
+    return False
 
 
 # Withheld numbers ------------------------------------------------------------------------
