@@ -73,21 +73,55 @@ def mask(identifier: str | None) -> str:
     return f"***{text[-4:]}" if len(text) > 9 else f"***{text[-2:]}"
 
 
-# Runs of 7+ digits, optionally with a leading + and common separators: what a phone
-# number looks like anywhere in a log line.
-_PHONE_IN_TEXT = re.compile(r"(?<![\w+])\+?\d[\d\s().\-]{5,}\d(?!\w)")
+# A phone number in any spelling a log line may hold: E.164 (+13125550142), URL-encoded
+# by a client or by uvicorn's access log (%2B13125550142, %28312%29%20555-0142), national
+# ((312) 555-0142, 312-555-0142, 312.555.0142), or a bare run of digits right after a
+# letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
+# the lengths E.164 allows, with up to three separators between any two of them.
+# Unicode spaces, dashes and invisible marks separate digits too: the caller-id parser takes
+# "+1\u00a0415\u00a0555\u00a00123" (no-break spaces, as copied from a web page) as a caller,
+# and the access log URL-encodes it as %C2%A0.
+_UNICODE_SEPARATORS = "\u00a0\u2000-\u200d\u2010-\u2015\u2060\u202f\u205f\u2212\u3000\ufeff"
+_SEPARATOR = (
+    rf"(?:[ \t().+\-{_UNICODE_SEPARATORS}]|%2[0589dDeE]|%[cC]2%[aA]0|%[eE]2%80%(?:[89][0-9a-fA-F]|[aA][fF])"
+    r"|%[eE]2%88%92|%[eE]3%80%80)"
+)
+PHONE_RUN = re.compile(
+    rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
+)
+# A UTC stamp in ISO 8601's basic form (20261130T081701), with the 16 hex digits that
+# follow it in a quarantined file's name: its digits are a date and a time, not a number.
+# With the opening bracket a phone run may start with.
+_STAMP = re.compile(r"(?:\(|%28)?\d{8}T\d{6}Z?(?:-[0-9a-f]{16}(?![0-9a-f]))?")
+# Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
+_NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
+SHOWN_DIGITS = 4
 
 
 def mask_phone_numbers(text: str) -> str:
-    """Mask every phone-number-looking run inside free text."""
+    """`text` with every phone-number-looking run replaced by its last four digits."""
 
-    def _replace(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group(0))
-        if len(digits) < 7:
-            return match.group(0)
-        return mask(match.group(0))
+    def replace(match: re.Match[str]) -> str:
+        found = match.group(0)
+        prefix = match.group("prefix")
+        if prefix is None and (_NOT_A_PHONE.fullmatch(found) or _in_stamp(match)):
+            return found
+        digits = re.sub(r"\D", "", found[len(prefix or "") :])
+        return f"{prefix or ''}***{digits[-SHOWN_DIGITS:]}"
 
-    return _PHONE_IN_TEXT.sub(_replace, text)
+    return PHONE_RUN.sub(replace, text)
+
+
+def _in_stamp(match: re.Match[str]) -> bool:
+    """Whether a run is a stamp's date (it starts there), its time (the stamp starts 9
+    characters before: 8 digits and a T) or the digits its hash starts with (16 before).
+    Looked at only for runs found: masking runs on every log record."""
+    text, start, end = match.string, match.start(), match.end()
+    for stamp_start in (start, start - 9, start - 16):
+        stamp = _STAMP.match(text, stamp_start) if stamp_start >= 0 else None
+        if stamp and stamp.end() >= end:
+            return True
+    return False
 
 
 # Withheld numbers ------------------------------------------------------------------------

@@ -217,6 +217,29 @@ def test_calls_keeps_ids_whole_and_shows_agent_and_title_at_any_width(
     assert all(len(line) <= columns for line in lines if long_id not in line)
 
 
+def test_calls_list_and_show_a_stored_call_whose_parts_are_of_the_wrong_type(
+    settings: Settings,
+) -> None:
+    odd = transcription(
+        "conv_odd", MARIA, turns=[("user", "Hi, this is Maria Lopez."), ("agent", "Hello.")]
+    )
+    # Stored all the same (each odd part is dropped with a note); kept as sent.
+    odd["data"]["analysis"] = ["not", "an", "object"]
+    odd["data"]["transcript"][0]["time_in_call_secs"] = "soon"
+    odd["data"]["transcript"][1]["tool_calls"] = 7
+    odd["data"]["metadata"]["call_duration_secs"] = "long"
+    deliver(settings, odd)
+
+    (row,) = as_json(elaoms("calls", "--json"))
+    table = elaoms("calls")
+    shown = elaoms("calls", "show", "conv_odd")
+
+    assert row["conversation_id"] == "conv_odd" and row["title"] is None
+    assert table.exit_code == 0 and "conv_odd" in table.stdout
+    assert shown.exit_code == 0, shown.output
+    assert "Caller: Hi, this is Maria Lopez." in shown.stdout
+
+
 def test_calls_show_prints_a_transcript(callers: Settings) -> None:
     shown = elaoms("calls", "show", "conv_maria_1")
     assert shown.exit_code == 0

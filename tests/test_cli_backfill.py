@@ -270,6 +270,20 @@ def test_an_interrupted_backfill_resumes_where_it_stopped(
     assert report_of(backfill("--agent", AGENT_ID, "--page-size", "2"))["stored"] == 0
 
 
+def test_a_conversation_with_absurd_times_is_backfilled_all_the_same(
+    api: Conversations, env: dict[str, str]
+) -> None:
+    data = transcription("conv_absurd", CALLERS[0])["data"]
+    # Valid JSON: their sum is beyond a float's range.
+    data["metadata"]["start_time_unix_secs"] = 1e308
+    data["metadata"]["call_duration_secs"] = 1e308
+    api.add_conversation(data)
+
+    report = report_of(backfill())
+
+    assert report["stored"] == 1, report
+
+
 def test_a_wrong_api_key_fails_in_one_line(api: Conversations, env: dict[str, str]) -> None:
     result = runner.invoke(
         app, ["backfill"], env={"ELEVENLABS_API_KEY": "wrong"}, catch_exceptions=False

@@ -382,6 +382,27 @@ def test_a_call_page_shows_the_summary_data_collection_and_transcript_of_that_ca
     assert foreign.status_code == 404
 
 
+def test_a_call_page_shows_a_stored_call_with_odd_values_instead_of_failing(
+    console: Console,
+) -> None:
+    payload = named_call("conv_maria_1", MARIA, "Maria Lopez")
+    data = payload["data"]
+    data["transcript"].insert(1, ["not", "a", "turn"])
+    data["transcript"][0]["time_in_call_secs"] = "12"
+    data["metadata"]["call_duration_secs"] = 10**30
+    # A signed call whose parts are of the wrong type is still stored (CallRecord drops
+    # them with a note); the raw payload kept with it holds them as sent.
+    data["analysis"] = [data["analysis"]]
+    with console.server.client() as client:
+        deliver(client, payload)
+    (maria,) = wait_for_callers(console, 1)
+
+    page = console.get(f"/console/callers/{maria}/calls/conv_maria_1")
+
+    assert page.status_code == 200
+    assert "daughter Sofia" in page.text
+
+
 def test_the_chart_counts_the_calls_of_the_last_weeks(console: Console) -> None:
     with console.server.client() as client:
         for number in range(3):
@@ -474,6 +495,19 @@ def test_a_quarantined_delivery_is_requeued_after_a_fix_and_leaves_the_quarantin
         ).status_code
         == 404
     )
+
+
+def test_a_quarantine_reason_naming_a_url_encoded_number_is_shown_masked(
+    console: Console,
+) -> None:
+    services = console.server.app.state.services
+    # As a reason file from an earlier version (ingestion masks what it writes now).
+    services.storage.quarantine(b"{}", "GET /x?caller=%2B14155550123 refused")
+
+    health = console.get("/console/health").text
+
+    assert "refused" in health
+    assert "4155550123" not in health and "%2B***0123" in health
 
 
 def test_the_agents_page_lists_the_agents_calls_name(console: Console) -> None:

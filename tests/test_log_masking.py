@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from elaoms.config import Settings
+from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.logs import configure_logging, mask_phone_numbers
+from elaoms.webhooks.storage import WebhookStorage
 
 from conftest import ServiceProcess, wait_until
 
@@ -68,6 +71,26 @@ def test_every_spelling_in_a_path_or_query_string_shows_at_most_the_last_four_di
 def test_dates_addresses_and_durations_stay_readable() -> None:
     line = '2026-11-30 07:09:57 127.0.0.1:54321 - "GET /health HTTP/1.1" 200 took 0.0012345 s'
     assert mask_phone_numbers(line) == line
+
+
+def test_a_quarantined_file_name_stays_readable_beside_a_masked_number(tmp_path: Path) -> None:
+    root = tmp_path / "webhooks"
+    settings = Settings(
+        _env_file=None, webhook_storage_path=root, webhook_quarantine_path=root / "quarantine"
+    )
+    storage = WebhookStorage(settings, PayloadCipher())
+    name = storage.quarantine(b"{}", "not a call").name
+    # Its stamp is a date and a time; its hash may hold a long run of digits.
+    names = [
+        name,
+        "20261130T081701-0123456789abcdef.body",
+        "20261130T081701-e9bb31f49dcb6252.body",
+        "20261130T081701Z",
+    ]
+    for shown in names:
+        line = f"post-call delivery quarantined ({shown}): caller {NUMBER}"
+        masked = mask_phone_numbers(line)
+        assert masked == f"post-call delivery quarantined ({shown}): caller +***0142"
 
 
 @pytest.fixture

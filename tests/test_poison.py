@@ -21,8 +21,9 @@ from elaoms.cli import app
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
 from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
 from elaoms.memory.sqlite import SQLiteStore
-from elaoms.operations.crypto import EncryptionConfigError
+from elaoms.operations.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.operations.metrics import ALERTS
+from elaoms.webhooks.storage import WebhookStorage
 
 from conftest import (
     WORKSPACE_SECRET,
@@ -391,3 +392,29 @@ def test_a_quarantined_delivery_is_stored_when_requeued_from_the_command_line(
     assert stored_calls(data, "conv_requeued") == 1
     assert not quarantined_reasons(settings)
     assert not list(settings.pending_path.iterdir())
+
+
+def test_a_delivery_refused_again_when_requeued_stays_in_quarantine_once_with_its_new_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    for name, value in base_env(data).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(data)
+    storage = WebhookStorage(settings, PayloadCipher())
+    storage.prepare()
+    # Quarantined by an earlier run (another second: ingestion cannot rewrite this name).
+    kept = storage.quarantine(b'{"type": "post_call_transcription", "data": {}}', "old reason")
+    earlier = kept.with_name(f"20200101T000000-{kept.stem.split('-', 1)[1]}.body")
+    kept.rename(earlier)
+    kept.with_suffix(".reason.json").rename(earlier.with_suffix(".reason.json"))
+
+    result = CliRunner().invoke(app, ["requeue", "--json"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    (outcome,) = json.loads(result.stdout)
+    assert outcome["status"] == "quarantined"
+    (reason,) = quarantined_reasons(settings)
+    assert "conversation_id" in reason
+    assert len(list(settings.webhook_quarantine_path.glob("*.body"))) == 1

@@ -196,6 +196,23 @@ def test_rotating_the_key_keeps_callers_found(tmp_path: Path) -> None:
     assert only_new._key(CALLER) == store._key(CALLER)
 
 
+def test_rotating_the_key_keeps_callers_found_by_name_and_number_in_the_console_list(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "memory.sqlite3"
+    old = Fernet.generate_key().decode()
+    store = SQLiteStore(path, cipher=PayloadCipher(old, enabled=True))
+    profile = {"name": "Maria Lopez", "call_count": 1, "last_call_at": 1_700_000_000}
+    _run(store.put_caller_profile(CALLER, profile))
+    _run(store.close())
+    new = Fernet.generate_key().decode()
+    rotated = SQLiteStore(path, cipher=PayloadCipher(f"{new},{old}", enabled=True))
+    for search in ({"name": "lopez"}, {"number": CALLER}, {"number": CALLER[-4:]}):
+        page = _run(rotated.list_callers(**search))
+        assert [caller.user_id for caller in page.callers] == [CALLER], search
+    _run(rotated.close())
+
+
 # Forget ------------------------------------------------------------------------------------
 def test_after_forget_nothing_of_the_caller_is_readable_and_a_replay_is_not_stored(
     tmp_path: Path,

@@ -38,10 +38,10 @@ from elaoms.cli.runtime import (
     run,
 )
 from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
-from elaoms.memory.units import TRANSCRIPTION
+from elaoms.memory.records import TRANSCRIPTION, CallRecord
 from elaoms.operations.files import atomic_write
 from elaoms.phone import mask
-from elaoms.webhooks.identity import extract_user_id
+from elaoms.webhooks.identity import caller_of
 
 if TYPE_CHECKING:
     from elaoms.services import Services
@@ -302,16 +302,15 @@ async def _backfill_one(
         return "failed", f"{type(failure).__name__}: {failure}", None
     statuses = {"received": "stored", "queued": "queued", "forgotten": "forgotten"}
     outcome = statuses.get(acknowledgement.status, "quarantined")
-    return outcome, None, extract_user_id(data) or conversation_id
+    return outcome, None, caller_of(TRANSCRIPTION, data) or conversation_id
 
 
 def envelope_of(data: dict[str, Any]) -> bytes:
     """The post-call webhook body ElevenLabs would have sent for this conversation."""
-    metadata = data.get("metadata") or {}
-    started, duration = metadata.get("start_time_unix_secs"), metadata.get("call_duration_secs")
-    if isinstance(started, int | float):
+    record = CallRecord.from_payload({"data": data})
+    if record.started_at is not None:
         # The webhook fires when the call ends.
-        event_timestamp = int(started + (duration if isinstance(duration, int | float) else 0))
+        event_timestamp = int(record.started_at + (record.duration_secs or 0))
     else:
         event_timestamp = int(time.time())
     envelope = {"type": TRANSCRIPTION, "event_timestamp": event_timestamp, "data": data}

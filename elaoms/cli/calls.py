@@ -18,7 +18,7 @@ from elaoms.cli.runtime import (
     run,
 )
 from elaoms.memory.base import StoredCall
-from elaoms.memory.units import TRANSCRIPTION
+from elaoms.memory.records import TRANSCRIPTION, CallRecord, seconds_in_call
 
 if TYPE_CHECKING:
     from elaoms.services import Services
@@ -119,22 +119,21 @@ def show(
 
 
 def call_summary(call: StoredCall) -> dict[str, Any]:
-    data = call.payload.get("data") or {}
-    analysis = data.get("analysis") or {}
-    metadata = data.get("metadata") or {}
-    title = analysis.get("call_summary_title")
+    # The payload is kept as sent: read through its checked record, as storing did.
+    record = CallRecord.from_payload(call.payload)
+    title = record.title
     if call.event_type != TRANSCRIPTION:
-        title = f"{call.event_type}: {data.get('failure_reason') or ''}".rstrip(": ")
+        title = f"{call.event_type}: {record.failure_reason or ''}".rstrip(": ")
     return {
         "conversation_id": call.conversation_id,
         "user_id": call.user_id,
         "agent_id": call.agent_id,
-        "agent_name": data.get("agent_name"),
+        "agent_name": record.agent_name,
         "event_type": call.event_type,
         "started_at": call.started_at,
-        "duration_secs": metadata.get("call_duration_secs"),
+        "duration_secs": record.duration_secs,
         "title": title,
-        "summary": analysis.get("transcript_summary"),
+        "summary": record.summary,
         "memory_id": call.memory_id,
     }
 
@@ -156,15 +155,18 @@ def print_transcript(call: StoredCall) -> None:
     if summary["summary"]:
         console.print(escape(str(summary["summary"])))
     console.print()
-    for turn in data.get("transcript") or []:
+    transcript = data.get("transcript")
+    # Raw turns, not the record's: tool calls are shown too.
+    for turn in transcript if isinstance(transcript, list) else []:
         if not isinstance(turn, dict):
             continue
-        offset = turn.get("time_in_call_secs")
+        offset = seconds_in_call(turn.get("time_in_call_secs"))
         stamp = f"[{int(offset) // 60:02d}:{int(offset) % 60:02d}]" if offset is not None else ""
         speaker = "Caller" if turn.get("role") == "user" else "Agent"
         if turn.get("message"):
             console.print(f"[dim]{stamp}[/] [bold]{speaker}:[/] {escape(str(turn['message']))}")
-        for tool in turn.get("tool_calls") or []:
+        tools = turn.get("tool_calls")
+        for tool in tools if isinstance(tools, list) else []:
             if isinstance(tool, dict):
                 called = f"{tool.get('tool_name')} {tool.get('params_as_json') or ''}"
                 console.print(f"[dim]{stamp} {speaker} called {escape(called)}[/]")

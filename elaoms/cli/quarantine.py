@@ -22,20 +22,17 @@ def requeue(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Deliver quarantined bodies again. One that is now stored (or queued) leaves
-    quarantine; one quarantined again stays, with its new reason beside it."""
+    """Deliver quarantined bodies again. One that is now stored, queued or forgotten
+    leaves quarantine; one refused again stays there once, with the current reason."""
 
     async def work(services: Services) -> list[dict[str, Any]]:
         root = services.storage.quarantine_root
         paths = files or (sorted(root.glob("*.body")) if root.exists() else [])
         outcomes = []
         for path in paths:
-            body = services.storage.read(path)
-            acknowledgement = await services.ingest.receive(body)
+            acknowledgement = await services.ingest.requeue(path)
+            # This process ends after the loop: let the stores it started finish first.
             await services.ingest.drain()
-            if acknowledgement.status in {"received", "queued"}:
-                for done in (path, path.with_suffix(".reason.json")):
-                    done.unlink(missing_ok=True)
             outcomes.append({"file": path.name, **acknowledgement.as_response()})
         return outcomes
 

@@ -33,9 +33,8 @@ from elaoms.console.schemas import (
     Turn,
 )
 from elaoms.elevenlabs.agent_profiles import AgentProfile
-from elaoms.memory.units import TRANSCRIPTION
+from elaoms.memory.records import TRANSCRIPTION, CallRecord
 from elaoms.operations.privacy import ForgetReport, export_caller, forget_caller
-from elaoms.payloads import dig
 from elaoms.personalization.service import preview_first_message
 from elaoms.phone import mask, mask_phone_numbers
 from elaoms.search.schemas import search_answer
@@ -49,8 +48,6 @@ TIMELINE_CALLS = 100
 SERVICE_CHART_TTL = 60.0
 SEARCH_LIMIT = 5  # the limit the README tells operators to give the agent's tool
 QUEUE_LINES = 200
-# Quarantined files are named `<UTC stamp>-<hash of the body>.body` (webhooks/storage.py).
-QUARANTINE_NAME = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{16}$")
 
 
 def masked_number(user_id: str) -> str:
@@ -81,8 +78,8 @@ def _age(seconds: float) -> str:
     return f"{seconds / DAY:.0f} days"
 
 
-def _in_call(seconds: Any) -> str:
-    total = int(seconds) if isinstance(seconds, int | float) else 0
+def _in_call(seconds: int | float | None) -> str:
+    total = int(seconds or 0)
     return f"{total // 60}:{total % 60:02d}"
 
 
@@ -224,32 +221,24 @@ class ConsoleService:
         stored = await self.services.store.get_call(conversation_id, TRANSCRIPTION)
         if stored is None or stored.user_id != user_id:
             return None  # another caller's call is not found from this caller's page
-        data = stored.payload.get("data") or {}
-        analysis = data.get("analysis") or {}
-        collected = [
-            (str(item), str(result.get("value") if isinstance(result, dict) else result))
-            for item, result in (analysis.get("data_collection_results") or {}).items()
-        ]
-        transcript = [
-            Turn(
-                role=str(turn.get("role") or ""),
-                message=str(turn.get("message") or ""),
-                at=_in_call(turn.get("time_in_call_secs")),
-            )
-            for turn in data.get("transcript") or []
-            if isinstance(turn, dict) and turn.get("message")
-        ]
+        # The raw payload is kept as sent: read through its checked record, as storing did.
+        record = CallRecord.from_payload(stored.payload)
         return CallPage(
             opaque_id=self.keys.opaque_id(user_id),
             masked_number=masked_number(user_id),
             conversation_id=conversation_id,
             agent_id=stored.agent_id,
             started=_datetime(stored.started_at),
-            duration=_in_call(dig(data, "metadata", "call_duration_secs")),
-            title=analysis.get("call_summary_title"),
-            summary=analysis.get("transcript_summary"),
-            collected=collected,
-            transcript=transcript,
+            duration=_in_call(record.duration_secs),
+            title=record.title,
+            summary=record.summary,
+            collected=[(item, str(value)) for item, value in record.collected.items()],
+            transcript=[
+                Turn(
+                    role=turn.role or "", message=turn.message, at=_in_call(turn.time_in_call_secs)
+                )
+                for turn in record.turns
+            ],
             has_audio=self._audio_path(user_id, conversation_id).exists(),
         )
 
@@ -283,24 +272,12 @@ class ConsoleService:
 
     async def requeue(self, name: str) -> str:
         """Hand a quarantined body to ingestion again (after a fix); say what became of it."""
-        if not QUARANTINE_NAME.match(name):
-            raise LookupError(name)
         storage = self.services.storage
-        body_path = storage.quarantine_root / f"{name}.body"
         try:
-            body = await asyncio.to_thread(storage.read, body_path)
-        except FileNotFoundError:
+            acknowledgement = await self.services.ingest.requeue(storage.quarantined(name))
+        except FileNotFoundError:  # requeued or forgotten meanwhile
             raise LookupError(name) from None
-        acknowledgement = await self.services.ingest.receive(body)
-        refused = acknowledgement.status == "quarantined"
-        # Refused again, ingestion quarantined it anew with the current reason: under a new
-        # name, unless within the same second (then it rewrote this very file).
-        digest = name.split("-", 1)[1]
-        copies = [p for p in storage.quarantine_root.glob(f"*-{digest}.body") if p != body_path]
-        if not refused or copies:
-            for path in (body_path, body_path.with_suffix(".reason.json")):
-                path.unlink(missing_ok=True)
-        if refused:
+        if acknowledgement.status == "quarantined":
             return f"Still refused: {mask_phone_numbers(acknowledgement.detail or '')}"
         return f"Accepted: {acknowledgement.status}"
 

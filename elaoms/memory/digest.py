@@ -69,11 +69,6 @@ def clean_value(value: Any) -> str | None:
     return None if text.lower().strip(".") in _EMPTY_VALUES else text
 
 
-def collected_values(data: Any) -> dict[str, Any]:
-    """Every data-collection result of a call that has a value, by item id."""
-    return dict(CallRecord.from_payload({"data": data}).collected)
-
-
 def follow_ups(values: dict[str, Any]) -> list[str]:
     """The follow-ups a call's data-collection `values` record, without repeats."""
     items: list[str] = []

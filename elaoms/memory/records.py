@@ -71,6 +71,7 @@ class CallRecord:
     dynamic_variables: dict[str, Scalar] = field(default_factory=dict)
     language: str | None = None
     failure_reason: str | None = None
+    duration_secs: int | float | None = None  # within a day, else None
     # What was dropped, clamped or cut, as field paths (never values: they may be personal).
     notes: tuple[str, ...] = ()
 
@@ -101,6 +102,15 @@ def finite(value: Any) -> float | None:
     except OverflowError:  # an integer beyond a float's range
         return None
     return number if math.isfinite(number) else None
+
+
+def seconds_in_call(value: Any) -> int | float | None:
+    """A time within a call (an offset, a duration): an int kept as sent (the stored
+    metadata repeats it), None when not a number or beyond a day."""
+    seconds = finite(value)
+    if seconds is None or not 0 <= seconds <= MAX_TIME_IN_CALL_SECS:
+        return None
+    return value if isinstance(value, int) else seconds
 
 
 class _Builder:
@@ -197,6 +207,7 @@ class _Builder:
             failure_reason=self.text(
                 data.get("failure_reason"), "data.failure_reason", MAX_VALUE_CHARS
             ),
+            duration_secs=seconds_in_call(metadata.get("call_duration_secs")),
         )
         return replace(record, notes=tuple(self.notes)) if self.notes else record
 
@@ -227,18 +238,12 @@ class _Builder:
             message = message[: min(MAX_TURN_CHARS, MAX_CALL_CHARS - chars)]
             chars += len(message)
             role = raw.get("role")
-            raw_offset = raw.get("time_in_call_secs")
-            offset: int | float | None = finite(raw_offset)
-            if offset is not None and isinstance(raw_offset, int):
-                offset = raw_offset  # kept as sent (the stored metadata repeats it)
             turns.append(
                 Turn(
                     index=index,
                     role=role[:MAX_SHORT_TEXT_CHARS] if isinstance(role, str) else None,
                     message=message,
-                    time_in_call_secs=offset
-                    if offset is not None and 0 <= offset <= MAX_TIME_IN_CALL_SECS
-                    else None,
+                    time_in_call_secs=seconds_in_call(raw.get("time_in_call_secs")),
                 )
             )
         if skipped:

@@ -120,7 +120,7 @@ CREATE INDEX IF NOT EXISTS call_digests_by_start ON call_digests (event_type, st
 CREATE INDEX IF NOT EXISTS calls_by_agent ON calls (agent_id);
 -- The console's list of callers: one row per prepared profile, written with it, so a page
 -- of 100,000 callers is an index range. `name_key` is what a name search matches: the
--- folded name, or with encryption at rest keyed hashes of its words (`PayloadCipher.blind`).
+-- folded name, or with encryption at rest keyed hashes of its words (`_word_key`).
 CREATE TABLE IF NOT EXISTS caller_directory (
     user_id TEXT PRIMARY KEY,  -- as in every table: the caller id, or its keyed hash
     name_key TEXT NOT NULL,
@@ -359,6 +359,15 @@ class SQLiteStore(MemoryStore):
         """The `user_id` column's value: the caller id itself, or with encryption on its
         keyed hash (the number is then kept only encrypted, in `calls.caller`)."""
         return keyed_hash(self._hash_key, user_id) if self.cipher.enabled else user_id
+
+    def _word_key(self, word: str) -> str:
+        """A word or number the caller directory is searched by: itself, or with encryption
+        on its keyed hash (an equal word finds it; the column alone does not reveal it).
+        Under the store's hash key, which a rotation of ENCRYPTION_KEY leaves as it is, so
+        callers stay found; shortened, as the directory holds several per caller."""
+        if not self.cipher.enabled:
+            return word
+        return keyed_hash(self._hash_key, f"word:{word}")[len(KEYED_HASH_PREFIX) :][:20]
 
     def _seal(self, text: str) -> str:
         return self.cipher.encrypt(text.encode()).decode() if self.cipher.enabled else text
@@ -1026,7 +1035,7 @@ class SQLiteStore(MemoryStore):
         if not self.cipher.enabled:
             return ""  # a number search reads the caller key itself
         digits = "".join(ch for ch in user_id if ch.isdigit())
-        return f" {self.cipher.blind(user_id)} {self.cipher.blind('#' + digits[-4:])} "
+        return f" {self._word_key(user_id)} {self._word_key('#' + digits[-4:])} "
 
     def _delete_directory_entry(self, connection: sqlite3.Connection, user_id: str) -> None:
         connection.execute("DELETE FROM caller_directory WHERE user_id = ?", (self._key(user_id),))
@@ -1034,7 +1043,7 @@ class SQLiteStore(MemoryStore):
     def _name_key(self, name: object) -> str:
         words = str(name or "").casefold().split()
         # Spaces around every word: a word search is then one LIKE '% word %'.
-        return f" {' '.join(self.cipher.blind(word) for word in words)} " if words else ""
+        return f" {' '.join(self._word_key(word) for word in words)} " if words else ""
 
     async def list_callers(
         self,
@@ -1054,7 +1063,7 @@ class SQLiteStore(MemoryStore):
             # whole words), not any run of digits.
             whole = normalize_caller_id(number or "") if len(digits) > 4 else None
             clauses.append("instr(number_key, ?) > 0")
-            parameters.append(f" {self.cipher.blind(whole or '#' + digits[-4:])} ")
+            parameters.append(f" {self._word_key(whole or '#' + digits[-4:])} ")
         elif digits:
             clauses.append("instr(user_id, ?) > 0")
             parameters.append(digits)
@@ -1062,7 +1071,7 @@ class SQLiteStore(MemoryStore):
         if words and self.cipher.enabled:
             for word in words:
                 clauses.append("instr(name_key, ?) > 0")
-                parameters.append(f" {self.cipher.blind(word)} ")
+                parameters.append(f" {self._word_key(word)} ")
         elif words:
             clauses.append("instr(name_key, ?) > 0")
             parameters.append(" ".join(words))

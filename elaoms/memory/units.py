@@ -17,15 +17,9 @@ __all__ = [
     "INITIATION_FAILURE",
     "TRANSCRIPTION",
     "call_memories",
-    "call_started_at",
     "failure_memories",
     "record_memories",
 ]
-
-
-def call_started_at(data: Any, event_timestamp: Any) -> int | None:
-    """The call's start (unix seconds, within the sane range), else the event's time."""
-    return CallRecord.from_payload({"data": data, "event_timestamp": event_timestamp}).started_at
 
 
 def _base(record: CallRecord) -> dict[str, Any]:

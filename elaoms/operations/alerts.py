@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 
 from elaoms import SERVICE_NAME
-from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import ALERTS
+from elaoms.phone import mask_phone_numbers
 
 logger = logging.getLogger("elaoms.alerts")
 

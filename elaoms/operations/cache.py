@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from elaoms.operations.crypto import KEYED_HASH_PREFIX, keyed_hash
 from elaoms.payloads import decode, encode
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def caller_key(user_id: str) -> str:
     phone numbers stay out of Redis keys (KEYS, MONITOR and slow logs show keys to whoever
     operates Redis)."""
     if _caller_key_secret:
-        digest = hmac.new(_caller_key_secret, user_id.encode(), hashlib.sha256).hexdigest()
+        digest = keyed_hash(_caller_key_secret, user_id).removeprefix(KEYED_HASH_PREFIX)
     else:
         digest = hashlib.sha256(user_id.encode()).hexdigest()
     return CALLER_KEY_PREFIX + digest[:32]

@@ -51,17 +51,12 @@ class PayloadCipher:
     def __init__(self, keys: str = "", *, enabled: bool = False) -> None:
         self.enabled = enabled
         self._fernet: MultiFernet | None = None
-        self._index_key: bytes | None = None
         if enabled and not keys.strip():
             raise EncryptionConfigError(
                 "ENABLE_ENCRYPTION_AT_REST=true needs ENCRYPTION_KEY (generate one with "
                 "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)"
             )
         if keys.strip():
-            # Keyed hashes of words to search on (`blind`) use the first key, as encryption
-            # does; rotating the key rebuilds them (the store writes them with profiles).
-            first = next(k.strip() for k in keys.split(",") if k.strip())
-            self._index_key = hashlib.sha256(b"elaoms blind index\0" + first.encode()).digest()
             try:
                 self._fernet = MultiFernet(
                     [Fernet(k.strip()) for k in keys.split(",") if k.strip()]
@@ -107,13 +102,6 @@ class PayloadCipher:
             return self._fernet.decrypt(token)
         except InvalidToken as error:
             raise EncryptionConfigError("no key in ENCRYPTION_KEY decrypts this file") from error
-
-    def blind(self, word: str) -> str:
-        """`word` as kept in a searchable column: itself, or with encryption on a keyed hash
-        (an equal word finds it; the column alone does not reveal it)."""
-        if not self.enabled or self._index_key is None:
-            return word
-        return hmac.new(self._index_key, word.encode(), hashlib.sha256).hexdigest()[:20]
 
 
 class ChunkWriter:

@@ -10,44 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-# A phone number in any spelling a log line may hold: E.164 (+13125550142), URL-encoded
-# by a client or by uvicorn's access log (%2B13125550142, %28312%29%20555-0142), national
-# ((312) 555-0142, 312-555-0142, 312.555.0142), or a bare run of digits right after a
-# letter or a path (callers/13125550142, id=13125550142, ...%2B1312...). 7 to 15 digits,
-# the lengths E.164 allows, with up to three separators between any two of them.
-# Unicode spaces, dashes and invisible marks separate digits too: the caller-id parser takes
-# "+1\u00a0415\u00a0555\u00a00123" (no-break spaces, as copied from a web page) as a caller,
-# and the access log URL-encodes it as %C2%A0.
-_UNICODE_SEPARATORS = "\u00a0\u2000-\u200d\u2010-\u2015\u2060\u202f\u205f\u2212\u3000\ufeff"
-_SEPARATOR = (
-    rf"(?:[ \t().+\-{_UNICODE_SEPARATORS}]|%2[0589dDeE]|%[cC]2%[aA]0|%[eE]2%80%(?:[89][0-9a-fA-F]|[aA][fF])"
-    r"|%[eE]2%88%92|%[eE]3%80%80)"
-)
-PHONE_RUN = re.compile(
-    rf"(?<!\d:)(?:(?<=%[0-9A-Fa-f]{{2}})|(?<![\d%]))(?P<prefix>\+|%2[bB])?(?:\(|%28)?\d(?:{_SEPARATOR}{{0,3}}\d){{6,14}}(?!\d)"
-)
-# Shapes that are not phone numbers, left readable: dates, IPv4 addresses, decimals.
-_NOT_A_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2})?|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
-SHOWN_DIGITS = 4
-
-
-def mask_phone_numbers(text: str) -> str:
-    """`text` with every phone-number-looking run replaced by its last four digits."""
-
-    def replace(match: re.Match[str]) -> str:
-        found = match.group(0)
-        if match.group("prefix") is None and _NOT_A_PHONE.fullmatch(found):
-            return found
-        digits = re.sub(r"\D", "", found[len(match.group("prefix") or "") :])
-        return f"{match.group('prefix') or ''}***{digits[-SHOWN_DIGITS:]}"
-
-    return PHONE_RUN.sub(replace, text)
+from elaoms.phone import mask_phone_numbers
 
 
 def _masking_record_factory(

@@ -202,10 +202,7 @@ def _forget_quarantined(services: Services, user_id: str) -> list[Path]:
         except (OSError, ValueError):
             continue
         if names_caller(body, user_id):
-            for path in (body_path, body_path.with_suffix(".reason.json")):
-                if path.exists():
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
+            removed.extend(services.storage.release(body_path))
     return removed
 
 

@@ -83,12 +83,6 @@ def identity_of(event_type: str | None, data: dict[str, Any]) -> CallerIdentity:
     return call_identity(data)
 
 
-def extract_user_id(data: dict[str, Any]) -> str | None:
-    """The store key of a call's caller, or its conversation id when it has none."""
-    conversation_id = data.get("conversation_id")
-    return call_identity(data).key or (str(conversation_id) if conversation_id else None)
-
-
 def caller_of(event_type: str | None, data: dict[str, Any]) -> str | None:
     """The store key of whom a delivery is about: the caller's, else the conversation's
     (a withheld number is kept on its own, never merged with other withheld calls)."""

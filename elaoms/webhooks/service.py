@@ -16,9 +16,11 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,10 +39,9 @@ from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memori
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
 from elaoms.operations.crypto import EncryptionConfigError
-from elaoms.operations.logs import mask_phone_numbers
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
-from elaoms.phone import mask
+from elaoms.phone import mask, mask_phone_numbers
 from elaoms.webhooks.identity import caller_of
 from elaoms.webhooks.schemas import (
     AUDIO,
@@ -504,6 +505,18 @@ class IngestService:
                 logger.warning("pending delivery %s not stored yet: %s", entry.name, error)
         return done
 
+    async def requeue(self, path: Path) -> Acknowledgement:
+        """Hand a quarantined body to ingestion again (after a fix or an outage), as if
+        ElevenLabs had just delivered it. Accepted, it leaves quarantine. Refused again,
+        ingestion has quarantined it anew with the current reason: under a new name (the
+        old one goes), or under this very name within the same second (it stays)."""
+        before = await asyncio.to_thread(path.stat)
+        body = await asyncio.to_thread(self.storage.read, path)
+        acknowledgement = await self.receive(body)
+        if acknowledgement.status != "quarantined" or not _rewritten(path, before):
+            await asyncio.to_thread(self.storage.release, path)
+        return acknowledgement
+
     async def drain(self, timeout: float | None = 5.0) -> None:
         """Let in-flight background work finish (shutdown, tests); None waits for all."""
         if self._tasks:
@@ -514,6 +527,15 @@ class IngestService:
         for conversation_id in conversation_ids:
             for event_type in (TRANSCRIPTION, INITIATION_FAILURE):
                 await self.receipts.delete(_receipt_key(event_type, conversation_id))
+
+
+def _rewritten(path: Path, before: os.stat_result) -> bool:
+    """Whether `path` was written anew since `before` (files are replaced, never edited)."""
+    try:
+        after = path.stat()
+    except FileNotFoundError:
+        return False
+    return (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
 
 
 def _kept_at(entry: PendingDelivery) -> float:

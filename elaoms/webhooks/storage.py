@@ -50,6 +50,8 @@ OTHER_DIR = "_other"
 INCOMING_DIR = "_incoming"
 # A body still in _incoming/ this long after it was started belongs to a process that died.
 STALE_INCOMING_SECONDS = 3600
+# Quarantined bodies are `<UTC stamp>-<16 hex digits>.body` (see `quarantine`).
+QUARANTINE_NAME = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{16}$")
 
 
 # The random key of the caller directories' names, wrapped with ENCRYPTION_KEY.
@@ -408,6 +410,23 @@ class WebhookStorage:
             json.dumps({"reason": reason, "received_at": time.time(), "bytes": len(body)}).encode(),
         )
         return path
+
+    def quarantined(self, name: str) -> Path:
+        """The quarantined body called `name` (without `.body`); LookupError for a name
+        `quarantine` never gives (a path, another directory) or one no longer there."""
+        path = self.quarantine_root / f"{name}.body"
+        if not QUARANTINE_NAME.match(name) or not path.is_file():
+            raise LookupError(name)
+        return path
+
+    def release(self, path: Path) -> list[Path]:
+        """Take a quarantined body and its reason out of quarantine; the files removed."""
+        removed = []
+        for done in (path, path.with_suffix(".reason.json")):
+            with contextlib.suppress(FileNotFoundError):
+                done.unlink()
+                removed.append(done)
+        return removed
 
     # Audio -------------------------------------------------------------------------------
     def unclaimed_audio_path(self, conversation_id: str) -> Path:
