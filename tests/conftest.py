@@ -240,6 +240,17 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
+def shell_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The data folder of a user's shell: `base_env` exported, a fresh working directory
+    (where the CLI looks for `.env`). Commands run in-process read their settings from it."""
+    data = tmp_path / "data"
+    for name, value in base_env(data).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return data
+
+
+@pytest.fixture
 def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
     return lambda **overrides: make_settings(tmp_path / "data", **overrides)
 

@@ -29,7 +29,6 @@ from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
     ServiceProcess,
-    base_env,
     load_fixture,
     signed_headers,
     transcription,
@@ -354,12 +353,8 @@ def test_with_header_only_the_search_tool_trusts_no_caller_from_the_body(
 
 
 def test_an_operator_can_still_erase_what_an_older_version_pooled_under_a_marker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shell_data: Path,
 ) -> None:
-    data = tmp_path / "data"
-    for name, value in base_env(data).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
     payload = transcription("conv_pooled_long_ago", caller="+266696687")
 
     async def store_pooled() -> None:

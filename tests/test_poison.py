@@ -29,7 +29,6 @@ from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
     ServiceProcess,
-    base_env,
     load_fixture,
     make_settings,
     signed_headers,
@@ -366,12 +365,9 @@ def test_a_delivery_that_cannot_be_stored_moves_to_quarantine_with_its_reason_an
 
 
 def test_a_quarantined_delivery_is_stored_when_requeued_from_the_command_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shell_data: Path,
 ) -> None:
-    data = tmp_path / "data"
-    for name, value in base_env(data).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
+    data = shell_data
     settings = make_settings(
         data,
         max_retries=0,
@@ -395,12 +391,9 @@ def test_a_quarantined_delivery_is_stored_when_requeued_from_the_command_line(
 
 
 def test_a_delivery_refused_again_when_requeued_stays_in_quarantine_once_with_its_new_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shell_data: Path,
 ) -> None:
-    data = tmp_path / "data"
-    for name, value in base_env(data).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
+    data = shell_data
     settings = make_settings(data)
     storage = WebhookStorage(settings, PayloadCipher())
     storage.prepare()
