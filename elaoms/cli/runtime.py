@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -133,19 +134,33 @@ def store_description(settings: Settings | None = None) -> str:
 
 
 def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None) -> T:
-    """Build the service's parts from settings, check the store answers, run `work`."""
+    """Build the service's parts from settings, check the store answers, run `work`.
+
+    Ctrl-C (SIGINT) during `work` cancels it, and cancels it again every half second until
+    it ends: asyncio's own handler cancels once, and a cancellation that lands as a timeout
+    fires (httpx's timeouts are cancel scopes) can be taken for that timeout and retried,
+    leaving the command waiting on the API for ever. The parts are closed either way, then
+    KeyboardInterrupt reaches the CLI (exit 130).
+    """
     from elaoms.operations.logs import configure_logging
     from elaoms.services import Services
 
     settings = settings or load_settings()
     # Library warnings still reach stderr (masked); INFO chatter would drown the output.
     configure_logging("WARNING", settings.log_format)
+    interrupted = asyncio.Event()
 
     async def main() -> T:
         services = Services.build(settings)
+        loop = asyncio.get_running_loop()
         try:
             await services.store.check()
-            result = await work(services)
+            working = asyncio.ensure_future(work(services))
+            loop.add_signal_handler(signal.SIGINT, _interrupt, loop, working, interrupted)
+            try:
+                result = await working
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
             # Calls stored by the command prepare their callers' profiles in the background:
             # all of it is done before the command returns, however busy the machine (the
             # service's shutdown waits a bounded time; an operator's command must not).
@@ -154,7 +169,21 @@ def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None
         finally:
             await services.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _interrupt(
+    loop: asyncio.AbstractEventLoop, working: asyncio.Future[Any], interrupted: asyncio.Event
+) -> None:
+    interrupted.set()
+    if not working.done():
+        working.cancel()
+        loop.call_later(0.5, _interrupt, loop, working, interrupted)
 
 
 def caller_id(raw: str, *, allow_withheld: bool = False) -> str:

@@ -158,11 +158,12 @@ class PersonalizationService:
         return profile
 
     async def _forgotten_meanwhile(self, user_id: str) -> dict[str, Any] | None:
-        logger.info("profile of %s not kept: the caller was forgotten meanwhile", mask(user_id))
         if (await caller_history(self.store, user_id)).count:
             return await self.prepare_caller(user_id)  # a new call since: from it alone
         await self.store.delete_user(user_id)
         await self.cache.invalidate_caller(user_id)
+        # Logged once it is gone: until then client-data may still read what was kept.
+        logger.info("profile of %s not kept: the caller was forgotten meanwhile", mask(user_id))
         return None
 
     async def _write_greeting(
