@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -23,6 +23,9 @@ from elaoms.app import create_app
 from elaoms.config import Settings
 from elaoms.memory.base import Memory, MemoryStore
 from elaoms.webhooks.signature import sign
+
+if TYPE_CHECKING:
+    from standins import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ElevenLabs example payloads kept in the repository: a clone needs nothing beside it.
@@ -237,6 +240,16 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throw-away redis-server of the test's own (the Debian package `make test` installs)."""
+    from standins import RedisServer  # standins imports this module: imported when used
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

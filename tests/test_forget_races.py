@@ -6,11 +6,8 @@ import asyncio
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from elaoms.memory.units import call_memories
 from elaoms.operations.cache import TwoLevelCache, caller_key
@@ -75,13 +72,6 @@ def test_a_caller_forgotten_while_their_greeting_is_written_is_not_greeted_by_na
         finally:
             release.set()
             server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(

@@ -81,13 +81,6 @@ def test_an_alert_webhook_payload_carries_no_phone_number() -> None:
     assert body["details"] == {"error": "disk full writing callers/%2B***0142", "bytes": 12}
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 def test_forget_removes_the_caller_s_receipts_and_profile_from_redis_and_keys_hide_the_number(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

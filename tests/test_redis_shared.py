@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import WORKSPACE_SECRET, ServiceProcess, signed_headers, transcription, wait_until
 from standins import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def post(client: httpx.Client, payload: dict) -> httpx.Response:
