@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     elevenlabs_post_call_hmac_key: str = ""
     elevenlabs_client_data_workspace_secret: str = ""
     allow_unauthenticated_webhooks: bool = False
+    phone_default_region: str = Field(
+        default="US",
+        description="Where the phone lines are (ISO 3166 code: US, GB, FR, DE...): caller"
+        " numbers sent without a country code are read as numbers of this region. Changing"
+        " it changes the caller key of numbers stored in national form.",
+    )
     signature_max_age_seconds: int = 30 * 60
     signature_max_future_seconds: int = 5 * 60
 
@@ -195,6 +201,16 @@ class Settings(BaseSettings):
     llm_api_key: str = ""
     llm_model: str = ""
     llm_timeout_seconds: float = 20.0
+
+    @field_validator("phone_default_region")
+    @classmethod
+    def _check_region(cls, region: str) -> str:
+        import phonenumbers
+
+        region = region.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{region!r} is not an ISO 3166 region code phone numbers know")
+        return region
 
     @field_validator("agent_config_dir", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ withheld number is nobody in particular.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -16,10 +17,43 @@ from urllib.parse import unquote
 
 import phonenumbers
 
-# Numbers written without a country code are read as North American, the region the
-# seed's deployments used; a leading "+" always wins, and digits valid only as a full
-# international number (no "+") are read as that number.
+# Numbers written without a country code are read in the region of the deployment's phone
+# lines (PHONE_DEFAULT_REGION, North America unless set); a leading "+" always wins, and
+# digits valid only as a full international number (no "+") are read as that number.
 DEFAULT_REGION = "US"
+_region = DEFAULT_REGION
+
+
+def use_default_region(region: str) -> None:
+    """Read numbers without a country code as numbers of `region` (ISO 3166 alpha-2).
+
+    Process-wide on purpose: the region belongs to the deployment's phone lines, and every
+    part that names a caller (ingestion, client-data, search, the CLI) must read the same
+    digits as the same caller. Set once at start-up from the settings.
+    """
+    global _region
+    region = region.upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"{region!r} is not a region phone numbers are known for")
+    if region != _region:
+        _region = region
+        normalize_caller_id.cache_clear()
+        _phone_caller.cache_clear()
+
+
+def default_region() -> str:
+    return _region
+
+
+# Characters that change nothing a caller dialled: zero-width joiners and marks, a byte
+# order mark (Unicode category Cf). Full-width digits and "+" (from East Asian input
+# methods) are read as ASCII through NFKC.
+def _plain(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    if text.isascii():
+        return text
+    return "".join(character for character in text if unicodedata.category(character) != "Cf")
+
 
 _PHONE_LIKE = re.compile(r"^\+?[\d\s().\-]{7,}$")
 
@@ -37,24 +71,29 @@ def normalize_caller_id(raw: str | None) -> str | None:
     if not text:
         return None
     if not _PHONE_LIKE.match(text):
-        return text
+        plain = _plain(text).strip()
+        if plain == text or not _PHONE_LIKE.match(plain):
+            return text
+        text = plain
     digits = re.sub(r"\D", "", text)
     # Without a "+", a number valid in the default region is read there first: reading
     # its digits as international first made one US caller in ten someone abroad
     # ("4798570523", Arkansas, became +47 98570523, a Norwegian mobile): two people, one
     # memory. Digits valid only as an international number ("442071838750") still are.
+    # "00" is the international prefix almost everywhere (the region's own, such as "011"
+    # in North America, is read by parsing in the region): "0044 20 7946 0958" is +44.
     candidates = [text] if text.startswith("+") else [text, "+" + digits]
+    if digits.startswith("00") and not text.startswith("+"):
+        candidates.append("+" + digits[2:])
     for candidate in candidates:
         try:
-            number = phonenumbers.parse(
-                candidate, None if candidate.startswith("+") else DEFAULT_REGION
-            )
+            number = phonenumbers.parse(candidate, None if candidate.startswith("+") else _region)
         except phonenumbers.NumberParseException:
             continue
         if phonenumbers.is_valid_number(number):
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     try:
-        number = phonenumbers.parse(text, DEFAULT_REGION)
+        number = phonenumbers.parse(text, _region)
     except phonenumbers.NumberParseException:
         return "+" + digits if text.startswith("+") else text
     if phonenumbers.is_possible_number(number):
@@ -221,6 +260,8 @@ def _phone_caller(raw: str | None) -> CallerIdentity:
     lowered = " ".join(text.lower().split())
     if lowered in WITHHELD_WORDS or _TWILIO_CLIENT.match(lowered):
         return WITHHELD
+    if not _PHONE_LIKE.match(text) and _PHONE_LIKE.match(plain := _plain(text).strip()):
+        text = plain  # full-width digits and plus, or digits with invisible marks between them
     if uri := _SIP_URI.search(text):
         return _sip_caller(uri.group(1).lower(), uri.group(2), uri.group(3))
     if not _PHONE_LIKE.match(text):

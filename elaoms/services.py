@@ -16,6 +16,7 @@ from elaoms.operations.cache import TwoLevelCache, use_caller_key_secret
 from elaoms.operations.crypto import PayloadCipher
 from elaoms.personalization.greeting import LLMGreetingWriter
 from elaoms.personalization.service import PersonalizationService
+from elaoms.phone import use_default_region
 from elaoms.search import embeddings
 from elaoms.search.service import SearchService
 from elaoms.webhooks.service import IngestService
@@ -45,6 +46,7 @@ class Services:
         # Files other libraries create for us (SQLite's -wal and -shm, temp files) must be
         # as private as ours: the umask makes FILE_PERMISSIONS_MODE the process default.
         os.umask(0o777 & ~settings.directory_permissions_mode)
+        use_default_region(settings.phone_default_region)
         cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
         storage = WebhookStorage(settings, cipher)
         storage.prepare()

@@ -15,13 +15,21 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from elaoms.cli import app
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.memory.units import call_memories
 from elaoms.personalization.greeting import acceptable, template_greeting
-from elaoms.phone import CallerKind, app_user, operator_caller, phone_caller
+from elaoms.phone import (
+    CallerIdentity,
+    CallerKind,
+    app_user,
+    operator_caller,
+    phone_caller,
+    use_default_region,
+)
 from elaoms.services import Services
 from elaoms.webhooks.identity import call_identity
 
@@ -30,6 +38,7 @@ from conftest import (
     InThreadServer,
     ServiceProcess,
     load_fixture,
+    make_settings,
     signed_headers,
     transcription,
     wait_until,
@@ -120,11 +129,73 @@ def test_every_documented_withheld_form_is_recognized_as_no_caller(raw: str) -> 
         ("sip:+14155550123@trunk.example.com", PHONE_CALLER),
         ("tel:+14155550123", PHONE_CALLER),
         ("+442071838750", "+442071838750"),
+        # The international prefix: "00" almost everywhere, "011" in North America.
+        ("0044 20 7183 8750", "+442071838750"),
+        ("011 44 20 7183 8750", "+442071838750"),
+        ("0014155550123", PHONE_CALLER),
+        # Full-width digits and plus (East Asian input methods), invisible marks inside.
+        ("\uff0b\uff11\uff14\uff11\uff15\uff15\uff15\uff15\uff10\uff11\uff12\uff13", PHONE_CALLER),
+        ("+1\u200b415\u200d555\u20600123", PHONE_CALLER),
+        ("\ufeff+14155550123", PHONE_CALLER),
     ],
 )
 def test_real_numbers_in_any_form_are_still_one_phone_caller(raw: str, key: str) -> None:
     assert phone_caller(raw).kind is CallerKind.PHONE
     assert phone_caller(raw).key == key
+
+
+@pytest.fixture
+def region() -> Iterator[Callable[[str], None]]:
+    """Sets the deployment's region for one test, North America again after it."""
+    yield use_default_region
+    use_default_region("US")
+
+
+@pytest.mark.parametrize(
+    ("region_code", "raw", "key"),
+    [
+        # One French and one Dutch mobile, both written "06 ...": two people, two keys.
+        ("FR", "06 12 34 56 78", "+33612345678"),
+        ("NL", "06-12345678", "+31612345678"),
+        ("GB", "020 7183 8750", "+442071838750"),
+        ("DE", "030 901820", "+4930901820"),
+        # A "+" always wins over the region, and so does the region's own exit code.
+        ("FR", "+1 415 555 0123", PHONE_CALLER),
+        ("GB", "00 1 415 555 0123", PHONE_CALLER),
+    ],
+)
+def test_numbers_without_a_country_code_are_read_in_the_deployments_region(
+    region: Callable[[str], None], region_code: str, raw: str, key: str
+) -> None:
+    region(region_code)
+    assert phone_caller(raw) == CallerIdentity(CallerKind.PHONE, key)
+    assert operator_caller(raw) == key
+
+
+def test_without_a_region_national_numbers_of_two_countries_stay_apart_from_real_ones(
+    region: Callable[[str], None],
+) -> None:
+    # North America by default: a French "06 12 34 56 78" is no valid number there, so it is
+    # no caller rather than someone else's key.
+    assert phone_caller("06 12 34 56 78").key != "+33612345678"
+    region("FR")
+    assert phone_caller("06 12 34 56 78").key == "+33612345678"
+    region("US")
+    assert phone_caller("4155550123").key == PHONE_CALLER  # the cache was cleared
+
+
+def test_an_unknown_region_is_refused_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="region"):
+        make_settings(tmp_path, phone_default_region="XX")
+    assert make_settings(tmp_path, phone_default_region="fr").phone_default_region == "FR"
+
+
+def test_the_service_reads_caller_ids_in_its_region(tmp_path: Path) -> None:
+    Services.build(make_settings(tmp_path, phone_default_region="GB"))
+    try:
+        assert phone_caller("020 7183 8750").key == "+442071838750"
+    finally:
+        use_default_region("US")
 
 
 def test_two_withheld_callers_never_read_each_others_calls(

@@ -109,8 +109,13 @@ class ElaomsGroup(TyperGroup):
 
 
 def load_settings() -> Settings:
-    """The service's settings: environment first, then `.env` in the working directory."""
-    return Settings()
+    """The service's settings: environment first, then `.env` in the working directory.
+    Numbers the operator types are read in the deployment's region from here on."""
+    from elaoms.phone import use_default_region
+
+    settings = Settings()
+    use_default_region(settings.phone_default_region)
+    return settings
 
 
 def store_description(settings: Settings | None = None) -> str:

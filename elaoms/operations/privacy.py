@@ -28,7 +28,7 @@ from urllib.parse import unquote_plus
 
 import phonenumbers
 
-from elaoms.phone import DEFAULT_REGION, mask
+from elaoms.phone import default_region, mask
 from elaoms.webhooks.storage import caller_dir_name, safe_name
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def names_caller(body: bytes, user_id: str) -> bool:
     while (position := text.find(last_four, position) + 1) > 0:
         window = unquote_plus(text[max(0, position - 48) : position + 3])
         for match in phonenumbers.PhoneNumberMatcher(
-            window, DEFAULT_REGION, leniency=phonenumbers.Leniency.POSSIBLE
+            window, default_region(), leniency=phonenumbers.Leniency.POSSIBLE
         ):
             found = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
             if found == user_id:
