@@ -87,16 +87,21 @@ def test_redis_going_away_falls_back_to_this_process_then_recovers(
                     await shared.set(f"test:during:{index}", index)
                     assert await shared.get(f"test:during:{index}") == index
                 assert await shared.incr("test:count") == 1
-                # One 50 ms timeout per operation would be 40 of them, 2 s: below that, with
-                # room for a loaded host (the local work itself takes milliseconds).
-                assert time.perf_counter() - started < 1.5
+                # Paying the 200 ms timeout on each of these 41 operations would take 8 s;
+                # skipping Redis while it is down takes milliseconds. Half of 8 s tells the
+                # two apart with room for a loaded host.
+                assert time.perf_counter() - started < 4.0
                 assert not shared.redis_available
                 unavailable = [r for r in caplog.records if "redis unavailable" in r.message]
                 assert len(unavailable) == 1  # logged once, not per operation
 
                 server.start()
-                await asyncio.sleep(0.3)  # past retry_after
-                await shared.set("test:after", "back")
+                # Tried again once retry_after (0.2 s) has passed; a loaded host may need a
+                # few tries to connect within the operation's 200 ms.
+                deadline = time.monotonic() + 20
+                while not shared.redis_available and time.monotonic() < deadline:
+                    await shared.set("test:after", "back")
+                    await asyncio.sleep(0.05)
                 assert shared.redis_available
                 assert any("redis is back" in r.message for r in caplog.records)
             assert redis.Redis.from_url(server.url).get("test:after") == b'"back"'
@@ -128,14 +133,15 @@ def test_two_services_share_prepared_profiles_through_redis(
             with first.client() as client_a, second.client() as client_b:
                 expected = deliver_and_wait(client_a, transcription("conv_shared", caller), caller)
 
-                def shared_answer() -> tuple[dict, float] | None:
+                def shared_answer() -> dict | None:
                     # A Redis call slower than its 50 ms budget (a loaded CI machine) sends B
                     # to its local cache for a few seconds, by design: ask until it is back.
-                    answer, elapsed = ask(client_b, caller)
-                    return (answer, elapsed) if answer == expected else None
+                    # Past its deadline B answers the default, so the personal answer itself
+                    # shows it came in time (a stopwatch here failed on a busy machine).
+                    answer, _ = ask(client_b, caller)
+                    return answer if answer == expected else None
 
-                answer, elapsed = wait_until(shared_answer, timeout=20, interval=0.5)
-                assert elapsed < 1.0  # within the deadline, plus a loaded host's scheduling
+                answer = wait_until(shared_answer, timeout=60, interval=0.5)
                 assert first_message(answer).startswith("Hi Maria, welcome back")
         finally:
             first.stop()
