@@ -292,4 +292,3 @@ def test_a_counting_question_favours_the_turn_that_states_a_number() -> None:
     # Only a question asking for a count or an amount: the same words without one do not.
     assert index.texts[index.rank("She has been hiking")[0][0]] == memories[0].content
     assert CallerIndex.from_bytes(index.to_bytes()).rank(question) == index.rank(question)
-
