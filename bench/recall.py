@@ -172,6 +172,11 @@ def main() -> None:
         action="store_true",
         help="in process: choose settings on all files but one, measure on that one",
     )
+    parser.add_argument(
+        "--vary",
+        help="with --leave-one-out: the signals the grid tries, comma-separated (default:"
+        " all; the others stay at their shipped values)",
+    )
     args = parser.parse_args()
     if args.data is None:
         parser.error("--data DIR is required: bench/README.md says how to build it from LoCoMo")
@@ -188,7 +193,7 @@ def main() -> None:
 
         from elaoms.search.embeddings import default_cache
 
-        run(paths, args.chars, default_cache())
+        run(paths, args.chars, default_cache(), args.vary.split(",") if args.vary else None)
         return
 
     hmac_key, api_key = secrets.token_hex(16), secrets.token_hex(16)

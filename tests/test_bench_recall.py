@@ -96,8 +96,11 @@ def test_leave_one_out_reports_each_held_out_file_and_what_each_signal_buys(
     output = recall(bench_dir, "--leave-one-out").stdout
     for number in range(1, len(STORIES) + 1):
         assert re.search(rf"^\s+locomo-{number}\.json: [\d.]+ ", output, re.M)
-    assert re.search(r"mean [\d.]+, worst [\d.]+", output)
-    assert re.search(r"^\s+summary_weight: [+-][\d.]+$", output, re.M)
+    # Before and after the latest round's signals, in the one run.
+    assert len(re.findall(r"mean [\d.]+, worst [\d.]+", output)) == 2
+    assert "leave one out without number_boost (before):" in output
+    for signal in ("summary_weight", "number_boost"):
+        assert re.search(rf"^\s+{signal}: [+-][\d.]+$", output, re.M)
 
 
 def _env() -> dict[str, str]:

@@ -263,3 +263,32 @@ def test_a_quoted_memory_keeps_its_own_metadata_saved_or_not() -> None:
         assert index._memory(2).metadata == memories[2].metadata
         assert type(index._memory(2).metadata["flag"]) is int
         assert index._memory(1).metadata["flag"] is True
+
+
+def test_a_counting_question_favours_the_turn_that_states_a_number() -> None:
+    memories = call(
+        "c1",
+        MAY_2023,
+        "Hiking again today, I do love hiking, hiking is my thing.",
+        "Enjoy the trails.",
+        "Weather is grey.",
+        "Stay dry.",
+    ) + call(
+        "c2",
+        AUGUST_2023,
+        "That was my third hike this summer, up the ridge.",
+        "Well done.",
+        "The kids are at camp.",
+        "Lovely.",
+    )
+    index = CallerIndex(memories)
+    question = "How many times has she been hiking?"
+    # The words alone prefer the turn that says "hiking" three times...
+    index.number_boost = 0
+    assert index.texts[index.rank(question)[0][0]] == memories[0].content
+    # ...the count is in the turn that states a number ("third").
+    index.number_boost = CallerIndex.number_boost
+    assert index.texts[index.rank(question)[0][0]] == memories[4].content
+    # Only a question asking for a count or an amount: the same words without one do not.
+    assert index.texts[index.rank("She has been hiking")[0][0]] == memories[0].content
+    assert CallerIndex.from_bytes(index.to_bytes()).rank(question) == index.rank(question)

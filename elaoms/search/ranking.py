@@ -59,6 +59,14 @@ _STOP_WORDS_TEXT = """
 """
 STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 
+# A question asking for a count or an amount is answered by a turn that states a number.
+_COUNTING_QUESTION = re.compile(r"\bhow\s+(?:many|much|often)\b", re.IGNORECASE)
+_NUMBER = re.compile(
+    r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|"
+    r"thirty|forty|fifty|hundred|thousand|dozen|once|twice|first|second|third)\b",
+    re.IGNORECASE,
+)
+
 SEPARATOR = "…"  # stands between two non-adjacent turns of one excerpt
 # Bounds on one search's work. A query is a few keywords (the agent's LLM writes it), and
 # the answer quotes a few turns: the best few thousand by BM25 hold them.
@@ -141,7 +149,7 @@ def query_periods(query: str) -> list[_Period]:
 
 
 # Of `CallerIndex.to_bytes`: an index saved in another format is rebuilt, never misread.
-INDEX_FORMAT = 7
+INDEX_FORMAT = 8
 
 
 class Postings:
@@ -284,6 +292,7 @@ class CallerIndex:
     dense_floor = 0.2  # cosine below which a turn gets no semantic credit
     dense_power = 2.0
     summary_weight = 0.3  # a summary sentence's words, credited to the turn it recounts
+    number_boost = 1.0  # x2 for turns stating a number, when the query asks "how many"
     excerpt_header_chars = 25  # what the context adds per excerpt ("[Call on ...]")
     max_chars = 2800  # excerpt text returned in total; the context's budget minus headers
 
@@ -293,7 +302,7 @@ class CallerIndex:
         "user_id", "roles", "turn_numbers", "lengths", "chars", "unit_calls", "positions",
         "postings", "total_length", "call_keys", "call_turns", "call_started",
         "call_postings", "call_lengths", "speaker_names", "shared_metadata",
-        "recounted_postings", "recounted_lengths", "recounted_length",
+        "recounted_postings", "recounted_lengths", "recounted_length", "numbers",
     )  # fmt: skip
 
     def __init__(self, memories: Sequence[Memory] = (), *, vectors: Any = DEFAULT) -> None:
@@ -324,6 +333,7 @@ class CallerIndex:
         self.recounted_postings = Postings()
         self.recounted_lengths: dict[str, int] = {}  # unit (as JSON keys are) -> terms
         self.recounted_length = 0  # their sum
+        self.numbers = ""  # per unit, "1" if it states a number (`number_boost`), else "0"
         self.vector_cache: VectorCache | None = None
         self.vectors: Any = None
         self.extend(memories)
@@ -513,6 +523,7 @@ class CallerIndex:
         self.chars.append(len(_speaker_line(self.roles[unit], memory.content)) + 1)
         self.unit_calls.append(call)
         self.positions.append(position)
+        self.numbers += "1" if _NUMBER.search(memory.content) else "0"
         self.total_length += self.lengths[unit]
         postings = self.postings.terms()
         for term, frequency in terms.items():
@@ -749,6 +760,12 @@ class CallerIndex:
             for index in combined:
                 if self.roles[index] == speaker:
                     combined[index] *= 1 + self.speaker_boost
+        if self.number_boost and _COUNTING_QUESTION.search(query):
+            # "How many hikes has she been on?": the turns that count something say it.
+            numbers, factor = self.numbers, 1 + self.number_boost
+            for index in combined:
+                if numbers[index] == "1":
+                    combined[index] *= factor
         # Best first, ties by unit: sorted by unit, then (stably) by score.
         ranked = sorted((item for item in combined.items() if item[1] > 0), key=itemgetter(0))
         ranked.sort(key=itemgetter(1), reverse=True)
