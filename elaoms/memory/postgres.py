@@ -149,7 +149,16 @@ class PostgresStore(MemoryStore):
             from psycopg_pool import AsyncConnectionPool
 
             try:
-                if self.upgrade_schema:
+                if self._hash_key:
+                    # Opened before, then dropped in an outage: one connection first, so
+                    # that a database still down fails at once, not after the pool's wait.
+                    import psycopg
+
+                    probe = await psycopg.AsyncConnection.connect(
+                        self.database_url, connect_timeout=max(1, round(self.timeout))
+                    )
+                    await probe.close()
+                elif self.upgrade_schema:
                     from elaoms.memory import migrations
 
                     await asyncio.to_thread(
@@ -177,7 +186,7 @@ class PostgresStore(MemoryStore):
             except EncryptionConfigError:
                 raise  # a key that cannot read the store: said as such, not as an outage
             except Exception as error:
-                raise _unavailable(error, self.database_url) from error
+                raise storage_error(error, self.database_url) from error
             self._pool = pool
             return pool
 
@@ -194,9 +203,14 @@ class PostgresStore(MemoryStore):
                     )
                 yield connection
         except Exception as error:
-            if _transient(error):
-                raise _unavailable(error, self.database_url) from error
-            raise
+            if not _transient(error):
+                raise
+            if _no_connection(error) and self._pool is pool:
+                # The pool backs off between reconnections (seconds, growing): a new one
+                # at the next use reconnects as soon as PostgreSQL is back.
+                self._pool = None
+                await pool.close(timeout=1.0)
+            raise storage_error(error, self.database_url) from error
 
     async def _lock_caller(self, connection: AsyncConnection, key: str) -> None:
         """Writers of one caller's memories take turns: sequence numbers are drawn at insert
@@ -995,7 +1009,13 @@ def _transient(error: BaseException) -> bool:
     )
 
 
-def _unavailable(error: BaseException, database_url: str) -> StoreUnavailableError:
+def _no_connection(error: BaseException) -> bool:
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(error, PoolTimeout)
+
+
+def storage_error(error: BaseException, database_url: str) -> StoreUnavailableError:
     """The error as the service reports it, the URL's password masked (libpq's messages
     name the host, never the password; the URL passed in may hold one)."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
