@@ -51,7 +51,7 @@ def as_json(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(params=["sqlite", "openmemory"])
+@pytest.fixture(params=["sqlite", "openmemory", "postgres"])
 def settings(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
@@ -67,6 +67,11 @@ def settings(
             "OPENMEMORY_LEDGER_PATH": str(data / "openmemory-ledger.sqlite3"),
             "OPENMEMORY_RETRY_BASE_DELAY_SECONDS": "0.01",
             "MAX_RETRIES": "1",
+        }
+    elif request.param == "postgres":
+        env |= {
+            "MEMORY_BACKEND": "postgres",
+            "DATABASE_URL": request.getfixturevalue("postgres_url"),
         }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
