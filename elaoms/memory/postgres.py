@@ -935,7 +935,10 @@ class PostgresStore(MemoryStore):
                     await connection.execute(
                         "SELECT user_id, call_count, last_started_at, count(*) OVER (), caller"
                         f" FROM caller_directory {where}"
-                        " ORDER BY last_started_at DESC NULLS LAST, user_id DESC"
+                        # `+ 0`: not the index's order, so the planner scans the table once
+                        # and sorts the few matches, instead of walking the index in order
+                        # (a random heap read per caller: 56 ms at 100,000 callers, not 20).
+                        " ORDER BY last_started_at + 0 DESC NULLS LAST, user_id DESC"
                         " LIMIT %s OFFSET %s",
                         [*parameters, *page],
                     )
