@@ -407,7 +407,7 @@ def cli_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MEMORY_BACKEND": "postgres"}, "error: invalid setting MEMORY_BACKEND"),
+        ({"MEMORY_BACKEND": "mysql"}, "error: invalid setting MEMORY_BACKEND"),
         ({"ENABLE_ENCRYPTION_AT_REST": "true"}, "error: encryption: ENABLE_ENCRYPTION_AT_REST"),
         (
             {"MEMORY_BACKEND": "openmemory", "OPENMEMORY_URL": "http://127.0.0.1:{port}"},
