@@ -148,6 +148,21 @@ def test_db_current_tells_an_empty_database_from_an_upgraded_one(postgres_url: s
     assert "up to date" in current()
 
 
+def test_db_commands_on_another_backend_say_what_they_are_for(tmp_path: Any) -> None:
+    env = {**os.environ, "MEMORY_BACKEND": "sqlite", "SQLITE_PATH": str(tmp_path / "m.db")}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "elaoms.cli", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 1
+    assert "MEMORY_BACKEND=postgres" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_replicas_opening_a_new_database_together_share_one_hash_key(
     postgres_url: str, run: Run[Any]
 ) -> None:
