@@ -356,9 +356,10 @@ class PostgresStore(MemoryStore):
         payload: dict[str, Any] | list[Memory],
         memories: list[Memory] | None = None,
     ) -> CallReceipt:
-        """`add_call(user_id, call, payload, memories)` (the typed record built once at
-        ingestion), or, until every caller passes the record, `add_call(user_id, payload,
-        memories)`, whose record is built here."""
+        """`add_call(user_id, call, payload, memories)`: the typed record built once at
+        ingestion (the store <-> search contract). TEMPORARY (issue 14): main's callers
+        still pass `add_call(user_id, payload, memories)`, whose record is built here; only
+        the record form stays once the contract is merged."""
         if isinstance(call, CallRecord):
             assert isinstance(payload, dict) and memories is not None
             return await self._add_call(user_id, call, payload, memories)
