@@ -134,3 +134,38 @@ def test_each_replica_reports_itself_ready_and_never_logs_the_password(
         with httpx.Client(base_url=service.url) as client:
             assert client.get("/ready").status_code == 200
         assert PASSWORD not in service.logs()
+
+
+def test_a_call_delivered_while_postgresql_is_down_is_queued_then_stored(
+    tmp_path: Path, elevenlabs: ElevenLabsStandIn
+) -> None:
+    # A server of the test's own: it is stopped mid-test.
+    server = PostgresServer().start()
+    service = replica(tmp_path / "replica", server.create_database("outage"), elevenlabs)
+    service.env.update(
+        {
+            "DATABASE_TIMEOUT_SECONDS": "1",
+            "MAX_RETRIES": "1",
+            "RETRY_BASE_DELAY_SECONDS": "0.1",
+            "PENDING_SWEEP_INTERVAL_SECONDS": "0.3",
+            "POST_CALL_STORE_TIMEOUT_MS": "500",
+        }
+    )
+    database = service.env["DATABASE_URL"]
+    try:
+        service.start()
+        with service.client() as client:
+            deliver_and_wait(client, transcription("conv_pg_up", MARIA), MARIA)
+            server.stop()
+            body = json.dumps(transcription("conv_pg_down", MARIA)).encode()
+            answer = client.post("/webhooks/post-call", content=body, headers=signed_headers(body))
+            assert answer.status_code == 200 and answer.json()["status"] == "queued"
+            pending = service.data_dir / "webhooks" / "_pending"
+            assert any(pending.iterdir())
+            server.start()
+            wait_until(lambda: stored(database, "conv_pg_down"))
+            wait_until(lambda: not any(pending.iterdir()))
+            wait_until(lambda: ask(client, MARIA)[0]["dynamic_variables"]["call_count"] == 2)
+    finally:
+        service.stop()
+        server.remove()
