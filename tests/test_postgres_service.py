@@ -162,6 +162,13 @@ def test_a_call_delivered_while_postgresql_is_down_is_queued_then_stored(
             assert answer.status_code == 200 and answer.json()["status"] == "queued"
             pending = service.data_dir / "webhooks" / "_pending"
             assert any(pending.iterdir())
+            # The phone still rings: client-data and search answer, as for a new caller.
+            answer_now, _ = ask(client, MARIA)
+            assert answer_now["dynamic_variables"]["caller_id"] == MARIA
+            found = client.post(
+                "/webhooks/search-data", json={"query": "crown", "user_id": MARIA}, headers=AUTH
+            )
+            assert found.status_code == 200
             server.start()
             wait_until(lambda: stored(database, "conv_pg_down"))
             wait_until(lambda: not any(pending.iterdir()))
