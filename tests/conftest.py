@@ -25,6 +25,7 @@ from elaoms.memory.base import Memory, MemoryStore
 from elaoms.webhooks.signature import sign
 
 if TYPE_CHECKING:
+    from postgres_server import PostgresServer
     from standins import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +251,25 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL for the whole run (started on first use: a few seconds),
+    stopped and removed at the end; tests each take a database of their own."""
+    from postgres_server import PostgresServer  # imports this module: imported when used
+
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database of this test's own."""
+    return postgres_server.create_database()
 
 
 @pytest.fixture

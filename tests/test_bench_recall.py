@@ -82,11 +82,11 @@ def recall(bench_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_backend_gives_the_same_recall_on_the_same_calls(bench_dir: Path) -> None:
     figures: dict[str, Any] = {}
-    for backend in ("sqlite", "openmemory"):
+    for backend in ("sqlite", "openmemory", "postgres"):
         output = recall(bench_dir, "--backend", backend).stdout
         assert f"backend: {backend}" in output
         figures[backend] = re.findall(r"(?:recall@\d+ chars:|^\s+\d \S+)\s+([\d.]+)", output, re.M)
-    assert figures["sqlite"] == figures["openmemory"]
+    assert figures["sqlite"] == figures["openmemory"] == figures["postgres"]
     assert figures["sqlite"][0] == "0.500"  # the words of the first questions only
 
 

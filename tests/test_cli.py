@@ -51,7 +51,7 @@ def as_json(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(params=["sqlite", "openmemory"])
+@pytest.fixture(params=["sqlite", "openmemory", "postgres"])
 def settings(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
@@ -67,6 +67,11 @@ def settings(
             "OPENMEMORY_LEDGER_PATH": str(data / "openmemory-ledger.sqlite3"),
             "OPENMEMORY_RETRY_BASE_DELAY_SECONDS": "0.01",
             "MAX_RETRIES": "1",
+        }
+    elif request.param == "postgres":
+        env |= {
+            "MEMORY_BACKEND": "postgres",
+            "DATABASE_URL": request.getfixturevalue("postgres_url"),
         }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -402,7 +407,7 @@ def cli_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MEMORY_BACKEND": "postgres"}, "error: invalid setting MEMORY_BACKEND"),
+        ({"MEMORY_BACKEND": "mysql"}, "error: invalid setting MEMORY_BACKEND"),
         ({"ENABLE_ENCRYPTION_AT_REST": "true"}, "error: encryption: ENABLE_ENCRYPTION_AT_REST"),
         (
             {"MEMORY_BACKEND": "openmemory", "OPENMEMORY_URL": "http://127.0.0.1:{port}"},

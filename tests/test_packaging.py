@@ -21,7 +21,8 @@ def test_the_image_health_check_follows_port_and_the_image_carries_the_default_s
     healthcheck = next(line for line in dockerfile.splitlines() if "urlopen" in line)
     assert "os.environ.get('PORT'" in healthcheck
     assert "127.0.0.1:8000" not in healthcheck
-    assert 'pip install ".[embeddings]"' in dockerfile  # SEARCH_EMBEDDINGS=auto's model
+    # SEARCH_EMBEDDINGS=auto's model, and the driver MEMORY_BACKEND=postgres needs.
+    assert 'pip install ".[embeddings,postgres]"' in dockerfile
 
 
 def test_compose_needs_no_hand_made_env_file_and_names_what_is_missing() -> None:

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import typer
 
-from elaoms.cli import backfill, callers, calls, demo, maintenance, quarantine, serve, setup
+from elaoms.cli import (
+    backfill,
+    callers,
+    calls,
+    database,
+    demo,
+    maintenance,
+    quarantine,
+    serve,
+    setup,
+)
 from elaoms.cli.runtime import EXIT_CODES_HELP, ElaomsGroup
 
 app = typer.Typer(
@@ -33,5 +43,8 @@ app.command("forget")(callers.forget)
 app.command("export")(callers.export)
 app.command("purge")(maintenance.purge)
 app.command("requeue")(quarantine.requeue)
+app.add_typer(database.db_app, name="db")
+database.db_app.command("upgrade")(database.upgrade)
+database.db_app.command("current")(database.current)
 
 __all__ = ["app"]

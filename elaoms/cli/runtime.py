@@ -126,6 +126,10 @@ def store_description(settings: Settings | None = None) -> str:
     settings = settings or load_settings()
     if settings.memory_backend is MemoryBackend.OPENMEMORY:
         where = f"the OpenMemory store at {settings.openmemory_url}"
+    elif settings.memory_backend is MemoryBackend.POSTGRES:
+        from elaoms.memory.postgres import redacted
+
+        where = f"the PostgreSQL store at {redacted(settings.database_url)}"
     else:
         where = f"the SQLite store {settings.sqlite_path.resolve()}"
     env_file = Path.cwd() / ".env"

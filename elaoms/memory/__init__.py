@@ -22,6 +22,10 @@ def create_store(settings: Settings, cipher: PayloadCipher | None = None) -> Mem
         from elaoms.memory.openmemory import OpenMemoryStore
 
         return OpenMemoryStore.from_settings(settings, cipher)
+    if settings.memory_backend is MemoryBackend.POSTGRES:
+        from elaoms.memory.postgres import PostgresStore
+
+        return PostgresStore.from_settings(settings, cipher)
     from elaoms.memory.sqlite import SQLiteStore
 
     return SQLiteStore(

@@ -92,6 +92,26 @@ class CallReceipt:
     forgotten: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryVersion:
+    """Which of a caller's memories an index describes; changes with every insert or delete."""
+
+    count: int  # how many memories the caller has (agent profiles are not memories)
+    last_seq: int  # the greatest sequence number among them, 0 when none
+
+
+@dataclass(frozen=True, slots=True)
+class SavedIndex:
+    version: MemoryVersion
+    data: bytes  # search's own format, opaque to the store; the store encrypts it at rest
+
+
+@dataclass(frozen=True, slots=True)
+class IndexState:
+    version: MemoryVersion  # the caller's memories now
+    saved: SavedIndex | None  # the saved index, whatever version it describes
+
+
 class MemoryStore(abc.ABC):
     """Async interface; implementations must be safe for concurrent use by one process and
     for several processes sharing the same backing store (gunicorn workers)."""

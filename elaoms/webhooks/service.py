@@ -184,7 +184,7 @@ class IngestService:
                 data = AudioData.model_validate(envelope.data)
             except ValidationError as error:
                 return self._quarantine(incoming, _describe(error, prefix="data"))
-            if await self.store.is_forgotten(data.conversation_id):
+            if await self._forgotten(data.conversation_id):
                 return Acknowledgement(status="forgotten")
             call = await self._stored_call(data.conversation_id)
             user_id = call.user_id if call else None
@@ -229,7 +229,7 @@ class IngestService:
         except ValidationError as error:
             return self._quarantine(body, _describe(error, prefix="data"))
         # Before the receipts: another worker's copy may still hold the forgotten memory id.
-        if await self.store.is_forgotten(data.conversation_id):
+        if await self._forgotten(data.conversation_id):
             logger.info(
                 "%s %s was forgotten: not stored again", envelope.type, data.conversation_id
             )
@@ -257,7 +257,7 @@ class IngestService:
                 else (f"data.full_audio is not valid base64: {error}")
             )
             return self._quarantine(body, reason)
-        if await self.store.is_forgotten(data.conversation_id):
+        if await self._forgotten(data.conversation_id):
             return Acknowledgement(status="forgotten")
         call = await self._stored_call(data.conversation_id)
         user_id = call.user_id if call else None
@@ -271,6 +271,17 @@ class IngestService:
             "claimed" if user_id else "awaiting its transcription",
         )
         return Acknowledgement(status="received", detail=f"audio kept as {path.name}")
+
+    async def _forgotten(self, conversation_id: str) -> bool:
+        """Whether the conversation was forgotten; False while the store is down (a store
+        on a server, PostgreSQL): the delivery is then kept like any other, and storing it
+        checks again in the same transaction (the store answers `forgotten` and the kept
+        copy goes)."""
+        try:
+            return await self.store.is_forgotten(conversation_id)
+        except TRANSIENT_ERRORS as error:
+            logger.warning("forgotten conversations not checked (%s): delivery kept", error)
+            return False
 
     async def _stored_call(
         self, conversation_id: str, event_type: str = TRANSCRIPTION

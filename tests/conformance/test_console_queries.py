@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from elaoms.memory.base import MemoryStore
+from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
 from elaoms.operations.crypto import PayloadCipher, generate_key
@@ -37,13 +38,21 @@ JAMES = "+14155550188"
 WEI = "+442071838750"
 
 
-@pytest.fixture(params=["sqlite", "sqlite-encrypted", "openmemory"])
+@pytest.fixture(
+    params=["sqlite", "sqlite-encrypted", "openmemory", "postgres", "postgres-encrypted"]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path, run: Run[Any]) -> Iterator[MemoryStore]:
     if request.param == "sqlite":
         backend: MemoryStore = SQLiteStore(tmp_path / "memory.sqlite3")
     elif request.param == "sqlite-encrypted":
         cipher = PayloadCipher(generate_key(), enabled=True)
         backend = SQLiteStore(tmp_path / "memory.sqlite3", cipher=cipher)
+    elif request.param.startswith("postgres"):
+        encrypted = request.param.endswith("-encrypted")
+        backend = PostgresStore(
+            request.getfixturevalue("postgres_url"),
+            cipher=PayloadCipher(generate_key(), enabled=True) if encrypted else None,
+        )
     else:
         server: StandIn = request.getfixturevalue("fresh_standin")
         backend = openmemory_store(server, tmp_path)

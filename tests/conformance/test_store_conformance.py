@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 from elaoms.memory.base import Memory, MemoryStore
+from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION, call_memories
+from elaoms.operations.crypto import PayloadCipher, generate_key
 
 from conftest import load_fixture, transcription
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -30,7 +32,7 @@ from openmemory_standin import (  # noqa: F401 - fixtures by name
     standin,
 )
 
-BACKENDS = ["sqlite", "openmemory"]
+BACKENDS = ["sqlite", "openmemory", "postgres", "postgres-encrypted"]
 MARIA = "+14155550123"
 JAMES = "+14155550188"
 
@@ -39,6 +41,12 @@ JAMES = "+14155550188"
 def store(request: pytest.FixtureRequest, tmp_path: Path, run: Run[Any]) -> Iterator[MemoryStore]:
     if request.param == "sqlite":
         backend: MemoryStore = SQLiteStore(tmp_path / "memory.sqlite3")
+    elif request.param.startswith("postgres"):
+        encrypted = request.param.endswith("-encrypted")
+        backend = PostgresStore(
+            request.getfixturevalue("postgres_url"),
+            cipher=PayloadCipher(generate_key(), enabled=True) if encrypted else None,
+        )
     else:
         server: StandIn = request.getfixturevalue("fresh_standin")
         backend = openmemory_store(server, tmp_path)

@@ -1,0 +1,1029 @@
+"""The PostgreSQL memory store: several replicas, each with its workers, share one database.
+
+The tables mirror the embedded store's (`elaoms.memory.sqlite`, schema in
+`elaoms/memory/migrations/`), with the same keyed-hash caller keys and the same encryption
+at rest. A call's idempotency rests on its primary key (`INSERT ... ON CONFLICT DO
+NOTHING`): a duplicate delivery racing in on another replica stores nothing, whatever any
+cache says. Every write is one transaction.
+
+The connection pool is opened, and the schema brought up to date, on first use rather than
+at construction: a replica starts, and queues deliveries on disk, while PostgreSQL is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from elaoms.memory.base import (
+    CallDigest,
+    CallerPage,
+    CallerSummary,
+    CallHistory,
+    CallReceipt,
+    IndexState,
+    Memory,
+    MemoryStore,
+    MemoryVersion,
+    SavedIndex,
+    StoredCall,
+    StoreUnavailableError,
+)
+from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
+from elaoms.memory.records import CallRecord
+from elaoms.memory.units import TRANSCRIPTION
+from elaoms.operations.crypto import (
+    KEYED_HASH_PREFIX,
+    EncryptionConfigError,
+    PayloadCipher,
+    keyed_hash,
+    new_hash_key,
+)
+from elaoms.payloads import decode, encode
+from elaoms.phone import normalize_caller_id
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+    from elaoms.config import Settings
+
+logger = logging.getLogger(__name__)
+
+CALL_COLUMNS = (
+    "event_type, conversation_id, user_id, agent_id, event_timestamp, started_at, memory_id,"
+    " payload, stored_at, caller"
+)
+HASH_KEY = "hash_key"
+# Present while encryption is on and every row is encrypted (no start-up scan needed).
+ALL_PROTECTED = "all_rows_protected"
+# Newest first, as `MemoryStore.call_history` defines it: calls without a start last.
+NEWEST_FIRST = "ORDER BY started_at DESC NULLS LAST, conversation_id DESC"
+# Advisory lock classes (the two-key form: a space of its own, apart from the schema lock).
+CALLER_LOCK = 1  # one caller's memories: their sequence numbers commit in order
+PROTECT_LOCK = 2  # the start-up encryption of rows left in clear
+
+
+def redacted(database_url: str) -> str:
+    """DATABASE_URL as it may be logged: without its password."""
+    try:
+        parts = urlsplit(database_url)
+    except ValueError:
+        return "postgresql://..."
+    if parts.password is None:
+        return database_url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def _text(value: str) -> str:
+    """A value for a text column: PostgreSQL's text refuses the NUL character, which a
+    signed payload may still carry in an id (the raw payload keeps it whole)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+class PostgresStore(MemoryStore):
+    name = "postgres"
+    caller_profiles_on_loop = False
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        cipher: PayloadCipher | None = None,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        timeout: float = 5.0,
+        upgrade_schema: bool = True,
+    ) -> None:
+        if not database_url:
+            raise StoreUnavailableError(
+                "MEMORY_BACKEND=postgres needs DATABASE_URL (postgresql://user:password@host/db)"
+            )
+        self.database_url = database_url
+        self.cipher = cipher or PayloadCipher()
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = max(pool_max_size, pool_min_size, 1)
+        self.timeout = timeout
+        self.upgrade_schema = upgrade_schema
+        self._pool: AsyncConnectionPool | None = None
+        self._opening: asyncio.Lock | None = None
+        self._hash_key = b""
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, cipher: PayloadCipher | None = None
+    ) -> PostgresStore:
+        return cls(
+            settings.database_url,
+            cipher=cipher,
+            pool_min_size=settings.database_pool_min_size,
+            pool_max_size=settings.database_pool_max_size,
+            timeout=settings.database_timeout_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redacted(self.database_url)!r})"
+
+    # Connections -------------------------------------------------------------------------
+    async def _ready(self) -> AsyncConnectionPool:
+        """The open pool, opening it (and upgrading the schema) on first use. A failure is
+        tried again at the next use."""
+        if self._pool is not None:
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is not None:
+                return self._pool
+            from psycopg_pool import AsyncConnectionPool
+
+            try:
+                if self._hash_key:
+                    # Opened before, then dropped in an outage: one connection first, so
+                    # that a database still down fails at once, not after the pool's wait.
+                    import psycopg
+
+                    probe = await psycopg.AsyncConnection.connect(
+                        self.database_url, connect_timeout=max(1, round(self.timeout))
+                    )
+                    await probe.close()
+                elif self.upgrade_schema:
+                    from elaoms.memory import migrations
+
+                    await asyncio.to_thread(
+                        migrations.upgrade, self.database_url, connect_timeout=self.timeout
+                    )
+                pool = AsyncConnectionPool(
+                    self.database_url,
+                    min_size=self.pool_min_size,
+                    max_size=self.pool_max_size,
+                    timeout=self.timeout,
+                    open=False,
+                    # A connection broken while idle (PostgreSQL restarted) is replaced
+                    # before use instead of failing the request that drew it.
+                    check=AsyncConnectionPool.check_connection,
+                    kwargs={"connect_timeout": max(1, round(self.timeout))},
+                )
+                await pool.open(wait=False)
+                try:
+                    async with pool.connection() as connection:
+                        self._hash_key = await self._load_hash_key(connection)
+                    await self._protect_plain_rows(pool)
+                except BaseException:
+                    await pool.close()
+                    raise
+            except EncryptionConfigError:
+                raise  # a key that cannot read the store: said as such, not as an outage
+            except Exception as error:
+                raise storage_error(error, self.database_url) from error
+            self._pool = pool
+            return pool
+
+    @asynccontextmanager
+    async def _transaction(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction on a pooled connection, committed at the end (rolled back on an
+        error). `snapshot`: several reads that must agree (REPEATABLE READ, read only)."""
+        pool = await self._ready()
+        try:
+            async with pool.connection() as connection:
+                if snapshot:
+                    await connection.execute(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                    )
+                yield connection
+        except Exception as error:
+            if not _transient(error):
+                raise
+            if _no_connection(error) and self._pool is pool:
+                # The pool backs off between reconnections (seconds, growing): a new one
+                # at the next use reconnects as soon as PostgreSQL is back.
+                self._pool = None
+                await pool.close(timeout=1.0)
+            raise storage_error(error, self.database_url) from error
+
+    async def _lock_caller(self, connection: AsyncConnection, key: str) -> None:
+        """Writers of one caller's memories take turns: sequence numbers are drawn at insert
+        time, so without this a reader could see seq 11 committed before seq 10 (a saved
+        index's `last_seq` would then skip 10). Other callers are not held up."""
+        await connection.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CALLER_LOCK, key)
+        )
+
+    async def _load_hash_key(self, connection: AsyncConnection) -> bytes:
+        """The store's keyed-hash secret, made by whichever replica comes first (the others
+        read it). With encryption on it is re-wrapped with the first ENCRYPTION_KEY at every
+        start, so after a rotation the old key can go."""
+        await connection.execute(
+            "INSERT INTO store_keys (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (HASH_KEY, self.cipher.encrypt(new_hash_key())),
+        )
+        row = await (
+            await connection.execute(
+                "SELECT value FROM store_keys WHERE name = %s FOR UPDATE", (HASH_KEY,)
+            )
+        ).fetchone()
+        assert row is not None
+        key = self.cipher.decrypt(bytes(row[0]))
+        if self.cipher.enabled:
+            await connection.execute(
+                "UPDATE store_keys SET value = %s WHERE name = %s",
+                (self.cipher.encrypt(key), HASH_KEY),
+            )
+        return key
+
+    async def _protect_plain_rows(self, pool: AsyncConnectionPool) -> None:
+        """Encrypt what was written in clear (encryption turned on since): caller keys become
+        keyed hashes, text is sealed, saved indexes dropped. One replica does it (the
+        others wait on the lock, then find it done); a no-op once done."""
+        async with pool.connection() as connection:
+            if not self.cipher.enabled:
+                # Rows written from now on are in clear: look again when it is turned on.
+                await connection.execute("DELETE FROM store_keys WHERE name = %s", (ALL_PROTECTED,))
+                return
+            if await self._marked(connection):
+                return
+            await connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (PROTECT_LOCK,))
+            if await self._marked(connection):  # done by another replica meanwhile
+                return
+            plain = f"NOT LIKE '{KEYED_HASH_PREFIX}%%'"
+            seal = self.cipher.encrypt
+            rows = await connection.execute(
+                f"SELECT event_type, conversation_id, user_id, payload FROM calls WHERE user_id {plain}"
+            )
+            for event_type, conversation_id, user_id, payload in await rows.fetchall():
+                await connection.execute(
+                    "UPDATE calls SET user_id = %s, caller = %s, payload = %s"
+                    " WHERE event_type = %s AND conversation_id = %s",
+                    (
+                        self._key(user_id),
+                        seal(user_id.encode()),
+                        seal(self.cipher.decrypt(bytes(payload))),
+                        event_type,
+                        conversation_id,
+                    ),
+                )
+            rows = await connection.execute(
+                f"SELECT seq, user_id, content, metadata FROM memories WHERE user_id {plain}"
+            )
+            for seq, user_id, content, metadata in await rows.fetchall():
+                await connection.execute(
+                    "UPDATE memories SET user_id = %s, content = %s, metadata = %s WHERE seq = %s",
+                    (
+                        self._key(user_id),
+                        seal(self.cipher.decrypt(bytes(content))),
+                        seal(self.cipher.decrypt(bytes(metadata))),
+                        seq,
+                    ),
+                )
+            await connection.execute(f"DELETE FROM caller_indexes WHERE user_id {plain}")
+            await connection.execute(f"DELETE FROM caller_directory WHERE user_id {plain}")
+            rows = await connection.execute(
+                f"SELECT user_id, profile FROM caller_profiles WHERE user_id {plain}"
+            )
+            for user_id, profile in await rows.fetchall():
+                plain_profile = self.cipher.decrypt(bytes(profile))
+                await connection.execute(
+                    "UPDATE caller_profiles SET user_id = %s, profile = %s WHERE user_id = %s",
+                    (self._key(user_id), seal(plain_profile), user_id),
+                )
+                await self._put_directory_entry(connection, user_id, decode(plain_profile))
+            rows = await connection.execute(
+                "SELECT event_type, conversation_id, user_id, facts, words FROM call_digests"
+                f" WHERE user_id {plain}"
+            )
+            for event_type, conversation_id, user_id, facts, words in await rows.fetchall():
+                await connection.execute(
+                    "UPDATE call_digests SET user_id = %s, facts = %s, words = %s"
+                    " WHERE event_type = %s AND conversation_id = %s",
+                    (
+                        self._key(user_id),
+                        seal(self.cipher.decrypt(bytes(facts))),
+                        seal(self.cipher.decrypt(bytes(words))),
+                        event_type,
+                        conversation_id,
+                    ),
+                )
+            await connection.execute(
+                "INSERT INTO store_keys (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (ALL_PROTECTED, b"1"),
+            )
+
+    async def _marked(self, connection: AsyncConnection) -> bool:
+        found = await connection.execute(
+            "SELECT 1 FROM store_keys WHERE name = %s", (ALL_PROTECTED,)
+        )
+        return await found.fetchone() is not None
+
+    # Caller keys and sealed text ----------------------------------------------------------
+    def _key(self, user_id: str) -> str:
+        """The `user_id` column's value: the caller id itself, or with encryption on its
+        keyed hash (the number is then kept only encrypted, in `calls.caller`)."""
+        return keyed_hash(self._hash_key, user_id) if self.cipher.enabled else _text(user_id)
+
+    async def _caller_key(self, user_id: str) -> str:
+        """`_key` before a transaction is open (the hash key is read when the pool opens)."""
+        await self._ready()
+        return self._key(user_id)
+
+    def _word_key(self, word: str) -> str:
+        """As `SQLiteStore._word_key`: a word the caller directory is searched by."""
+        if not self.cipher.enabled:
+            return _text(word)
+        return keyed_hash(self._hash_key, f"word:{word}")[len(KEYED_HASH_PREFIX) :][:20]
+
+    def _seal(self, text: str) -> bytes:
+        return self.cipher.encrypt(text.encode())
+
+    def _open(self, value: bytes | memoryview) -> str:
+        return self.cipher.decrypt(bytes(value)).decode()
+
+    # Calls -------------------------------------------------------------------------------
+    async def add_call(  # type: ignore[override]
+        self,
+        user_id: str,
+        call: CallRecord | dict[str, Any],
+        payload: dict[str, Any] | list[Memory],
+        memories: list[Memory] | None = None,
+    ) -> CallReceipt:
+        """`add_call(user_id, call, payload, memories)`: the typed record built once at
+        ingestion (the store <-> search contract). TEMPORARY (issue 14): main's callers
+        still pass `add_call(user_id, payload, memories)`, whose record is built here; only
+        the record form stays once the contract is merged."""
+        if isinstance(call, CallRecord):
+            assert isinstance(payload, dict) and memories is not None
+            return await self._add_call(user_id, call, payload, memories)
+        assert isinstance(payload, list)
+        return await self._add_call(user_id, CallRecord.from_payload(call), call, payload)
+
+    async def _add_call(
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+    ) -> CallReceipt:
+        memory_id = f"mem_{uuid.uuid4().hex}"
+        event_type, conversation_id = _text(call.event_type), _text(call.conversation_id)
+        key = await self._caller_key(user_id)
+        async with self._transaction() as connection:
+            await self._lock_caller(connection, key)
+            # The primary key decides: a copy stored meanwhile by another replica makes
+            # this insert do nothing (it waits for that transaction, then sees its row).
+            inserted = await connection.execute(
+                f"INSERT INTO calls ({CALL_COLUMNS})"
+                " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s WHERE NOT EXISTS"
+                " (SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s)"
+                " ON CONFLICT (event_type, conversation_id) DO NOTHING RETURNING memory_id",
+                (
+                    event_type,
+                    conversation_id,
+                    key,
+                    _text(call.agent_id) if call.agent_id is not None else None,
+                    call.event_timestamp,
+                    call.started_at,
+                    memory_id,
+                    self.cipher.encrypt(encode(payload)),
+                    time.time(),
+                    self.cipher.encrypt(user_id.encode()) if self.cipher.enabled else None,
+                    self._conversation_key(call.conversation_id),
+                ),
+            )
+            if await inserted.fetchone() is None:
+                existing = await (
+                    await connection.execute(
+                        "SELECT memory_id FROM calls WHERE event_type = %s AND conversation_id = %s",
+                        (event_type, conversation_id),
+                    )
+                ).fetchone()
+                if existing is not None:
+                    return CallReceipt(memory_id=existing[0], created=False)
+                return CallReceipt(memory_id="", created=False, forgotten=True)
+            await self._put_digest(connection, user_id, event_type, digest_record(call))
+            await self._insert_memories(connection, memories)
+        return CallReceipt(memory_id=memory_id, created=True)
+
+    async def _insert_memories(self, connection: AsyncConnection, memories: list[Memory]) -> None:
+        if not memories:
+            return
+        async with connection.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                [self._memory_row(memory) for memory in memories],
+            )
+
+    async def get_call(
+        self, conversation_id: str, event_type: str = TRANSCRIPTION
+    ) -> StoredCall | None:
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                f"SELECT {CALL_COLUMNS} FROM calls WHERE event_type = %s AND conversation_id = %s",
+                (_text(event_type), _text(conversation_id)),
+            )
+            row = await found.fetchone()
+        return self._call(row) if row else None
+
+    async def list_calls(
+        self,
+        user_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+    ) -> list[StoredCall]:
+        clauses, parameters = [], []
+        for column, value, operator in (
+            ("user_id", None if user_id is None else await self._caller_key(user_id), "="),
+            ("agent_id", None if agent_id is None else _text(agent_id), "="),
+            ("started_at", since, ">="),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {operator} %s")
+                parameters.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {CALL_COLUMNS} FROM calls {where}"
+            " ORDER BY started_at DESC NULLS LAST, stored_at DESC"
+        )
+        if limit is not None:
+            sql += " LIMIT %s"
+            parameters.append(limit)
+        async with self._transaction() as connection:
+            rows = await (await connection.execute(sql, parameters)).fetchall()
+        return [self._call(row) for row in rows]
+
+    def _call(self, row: Sequence[Any]) -> StoredCall:
+        (
+            event_type,
+            conversation_id,
+            key,
+            agent_id,
+            event_ts,
+            started,
+            memory_id,
+            blob,
+            _,
+            caller,
+        ) = row
+        return StoredCall(
+            conversation_id=conversation_id,
+            user_id=self._open(caller) if caller is not None else key,
+            agent_id=agent_id,
+            event_type=event_type,
+            event_timestamp=event_ts,
+            started_at=started,
+            memory_id=memory_id,
+            payload=decode(self.cipher.decrypt(bytes(blob))),
+        )
+
+    async def list_agent_ids(self) -> list[str]:
+        async with self._transaction() as connection:
+            # One index seek per agent (a loose index scan), where DISTINCT would walk
+            # every call's entry: a handful of agents among 100,000 calls.
+            rows = await (
+                await connection.execute(
+                    "WITH RECURSIVE agents(id) AS ("
+                    " SELECT min(agent_id) FROM calls"
+                    " UNION ALL SELECT (SELECT min(agent_id) FROM calls"
+                    " WHERE agent_id > agents.id) FROM agents WHERE agents.id IS NOT NULL)"
+                    " SELECT id FROM agents WHERE id IS NOT NULL"
+                )
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    # Call digests ------------------------------------------------------------------------
+    async def call_history(
+        self, user_id: str, *, recent: int, marks: Collection[str] = ()
+    ) -> CallHistory:
+        await self._complete_digests(user_id)
+        async with self._transaction(snapshot=True) as connection:
+            found = await connection.execute(
+                "SELECT count(*), min(started_at), max(started_at) FROM call_digests"
+                " WHERE user_id = %s AND event_type = %s",
+                (self._key(user_id), TRANSCRIPTION),
+            )
+            row = await found.fetchone()
+            assert row is not None
+            count, first, last = row
+            newest = await self._digests(connection, user_id, limit=recent)
+            newest_marked: dict[str, CallDigest] = {}
+            for mark in marks:
+                match = next((digest for digest in newest if mark in digest.marks), None)
+                if match is None and count > len(newest):
+                    older = await self._digests(connection, user_id, limit=1, mark=mark)
+                    match = next(iter(older), None)
+                if match is not None:
+                    newest_marked[mark] = match
+        return CallHistory(
+            count=count,
+            first_started_at=first,
+            last_started_at=last,
+            recent=newest,
+            newest_marked=newest_marked,
+        )
+
+    async def list_call_digests(
+        self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False
+    ) -> list[CallDigest]:
+        await self._complete_digests(user_id)
+        async with self._transaction() as connection:
+            return await self._digests(connection, user_id, limit=limit, offset=offset, words=words)
+
+    async def _digests(
+        self,
+        connection: AsyncConnection,
+        user_id: str,
+        *,
+        limit: int | None = None,
+        offset: int = 0,
+        mark: str | None = None,
+        words: bool = False,
+    ) -> list[CallDigest]:
+        """Digests of the caller's finished calls, newest first."""
+        sql = "SELECT conversation_id, agent_id, started_at, marks, facts"
+        sql += ", words" if words else ""
+        sql += " FROM call_digests WHERE user_id = %s AND event_type = %s"
+        parameters: list[Any] = [self._key(user_id), TRANSCRIPTION]
+        if mark is not None:
+            sql += " AND strpos(' ' || marks || ' ', %s) > 0"
+            parameters.append(f" {mark} ")
+        sql += f" {NEWEST_FIRST} LIMIT %s OFFSET %s"
+        parameters += [limit, max(0, offset)]
+        rows = await (await connection.execute(sql, parameters)).fetchall()
+        return [self._digest(row) for row in rows]
+
+    def _digest(self, row: Sequence[Any]) -> CallDigest:
+        conversation_id, agent_id, started_at, marks, facts, *words = row
+        return CallDigest(
+            conversation_id=conversation_id,
+            agent_id=agent_id,
+            started_at=started_at,
+            facts=decode(self.cipher.decrypt(bytes(facts))),
+            marks=frozenset(marks.split()),
+            words=frozenset(self.cipher.decrypt(bytes(words[0])).decode().split())
+            if words
+            else None,
+        )
+
+    async def _put_digest(
+        self, connection: AsyncConnection, user_id: str, event_type: str, digest: CallDigest
+    ) -> None:
+        """Keep `digest` beside its call, in the writer's transaction; encrypted like the
+        payload (names, summaries and words are personal data)."""
+        await connection.execute(
+            "INSERT INTO call_digests (event_type, conversation_id, user_id, agent_id,"
+            " started_at, version, marks, facts, words)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (event_type, conversation_id) DO UPDATE SET"
+            " user_id = excluded.user_id, agent_id = excluded.agent_id,"
+            " started_at = excluded.started_at, version = excluded.version,"
+            " marks = excluded.marks, facts = excluded.facts, words = excluded.words",
+            (
+                event_type,
+                _text(digest.conversation_id),
+                self._key(user_id),
+                _text(digest.agent_id) if digest.agent_id is not None else None,
+                digest.started_at,
+                DIGEST_VERSION,
+                " ".join(sorted(digest.marks)),
+                self.cipher.encrypt(encode(digest.facts)),
+                self.cipher.encrypt(" ".join(digest.words or ()).encode()),
+            ),
+        )
+
+    async def _complete_digests(self, user_id: str) -> None:
+        """Make the caller's digests match their calls (as `SQLiteStore._complete_digests`):
+        two counts over indexes, and only after a `DIGEST_VERSION` change some work."""
+        key = await self._caller_key(user_id)
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                "SELECT (SELECT count(*) FROM calls WHERE user_id = %s),"
+                " (SELECT count(*) FROM call_digests WHERE user_id = %s AND version = %s)",
+                (key, key, DIGEST_VERSION),
+            )
+            row = await found.fetchone()
+            assert row is not None
+            if row[0] == row[1]:
+                return
+        async with self._transaction() as connection:
+            # Under the caller's lock: a caller forgotten meanwhile gets no digests back.
+            await self._lock_caller(connection, key)
+            rows = await connection.execute(
+                "SELECT c.event_type, c.payload FROM calls c LEFT JOIN call_digests d"
+                " ON d.event_type = c.event_type AND d.conversation_id = c.conversation_id"
+                " AND d.version = %s WHERE c.user_id = %s AND d.conversation_id IS NULL",
+                (DIGEST_VERSION, key),
+            )
+            for event_type, payload in await rows.fetchall():
+                digest = digest_call(decode(self.cipher.decrypt(bytes(payload))))
+                await self._put_digest(connection, user_id, event_type, digest)
+            await connection.execute(
+                "DELETE FROM call_digests WHERE user_id = %s AND NOT EXISTS (SELECT 1 FROM calls"
+                " WHERE calls.event_type = call_digests.event_type"
+                " AND calls.conversation_id = call_digests.conversation_id)",
+                (key,),
+            )
+
+    async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
+        sql = (
+            "SELECT started_at / 86400, count(*) FROM call_digests"
+            " WHERE event_type = %s AND started_at >= %s"
+        )
+        parameters: list[Any] = [TRANSCRIPTION, since]
+        if user_id is not None:
+            await self._ready()
+            sql += " AND user_id = %s"
+            parameters.append(self._key(user_id))
+        sql += " GROUP BY 1"
+        async with self._transaction() as connection:
+            rows = await (await connection.execute(sql, parameters)).fetchall()
+        return {int(day): int(count) for day, count in rows}
+
+    # Memories ----------------------------------------------------------------------------
+    async def add_memory(
+        self, user_id: str, content: str, metadata: dict[str, Any] | None = None
+    ) -> Memory:
+        memory = Memory(
+            id=f"mem_{uuid.uuid4().hex}",
+            user_id=user_id,
+            content=content,
+            metadata=dict(metadata or {}),
+            created_at=time.time(),
+        )
+        async with self._transaction() as connection:
+            await self._lock_caller(connection, self._key(user_id))
+            await self._insert_memories(connection, [memory])
+        return memory
+
+    async def list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
+        async with self._transaction() as connection:
+            return await self._memories(connection, user_id, limit=limit)
+
+    async def _memories(
+        self,
+        connection: AsyncConnection,
+        user_id: str,
+        *,
+        limit: int | None = None,
+        after_seq: int = 0,
+    ) -> list[Memory]:
+        rows = await (
+            await connection.execute(
+                "SELECT id, content, metadata, created_at FROM memories"
+                " WHERE user_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (self._key(user_id), after_seq, limit),
+            )
+        ).fetchall()
+        return [self._memory(user_id, row) for row in rows]
+
+    def _memory(self, user_id: str, row: Sequence[Any]) -> Memory:
+        memory_id, content, metadata, created_at = row
+        return Memory(
+            id=memory_id,
+            user_id=user_id,
+            content=self._open(content),
+            metadata=json.loads(self._open(metadata)),
+            created_at=created_at,
+        )
+
+    def _memory_row(self, memory: Memory) -> tuple[Any, ...]:
+        kind = memory.metadata.get("kind") or memory.metadata.get("type")
+        return (
+            _text(memory.id),
+            self._key(memory.user_id),
+            _text(str(kind)) if kind is not None else None,
+            self._seal(memory.content),
+            self._seal(json.dumps(memory.metadata, separators=(",", ":"))),
+            memory.created_at,
+        )
+
+    # Search indexes (the store <-> search contract) ---------------------------------------
+    async def index_state(self, user_id: str) -> IndexState:
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
+                " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
+                "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
+                (self._key(user_id), self._key(user_id)),
+            )
+            row = await found.fetchone()
+        assert row is not None
+        count, last, saved_count, saved_last, data = row
+        saved = None
+        if data is not None:
+            saved = SavedIndex(
+                version=MemoryVersion(count=saved_count, last_seq=saved_last),
+                data=self.cipher.decrypt(bytes(data)),
+            )
+        return IndexState(version=MemoryVersion(count=count, last_seq=last), saved=saved)
+
+    async def memories_after(
+        self, user_id: str, after_seq: int
+    ) -> tuple[MemoryVersion, list[Memory]]:
+        async with self._transaction(snapshot=True) as connection:
+            found = await connection.execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s",
+                (self._key(user_id),),
+            )
+            row = await found.fetchone()
+            assert row is not None
+            memories = await self._memories(connection, user_id, after_seq=after_seq)
+        return MemoryVersion(count=row[0], last_seq=row[1]), memories
+
+    async def save_index(self, user_id: str, index: SavedIndex) -> bool:
+        if index.version.count == 0:
+            return False  # nothing to index (a caller forgotten meanwhile)
+        key = await self._caller_key(user_id)
+        data = self.cipher.encrypt(index.data)
+        async with self._transaction() as connection:
+            # Compare and set in one statement (one snapshot): kept only if no memory came
+            # or went since the index was built.
+            saved = await connection.execute(
+                "INSERT INTO caller_indexes (user_id, memories, last_seq, data)"
+                " SELECT %(key)s, %(count)s, %(last)s, %(data)s"
+                " WHERE (SELECT count(*) FROM memories WHERE user_id = %(key)s) = %(count)s"
+                " AND (SELECT coalesce(max(seq), 0) FROM memories WHERE user_id = %(key)s)"
+                " = %(last)s"
+                " ON CONFLICT (user_id) DO UPDATE SET memories = excluded.memories,"
+                " last_seq = excluded.last_seq, data = excluded.data RETURNING 1",
+                {
+                    "key": key,
+                    "count": index.version.count,
+                    "last": index.version.last_seq,
+                    "data": data,
+                },
+            )
+            return await saved.fetchone() is not None
+
+    async def search(
+        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
+    ) -> list[Memory]:
+        # TEMPORARY (issue 14): ranks a fresh index of every memory of the caller, for
+        # main's interface, which still asks stores to search. The search side's index
+        # cache (built on `index_state`, `memories_after` and `save_index`) replaces this
+        # when the store <-> search contract lands.
+        from elaoms.search.ranking import DEFAULT, CallerIndex
+
+        memories = await self.list_memories(user_id)
+        if not memories:
+            return []
+        index = await asyncio.to_thread(CallerIndex, memories, vectors=DEFAULT)
+        return index.search(query, limit, max_chars=max_chars)
+
+    async def delete_user(self, user_id: str) -> int:
+        key = await self._caller_key(user_id)
+        async with self._transaction() as connection:
+            await self._lock_caller(connection, key)
+            deleted = 0
+            for table in ("memories", "calls", "caller_profiles"):
+                removed = await connection.execute(
+                    f"DELETE FROM {table} WHERE user_id = %s", (key,)
+                )
+                deleted += removed.rowcount
+            # Derived from what went (words, digests, the console's line): not counted.
+            for table in ("caller_directory", "caller_indexes", "call_digests"):
+                await connection.execute(f"DELETE FROM {table} WHERE user_id = %s", (key,))
+        return deleted
+
+    # Forgotten conversations -------------------------------------------------------------
+    def _conversation_key(self, conversation_id: str) -> str:
+        return keyed_hash(self._hash_key, f"conversation:{conversation_id}")
+
+    async def forget_conversations(self, conversation_ids: Collection[str]) -> None:
+        await self._ready()
+        rows = [(self._conversation_key(cid), time.time()) for cid in conversation_ids]
+        if not rows:
+            return
+        async with self._transaction() as connection, connection.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO forgotten_conversations (conversation_key, forgotten_at)"
+                " VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    async def is_forgotten(self, conversation_id: str) -> bool:
+        await self._ready()
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
+                (self._conversation_key(conversation_id),),
+            )
+            return await found.fetchone() is not None
+
+    # Profiles ----------------------------------------------------------------------------
+    async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
+                (_text(agent_id),),
+            )
+            row = await found.fetchone()
+        if row is None:
+            return None
+        profile: dict[str, Any] = decode(self.cipher.decrypt(bytes(row[0])))
+        profile["_fetched_at"] = row[1]
+        return profile
+
+    async def put_agent_profile(
+        self, agent_id: str, profile: dict[str, Any], fetched_at: float
+    ) -> None:
+        # Sealed like the rest: an agent's configuration may hold its tools' credentials.
+        blob = self.cipher.encrypt(encode({k: v for k, v in profile.items() if k != "_fetched_at"}))
+        async with self._transaction() as connection:
+            await connection.execute(
+                "INSERT INTO agent_profiles (agent_id, profile, fetched_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (agent_id) DO UPDATE SET profile = excluded.profile,"
+                " fetched_at = excluded.fetched_at",
+                (_text(agent_id), blob, fetched_at),
+            )
+
+    async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
+        key = await self._caller_key(user_id)
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
+            )
+            row = await found.fetchone()
+        return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
+
+    async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
+        blob = self.cipher.encrypt(encode(profile))
+        key = await self._caller_key(user_id)
+        async with self._transaction() as connection:
+            await connection.execute(
+                "INSERT INTO caller_profiles (user_id, profile, updated_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile,"
+                " updated_at = excluded.updated_at",
+                (key, blob, time.time()),
+            )
+            await self._put_directory_entry(connection, user_id, profile)
+
+    # Callers -----------------------------------------------------------------------------
+    async def _put_directory_entry(
+        self, connection: AsyncConnection, user_id: str, profile: dict[str, Any]
+    ) -> None:
+        last = profile.get("last_call_at")
+        await connection.execute(
+            "INSERT INTO caller_directory"
+            " (user_id, name_key, call_count, last_started_at, caller, number_key)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (user_id) DO UPDATE"
+            " SET name_key = excluded.name_key, call_count = excluded.call_count,"
+            " last_started_at = excluded.last_started_at",
+            (
+                self._key(user_id),
+                self._name_key(profile.get("name")),
+                int(profile.get("call_count") or 0),
+                int(last) if isinstance(last, int | float) else None,
+                self._seal(user_id),
+                self._number_key(user_id),
+            ),
+        )
+
+    def _number_key(self, user_id: str) -> str:
+        if not self.cipher.enabled:
+            return ""  # a number search reads the caller key itself
+        digits = "".join(ch for ch in user_id if ch.isdigit())
+        return f" {self._word_key(user_id)} {self._word_key('#' + digits[-4:])} "
+
+    def _name_key(self, name: object) -> str:
+        words = str(name or "").casefold().split()
+        # Spaces around every word: a word search is then one strpos(' word ').
+        return f" {' '.join(self._word_key(word) for word in words)} " if words else ""
+
+    async def list_callers(
+        self,
+        *,
+        number: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> CallerPage:
+        await self._ready()
+        clauses: list[str] = []
+        parameters: list[Any] = []
+        digits = "".join(ch for ch in number or "" if ch.isdigit())
+        if digits and self.cipher.enabled:
+            # Keyed hashes match a whole number or its last four digits (as names match
+            # whole words), not any run of digits.
+            whole = normalize_caller_id(number or "") if len(digits) > 4 else None
+            clauses.append("strpos(number_key, %s) > 0")
+            parameters.append(f" {self._word_key(whole or '#' + digits[-4:])} ")
+        elif digits:
+            clauses.append("strpos(user_id, %s) > 0")
+            parameters.append(digits)
+        words = (name or "").casefold().split()
+        if words and self.cipher.enabled:
+            for word in words:
+                clauses.append("strpos(name_key, %s) > 0")
+                parameters.append(f" {self._word_key(word)} ")
+        elif words:
+            clauses.append("strpos(name_key, %s) > 0")
+            parameters.append(_text(" ".join(words)))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        page = [max(0, limit), max(0, offset)]
+        async with self._transaction(snapshot=True) as connection:
+            if where:
+                # One pass over the table for the matches and their count; the few
+                # matches are then sorted.
+                found = await (
+                    await connection.execute(
+                        "SELECT user_id, call_count, last_started_at, count(*) OVER (), caller"
+                        f" FROM caller_directory {where}"
+                        # `+ 0`: not the index's order, so the planner scans the table once
+                        # and sorts the few matches, instead of walking the index in order
+                        # (a random heap read per caller: 56 ms at 100,000 callers, not 20).
+                        " ORDER BY last_started_at + 0 DESC NULLS LAST, user_id DESC"
+                        " LIMIT %s OFFSET %s",
+                        [*parameters, *page],
+                    )
+                ).fetchall()
+                if found:
+                    total = found[0][3]
+                elif offset:  # past the last page: count the matches
+                    total = await self._count_callers(connection, where, parameters)
+                else:
+                    total = 0
+            else:
+                # The page from the index, then only its callers' rows.
+                found = await (
+                    await connection.execute(
+                        "SELECT user_id, call_count, last_started_at, NULL, caller"
+                        " FROM caller_directory"
+                        " ORDER BY last_started_at DESC NULLS LAST, user_id DESC"
+                        " LIMIT %s OFFSET %s",
+                        page,
+                    )
+                ).fetchall()
+                total = await self._count_callers(connection, "", [])
+            profiles: dict[str, Any] = {}
+            if found:
+                rows = await connection.execute(
+                    "SELECT user_id, profile FROM caller_profiles WHERE user_id = ANY(%s)",
+                    ([row[0] for row in found],),
+                )
+                profiles = {key: blob for key, blob in await rows.fetchall()}
+        callers = []
+        for key, call_count, last_started_at, _, caller in found:
+            blob = profiles.get(key)
+            profile = decode(self.cipher.decrypt(bytes(blob))) if blob else {}
+            callers.append(
+                CallerSummary(
+                    user_id=self._open(caller),
+                    name=profile.get("name") or None,
+                    call_count=call_count,
+                    last_started_at=last_started_at,
+                )
+            )
+        return CallerPage(callers=callers, total=int(total))
+
+    async def _count_callers(
+        self, connection: AsyncConnection, where: str, parameters: list[Any]
+    ) -> int:
+        found = await connection.execute(
+            f"SELECT count(*) FROM caller_directory {where}", parameters
+        )
+        row = await found.fetchone()
+        return int(row[0]) if row else 0
+
+    # Life cycle --------------------------------------------------------------------------
+    async def check(self) -> None:
+        async with self._transaction() as connection:
+            await connection.execute("SELECT 1 FROM calls LIMIT 1")
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+
+def _transient(error: BaseException) -> bool:
+    """A failure of the connection or the server, not of what was asked: worth retrying."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(
+        error, psycopg.OperationalError | psycopg.InterfaceError | PoolTimeout | OSError
+    )
+
+
+def _no_connection(error: BaseException) -> bool:
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(error, PoolTimeout)
+
+
+def storage_error(error: BaseException, database_url: str) -> StoreUnavailableError:
+    """The error as the service reports it, the URL's password masked (libpq's messages
+    name the host, never the password; the URL passed in may hold one)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    url = redacted(database_url)
+    if database_url and database_url != url:
+        message = message.replace(database_url, url)
+    return StoreUnavailableError(f"postgres: {message}")

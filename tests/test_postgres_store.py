@@ -1,0 +1,379 @@
+"""What the PostgreSQL store adds to the conformance suite: the schema applied safely by
+replicas starting together, exactly-once storage across replicas, an outage reported as
+such (and survived), the store <-> search contract, and encryption at rest."""
+
+# Fixtures shared with other modules are imported by name, which ruff reads as shadowing.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from elaoms.memory import migrations
+from elaoms.memory.base import MemoryVersion, SavedIndex, StoreUnavailableError
+from elaoms.memory.postgres import PostgresStore, redacted
+from elaoms.memory.records import CallRecord
+from elaoms.memory.units import call_memories
+from elaoms.operations.crypto import PayloadCipher, generate_key
+
+from conftest import REPO_ROOT, free_port, transcription
+from openmemory_standin import Run, run  # noqa: F401 - fixture by name
+from postgres_server import PostgresServer
+
+MARIA = "+14155550123"
+JAMES = "+14155550188"
+TABLES = {
+    "calls",
+    "memories",
+    "caller_indexes",
+    "caller_profiles",
+    "call_digests",
+    "store_keys",
+    "forgotten_conversations",
+    "agent_profiles",
+    "caller_directory",
+}
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this module's own, for the tests that stop it: crash recovery replays
+    the WAL of every database created since the last checkpoint (the shared server's
+    hundreds), and the other tests' server keeps running."""
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def store(postgres_url: str, run: Run[Any]) -> Iterator[PostgresStore]:
+    backend = PostgresStore(postgres_url)
+    yield backend
+    run(backend.close())
+
+
+def add(run: Run[Any], store: PostgresStore, conversation_id: str, caller: str = MARIA) -> Any:
+    payload = transcription(conversation_id, caller=caller)
+    return run(store.add_call(caller, payload, call_memories(caller, payload)))
+
+
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def raw_dump(url: str) -> bytes:
+    """Every row of every table, as PostgreSQL hands it out (what a stolen backup holds)."""
+    parts: list[bytes] = []
+    with psycopg.connect(url) as connection:
+        for table in sorted(TABLES):
+            for row in connection.execute(f"SELECT * FROM {table}").fetchall():
+                for value in row:
+                    if isinstance(value, bytes | memoryview):
+                        parts.append(bytes(value))
+                    elif value is not None:
+                        parts.append(str(value).encode())
+    return b"\n".join(parts)
+
+
+# Schema ----------------------------------------------------------------------------------
+def test_replicas_upgrading_an_empty_database_at_once_all_succeed(postgres_url: str) -> None:
+    env = {
+        **os.environ,
+        "MEMORY_BACKEND": "postgres",
+        "DATABASE_URL": postgres_url,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    command = [sys.executable, "-m", "elaoms.cli", "db", "upgrade"]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(4)
+    ]
+    # And threads of this process too, as workers of one replica would.
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def upgrade() -> None:
+        try:
+            barrier.wait()
+            migrations.upgrade(postgres_url)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    outputs = [process.communicate(timeout=120)[0].decode() for process in processes]
+    for thread in threads:
+        thread.join(120)
+
+    assert [process.returncode for process in processes] == [0] * 4, outputs
+    assert errors == []
+    assert tables(postgres_url) >= TABLES
+    with psycopg.connect(postgres_url) as connection:
+        versions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert versions == [(migrations.head(),)]
+
+
+def test_db_current_tells_an_empty_database_from_an_upgraded_one(postgres_url: str) -> None:
+    env = {**os.environ, "MEMORY_BACKEND": "postgres", "DATABASE_URL": postgres_url}
+
+    def current() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "elaoms.cli", "db", "current"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout
+
+    assert "none (empty)" in current()
+    migrations.upgrade(postgres_url)
+    assert "up to date" in current()
+
+
+def test_db_commands_on_another_backend_say_what_they_are_for(tmp_path: Any) -> None:
+    env = {**os.environ, "MEMORY_BACKEND": "sqlite", "SQLITE_PATH": str(tmp_path / "m.db")}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "elaoms.cli", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 1
+    assert "MEMORY_BACKEND=postgres" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_replicas_opening_a_new_database_together_share_one_hash_key(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    key = generate_key()
+    replicas = [
+        PostgresStore(postgres_url, cipher=PayloadCipher(key, enabled=True)) for _ in range(4)
+    ]
+
+    async def open_all() -> None:
+        await asyncio.gather(*(replica.check() for replica in replicas))
+
+    try:
+        run(open_all())
+        add(run, replicas[0], "conv_shared")
+        # Caller columns are keyed hashes: every replica must hash alike to find the call.
+        for replica in replicas:
+            assert [c.conversation_id for c in run(replica.list_calls(MARIA))] == ["conv_shared"]
+    finally:
+        for replica in replicas:
+            run(replica.close())
+
+
+# Exactly once ----------------------------------------------------------------------------
+def test_one_call_delivered_to_several_replicas_at_once_is_stored_once(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    replicas = [PostgresStore(postgres_url) for _ in range(5)]
+    payload = transcription("conv_race", caller=MARIA)
+    memories = call_memories(MARIA, payload)
+    record = CallRecord.from_payload(payload)
+
+    async def deliver() -> list[Any]:
+        await asyncio.gather(*(replica.check() for replica in replicas))
+        return await asyncio.gather(
+            *(replica.add_call(MARIA, record, payload, memories) for replica in replicas)
+        )
+
+    try:
+        receipts = run(deliver())
+        assert sorted(receipt.created for receipt in receipts) == [False] * 4 + [True]
+        assert len({receipt.memory_id for receipt in receipts}) == 1
+        assert len(run(replicas[1].list_memories(MARIA))) == len(memories)
+        assert len(run(replicas[2].list_calls(MARIA))) == 1
+        assert run(replicas[3].call_history(MARIA, recent=5)).count == 1
+    finally:
+        for replica in replicas:
+            run(replica.close())
+
+
+def test_a_conversation_id_with_a_nul_character_is_stored(
+    store: PostgresStore, run: Run[Any]
+) -> None:
+    payload = transcription("conv_\x00nul", caller=MARIA, turns=[("user", "a\x00b crown")])
+
+    receipt = run(store.add_call(MARIA, payload, call_memories(MARIA, payload)))
+
+    assert receipt.created
+    stored = run(store.list_calls(MARIA))
+    assert [call.payload for call in stored] == [payload]  # the raw payload, whole
+    assert "a\x00b crown" in [memory.content for memory in run(store.list_memories(MARIA))]
+
+
+# Outages ---------------------------------------------------------------------------------
+def test_an_unreachable_database_is_reported_unavailable_without_its_password(
+    run: Run[Any],
+) -> None:
+    url = f"postgresql://elaoms:s3cret-pw@127.0.0.1:{free_port()}/memory"
+    store = PostgresStore(url, timeout=1.0)
+
+    with pytest.raises(StoreUnavailableError) as checked:
+        run(store.check())
+    with pytest.raises(StoreUnavailableError) as adding:
+        add(run, store, "conv_down")
+
+    for error in (checked.value, adding.value):
+        assert "s3cret-pw" not in str(error)
+    assert "s3cret-pw" not in repr(store)
+    assert redacted(url) == f"postgresql://elaoms:***@127.0.0.1:{url.split(':')[3]}"
+    run(store.close())
+
+
+def test_the_store_serves_again_once_postgresql_is_back(
+    own_server: PostgresServer, run: Run[Any]
+) -> None:
+    postgres_server = own_server
+    store = PostgresStore(own_server.create_database(), timeout=2.0)
+    try:
+        add(run, store, "conv_before")
+        postgres_server.stop()
+        try:
+            with pytest.raises(StoreUnavailableError):
+                add(run, store, "conv_during")
+            with pytest.raises(StoreUnavailableError):
+                run(store.check())
+        finally:
+            postgres_server.start()
+        add(run, store, "conv_after")
+        run(store.check())
+        assert {c.conversation_id for c in run(store.list_calls(MARIA))} == {
+            "conv_before",
+            "conv_after",
+        }
+    finally:
+        run(store.close())
+
+
+def test_a_crash_of_postgresql_loses_no_committed_call(
+    own_server: PostgresServer, run: Run[Any]
+) -> None:
+    postgres_server = own_server
+    store = PostgresStore(own_server.create_database(), timeout=2.0)
+    try:
+        for number in range(5):
+            add(run, store, f"conv_crash{number}")
+        postgres_server.stop(signal.SIGKILL)
+        postgres_server.start()  # recovers from the WAL
+        assert len(run(store.list_calls(MARIA))) == 5
+    finally:
+        run(store.close())
+
+
+# The store <-> search contract -----------------------------------------------------------
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_saved_indexes_follow_the_caller_s_memory_version(
+    postgres_url: str, run: Run[Any], encrypted: bool
+) -> None:
+    cipher = PayloadCipher(generate_key(), enabled=True) if encrypted else None
+    store = PostgresStore(postgres_url, cipher=cipher)
+    try:
+        empty = run(store.index_state(MARIA))
+        assert (empty.version, empty.saved) == (MemoryVersion(0, 0), None)
+        assert not run(store.save_index(MARIA, SavedIndex(MemoryVersion(0, 0), b"nothing")))
+
+        add(run, store, "conv_index")
+        state = run(store.index_state(MARIA))
+        memories = run(store.list_memories(MARIA))
+        assert state.version.count == len(memories) > 0
+        version, after = run(store.memories_after(MARIA, 0))
+        assert version == state.version
+        assert [memory.id for memory in after] == [memory.id for memory in memories]
+        assert run(store.memories_after(MARIA, version.last_seq)) == (version, [])
+
+        assert run(store.save_index(MARIA, SavedIndex(version, b"index-bytes")))
+        assert run(store.index_state(MARIA)).saved == SavedIndex(version, b"index-bytes")
+        if encrypted:
+            assert b"index-bytes" not in raw_dump(postgres_url)
+
+        note = run(store.add_memory(MARIA, "Prefers mornings."))
+        newer, extra = run(store.memories_after(MARIA, version.last_seq))
+        assert [memory.id for memory in extra] == [note.id]
+        assert newer == MemoryVersion(version.count + 1, newer.last_seq)
+        assert newer.last_seq > version.last_seq
+        # An index of the old version is not kept once the memories changed.
+        assert not run(store.save_index(MARIA, SavedIndex(version, b"stale")))
+        now = run(store.index_state(MARIA))
+        assert now.version == newer
+        assert now.saved == SavedIndex(version, b"index-bytes")
+        assert run(store.index_state(JAMES)).version == MemoryVersion(0, 0)
+
+        run(store.delete_user(MARIA))
+        assert run(store.index_state(MARIA)) == type(now)(MemoryVersion(0, 0), None)
+    finally:
+        run(store.close())
+
+
+def test_search_ranks_the_caller_s_memories(store: PostgresStore, run: Run[Any]) -> None:
+    run(store.add_memory(MARIA, "Her daughter Sofia needs a filling next month."))
+    run(store.add_memory(JAMES, "His daughter needs a filling."))
+
+    results = run(store.search(MARIA, "daughter filling"))
+
+    assert [memory.user_id for memory in results] == [MARIA]
+
+
+# Encryption at rest ----------------------------------------------------------------------
+def test_with_encryption_no_number_or_word_is_kept_in_clear(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    store = PostgresStore(postgres_url, cipher=PayloadCipher(generate_key(), enabled=True))
+    try:
+        payload = transcription("conv_secret", caller=MARIA, turns=[("user", "My molar aches.")])
+        run(store.add_call(MARIA, payload, call_memories(MARIA, payload)))
+        run(store.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
+        run(store.put_agent_profile("agent_x", {"name": "Ava"}, fetched_at=1.0))
+        dump = raw_dump(postgres_url)
+        for secret in (b"4155550123", b"molar", b"Maria", b"Lopez"):
+            assert secret not in dump, secret
+        assert [c.user_id for c in run(store.list_callers(name="lopez")).callers] == [MARIA]
+    finally:
+        run(store.close())
+
+
+def test_turning_encryption_on_seals_what_was_kept_in_clear(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    plain = PostgresStore(postgres_url)
+    payload = transcription("conv_clear", caller=MARIA, turns=[("user", "My molar aches.")])
+    run(plain.add_call(MARIA, payload, call_memories(MARIA, payload)))
+    run(plain.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
+    run(plain.close())
+    assert b"4155550123" in raw_dump(postgres_url)
+
+    sealed = PostgresStore(postgres_url, cipher=PayloadCipher(generate_key(), enabled=True))
+    try:
+        run(sealed.check())
+        dump = raw_dump(postgres_url)
+        for secret in (b"4155550123", b"molar", b"Lopez"):
+            assert secret not in dump, secret
+        assert [c.conversation_id for c in run(sealed.list_calls(MARIA))] == ["conv_clear"]
+        assert run(sealed.get_caller_profile(MARIA)) == {"name": "Maria Lopez", "call_count": 1}
+        assert [c.user_id for c in run(sealed.list_callers(name="maria")).callers] == [MARIA]
+        assert run(sealed.search(MARIA, "molar"))
+    finally:
+        run(sealed.close())
