@@ -47,6 +47,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from elaoms.config import Settings  # noqa: E402
+from elaoms.memory.records import CallRecord  # noqa: E402
 from elaoms.memory.sqlite import SCHEMA  # noqa: E402
 from elaoms.phone import normalize_caller_id  # noqa: E402
 from elaoms.search.ranking import INDEX_FORMAT  # noqa: E402
@@ -532,11 +533,13 @@ async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dat
     started = time.monotonic()
     previous: str | None = None
     for done, (_, payload) in enumerate(stream, start=1):
-        user_id, memories = services.ingest._memories_of(payload)
-        await store.add_call(user_id, payload, memories)
+        record = CallRecord.from_payload(payload)
+        user_id, memories = services.ingest._memories_of(payload, record)
+        await store.add_call(user_id, record, payload, memories)
+        services.indexes.changed(user_id)
         if previous not in (None, user_id):
             await services.personalization.prepare_caller(previous)
-            await store.maintain()  # the caller's search index, as the service's upkeep saves it
+            await services.upkeep()  # the caller's search index, as the service's upkeep saves it
         previous = user_id
         if done % 5000 == 0:
             rate = done / (time.monotonic() - started)

@@ -78,7 +78,7 @@ def measure(file: File, setting: dict[str, Any], chars: int) -> Hits:
     for name, value in setting.items():
         setattr(index, name, value)
     try:
-        service = SearchService(store=None, context_max_chars=chars)  # type: ignore[arg-type]
+        service = SearchService(indexes=None, context_max_chars=chars)  # type: ignore[arg-type]
         limit = SearchRequest.model_fields["limit"].default
         hits: Hits = defaultdict(list)
         for question in file.questions:

@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, store: MemoryStore | None = 
         _tune_garbage_collector()
         background = [
             asyncio.create_task(run_maintenance(services), name="maintenance"),
-            asyncio.create_task(run_store_upkeep(store), name="store-upkeep"),
+            asyncio.create_task(run_store_upkeep(services), name="store-upkeep"),
         ]
         logger.info("ELAOMS %s ready (memory backend: %s)", __version__, store.name)
         try:

@@ -7,17 +7,18 @@ import os
 from dataclasses import dataclass
 
 from elaoms.config import Settings
+from elaoms.crypto import PayloadCipher
 from elaoms.elevenlabs.agent_profiles import AgentProfiles
 from elaoms.elevenlabs.client import ElevenLabsClient
 from elaoms.memory import MemoryStore, create_store
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.anomaly import AuthFailureMonitor
 from elaoms.operations.cache import TwoLevelCache, use_caller_key_secret
-from elaoms.operations.crypto import PayloadCipher
 from elaoms.personalization.greeting import LLMGreetingWriter
 from elaoms.personalization.service import PersonalizationService
 from elaoms.phone import use_default_region
 from elaoms.search import embeddings
+from elaoms.search.indexes import CallerIndexes
 from elaoms.search.service import SearchService
 from elaoms.webhooks.service import IngestService
 from elaoms.webhooks.storage import WebhookStorage
@@ -31,6 +32,7 @@ class Services:
     cipher: PayloadCipher
     storage: WebhookStorage
     store: MemoryStore
+    indexes: CallerIndexes
     ingest: IngestService
     auth_monitor: AuthFailureMonitor
     alerts: AlertSink
@@ -62,7 +64,11 @@ class Services:
             or settings.encryption_key
         )
         cache = TwoLevelCache(settings.redis_url, redis_ttl=settings.redis_ttl)
-        ingest = IngestService(settings, store, storage, alerts=alerts, receipts=cache)
+        # Callers' search indexes: one cache per process, whichever backend holds them.
+        indexes = CallerIndexes(store)
+        ingest = IngestService(
+            settings, store, storage, alerts=alerts, receipts=cache, indexes=indexes
+        )
         auth_monitor = AuthFailureMonitor(
             enabled=settings.anomaly_detection_enabled,
             threshold=settings.anomaly_failure_threshold,
@@ -87,7 +93,7 @@ class Services:
         if embeddings.default_cache() is not None:
             ingest.hooks.append(embeddings.warm_after_call)
         search = SearchService(
-            store,
+            indexes,
             context_max_chars=settings.search_context_max_chars,
             timeout_ms=settings.search_timeout_ms,
         )
@@ -96,6 +102,7 @@ class Services:
             cipher=cipher,
             storage=storage,
             store=store,
+            indexes=indexes,
             ingest=ingest,
             auth_monitor=auth_monitor,
             alerts=alerts,
@@ -106,10 +113,15 @@ class Services:
             search=search,
         )
 
+    async def upkeep(self) -> None:
+        """The store's own upkeep, then the search indexes the last calls left behind."""
+        await self.store.maintain()
+        await self.indexes.maintain()
+
     async def close(self) -> None:
         await self.ingest.drain()
         try:  # the upkeep the last calls left (their indexes): a restart finds it done
-            await self.store.maintain()
+            await self.upkeep()
         except Exception as error:
             logger.warning("store upkeep on close failed: %s", error)
         await self.personalization.close()

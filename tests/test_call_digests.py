@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 import pytest
 from cryptography.fernet import Fernet
 
+from elaoms.crypto import PayloadCipher
 from elaoms.memory.digest import digest_call
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
-from elaoms.operations.crypto import PayloadCipher
 from elaoms.services import Services
 
 from conftest import make_settings, transcription
@@ -56,7 +57,9 @@ def with_services(data_dir: Path, work: Callable[[Services], Awaitable[T]], **se
 def store_calls(data_dir: Path, payloads: list[dict[str, Any]]) -> None:
     async def work(services: Services) -> None:
         for payload in payloads:
-            await services.store.add_call(CALLER, payload, call_memories(CALLER, payload))
+            await services.store.add_call(
+                CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+            )
 
     with_services(data_dir, work)
 
@@ -135,7 +138,11 @@ def test_digests_are_encrypted_at_rest_like_the_payloads(tmp_path: Path) -> None
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path, cipher=cipher)
     payload = visit(0)
-    asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    asyncio.run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
 
     with sqlite3.connect(path) as connection:
         facts, words, marks = connection.execute(
@@ -193,7 +200,12 @@ def test_a_withheld_number_still_gets_no_profile(tmp_path: Path) -> None:
     payload = transcription("conv_withheld", "anonymous")
 
     async def work(services: Services) -> dict[str, Any] | None:
-        await services.store.add_call("anonymous", payload, call_memories("anonymous", payload))
+        await services.store.add_call(
+            "anonymous",
+            CallRecord.from_payload(payload),
+            payload,
+            call_memories("anonymous", payload),
+        )
         return await services.personalization.prepare_caller("anonymous")
 
     assert with_services(tmp_path, work) is None

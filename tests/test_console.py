@@ -23,7 +23,7 @@ import pytest
 
 from elaoms.config import Settings
 from elaoms.console.auth import COOKIE_NAME
-from elaoms.operations.crypto import generate_key
+from elaoms.crypto import generate_key
 from elaoms.webhooks.storage import caller_dir_name
 
 from conftest import (

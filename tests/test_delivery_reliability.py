@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 
 from conftest import (
@@ -49,13 +50,13 @@ class FlakyStore(SQLiteStore):
         self.attempts = 0
 
     async def add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
         self.attempts += 1
         if self.failures_left > 0:
             self.failures_left -= 1
             raise StoreUnavailableError("store is down (injected)")
-        return await super().add_call(user_id, payload, memories)
+        return await super().add_call(user_id, call, payload, memories)
 
 
 def test_a_failing_store_queues_the_call_and_the_retry_stores_it(settings_factory) -> None:

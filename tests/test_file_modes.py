@@ -65,7 +65,7 @@ def test_a_mode_that_locks_the_owner_out_or_opens_files_is_refused(
 
 
 def test_files_and_directories_get_the_octal_mode_written_as_600(tmp_path: Path) -> None:
-    from elaoms.operations.crypto import PayloadCipher
+    from elaoms.crypto import PayloadCipher
     from elaoms.webhooks.storage import WebhookStorage
 
     settings = make_settings(tmp_path, file_permissions_mode="600")

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
 from elaoms.operations.cache import TwoLevelCache, caller_key
 from elaoms.operations.privacy import forget_caller
@@ -84,7 +85,9 @@ def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
         store = services.store
         try:
             payload = transcription("conv_redis_race", caller=CALLER)
-            await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+            await store.add_call(
+                CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+            )
             await services.personalization.prepare_caller(CALLER)
             # Cold: only the store has the profile, as on a replica that never saw the call.
             await services.personalization.cache.invalidate_caller(CALLER)

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from elaoms.operations.crypto import MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
+from elaoms.crypto import MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
 from elaoms.webhooks import streaming
 from elaoms.webhooks.signature import sign
 

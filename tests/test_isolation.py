@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from elaoms.cli import app
 from elaoms.config import GreetingDisclosure, Settings
+from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
 from elaoms.personalization.greeting import acceptable, template_greeting
 from elaoms.phone import (
@@ -432,7 +433,10 @@ def test_an_operator_can_still_erase_what_an_older_version_pooled_under_a_marker
         services = Services.build(Settings(_env_file=None))
         try:  # as the old ingestion did: filed under the marker itself
             await services.store.add_call(
-                "+266696687", payload, call_memories("+266696687", payload)
+                "+266696687",
+                CallRecord.from_payload(payload),
+                payload,
+                call_memories("+266696687", payload),
             )
         finally:
             await services.close()

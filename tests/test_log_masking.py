@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from elaoms.config import Settings
-from elaoms.operations.crypto import PayloadCipher
+from elaoms.crypto import PayloadCipher
 from elaoms.operations.logs import configure_logging, mask_phone_numbers
 from elaoms.webhooks.storage import WebhookStorage
 

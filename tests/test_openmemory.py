@@ -16,7 +16,9 @@ from elaoms.config import MemoryBackend
 from elaoms.memory import create_store
 from elaoms.memory.base import StoreUnavailableError
 from elaoms.memory.openmemory import PROBE_USER, OpenMemoryStore
+from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
+from elaoms.search.indexes import CallerIndexes
 
 from conftest import make_settings, transcription
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -47,7 +49,11 @@ def store(server: StandIn, tmp_path: Path, run: Run[Any]) -> Iterator[OpenMemory
 
 def add_call(run: Run[Any], store: OpenMemoryStore, conversation_id: str, caller: str, **kw: Any):
     payload = transcription(conversation_id, caller=caller, **kw)
-    return payload, run(store.add_call(caller, payload, call_memories(caller, payload)))
+    return payload, run(
+        store.add_call(
+            caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+        )
+    )
 
 
 def requests_to(server: StandIn, method: str, prefix: str) -> int:
@@ -96,7 +102,7 @@ def test_a_call_without_words_still_gets_an_openmemory_id(
     payload = transcription("conv_silent", caller=MARIA, turns=[])
     payload["data"]["analysis"] = {}
 
-    receipt = run(store.add_call(MARIA, payload, []))
+    receipt = run(store.add_call(MARIA, CallRecord.from_payload(payload), payload, []))
 
     assert receipt.memory_id in server.state.memories
 
@@ -199,11 +205,11 @@ def test_a_retried_call_resumes_without_duplicates(
 
     store._request = failing_third_add  # type: ignore[method-assign]
     with pytest.raises(StoreUnavailableError):
-        run(store.add_call(MARIA, payload, units))
+        run(store.add_call(MARIA, CallRecord.from_payload(payload), payload, units))
     assert run(store.get_call("conv_resume")) is None
     assert len(server.state.of(MARIA)) == len(units) - 1
 
-    receipt = run(store.add_call(MARIA, payload, units))
+    receipt = run(store.add_call(MARIA, CallRecord.from_payload(payload), payload, units))
 
     assert receipt.created is True
     assert len(server.state.of(MARIA)) == len(units)
@@ -220,7 +226,7 @@ def test_another_user_s_memory_never_reaches_a_caller(
     server.faults.leak = True
 
     memories = run(store.list_memories(MARIA))
-    results = run(store.search(MARIA, "daughter filling PIN"))
+    results = run(CallerIndexes(store).search(MARIA, "daughter filling PIN"))
 
     assert [m.content for m in memories] == ["Her daughter needs a filling."]
     assert results and all("James" not in m.content for m in results)
@@ -260,11 +266,12 @@ def test_other_4xx_answers_are_not_retried(
 
 def test_a_slow_server_times_out(server: StandIn, tmp_path: Path, run: Run[Any]) -> None:
     store = openmemory_store(server, tmp_path, timeout=0.2, max_retries=1)
+    run(store.add_memory(MARIA, "Her daughter needs a filling."))
     server.faults.delay = 1.0
     started = time.monotonic()
 
-    with pytest.raises(StoreUnavailableError):
-        run(store.search(MARIA, "filling"))
+    with pytest.raises(StoreUnavailableError):  # her memories are read from the server
+        run(CallerIndexes(store).search(MARIA, "filling"))
 
     assert time.monotonic() - started < 1.0
     server.faults.delay = 0
@@ -274,11 +281,12 @@ def test_a_slow_server_times_out(server: StandIn, tmp_path: Path, run: Run[Any])
 def test_a_server_that_is_down_is_unavailable(
     server: StandIn, store: OpenMemoryStore, run: Run[Any]
 ) -> None:
+    run(store.add_memory(MARIA, "Her daughter needs a filling."))
     server.stop()
     try:
         for operation in (
             store.check(),
-            store.search(MARIA, "filling"),
+            CallerIndexes(store).search(MARIA, "filling"),
             store.add_memory(MARIA, "x"),
             store.get_agent_profile("agent_a"),
         ):
@@ -286,10 +294,18 @@ def test_a_server_that_is_down_is_unavailable(
                 run(operation)
         payload = transcription("conv_down", caller=MARIA)
         with pytest.raises(StoreUnavailableError):
-            run(store.add_call(MARIA, payload, call_memories(MARIA, payload)))
+            run(
+                store.add_call(
+                    MARIA, CallRecord.from_payload(payload), payload, call_memories(MARIA, payload)
+                )
+            )
     finally:
         server.start()
-    assert run(store.add_call(MARIA, payload, call_memories(MARIA, payload))).created
+    assert run(
+        store.add_call(
+            MARIA, CallRecord.from_payload(payload), payload, call_memories(MARIA, payload)
+        )
+    ).created
 
 
 # Start-up check -----------------------------------------------------------------------------

@@ -137,12 +137,22 @@ def test_search_never_returns_a_memory_the_server_leaks_from_another_caller(
 
 
 def test_search_answers_empty_by_its_deadline_when_the_server_is_slow(
-    client: httpx.Client, standin: StandIn
+    client: httpx.Client, standin: StandIn, service: ServiceProcess
 ) -> None:
+    caller = "+14155550397"
+    # A memory of the caller on the server that no index covers yet (as another worker
+    # just stored it): the search must read it from the server.
+    with sqlite3.connect(service.env["OPENMEMORY_LEDGER_PATH"]) as connection:
+        connection.execute(
+            "INSERT INTO openmemory_units"
+            " (user_id, event_type, conversation_id, unit, openmemory_id, call_order)"
+            " VALUES (?, 'memory', '', 'note_slow', 'om_slow', 1)",
+            (caller,),
+        )
     standin.state.faults.delay = 3.0
 
     started = time.monotonic()
-    response = search(client, "+14155550397", "gate stuck")  # nothing cached for this caller
+    response = search(client, caller, "gate stuck")
     elapsed = time.monotonic() - started
 
     assert response.status_code == 200

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from elaoms.crypto import PayloadCipher, generate_key
 from elaoms.memory.sqlite import SQLiteStore
-from elaoms.operations.crypto import PayloadCipher, generate_key
 from elaoms.operations.retention import purge_expired
 from elaoms.webhooks.storage import WebhookStorage, caller_dir_name
 

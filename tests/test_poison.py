@@ -18,10 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from elaoms.cli import app
+from elaoms.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
-from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
+from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS, CallRecord
 from elaoms.memory.sqlite import SQLiteStore
-from elaoms.operations.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.operations.metrics import ALERTS
 from elaoms.webhooks.storage import WebhookStorage
 
@@ -289,12 +289,12 @@ class RefusingStore(SQLiteStore):
         self.attempts = 0
 
     async def add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
         if user_id == "+14155550666":
             self.attempts += 1
             raise self.error
-        return await super().add_call(user_id, payload, memories)
+        return await super().add_call(user_id, call, payload, memories)
 
 
 def quarantined_reasons(settings: Any) -> list[str]:

@@ -19,12 +19,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from elaoms.crypto import PayloadCipher, generate_key
 from elaoms.memory import migrations
 from elaoms.memory.base import MemoryVersion, SavedIndex, StoreUnavailableError
 from elaoms.memory.postgres import PostgresStore, redacted
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
-from elaoms.operations.crypto import PayloadCipher, generate_key
+from elaoms.search.indexes import CallerIndexes
 
 from conftest import REPO_ROOT, free_port, transcription
 from openmemory_standin import Run, run  # noqa: F401 - fixture by name
@@ -65,8 +66,14 @@ def store(postgres_url: str, run: Run[Any]) -> Iterator[PostgresStore]:
 
 
 def add(run: Run[Any], store: PostgresStore, conversation_id: str, caller: str = MARIA) -> Any:
-    payload = transcription(conversation_id, caller=caller)
-    return run(store.add_call(caller, payload, call_memories(caller, payload)))
+    return run(add_payload(store, transcription(conversation_id, caller=caller), caller))
+
+
+def add_payload(store: PostgresStore, payload: dict[str, Any], caller: str = MARIA) -> Any:
+    """`add_call` as ingestion makes it: the record built once, then handed to the store."""
+    return store.add_call(
+        caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+    )
 
 
 def tables(url: str) -> set[str]:
@@ -217,7 +224,7 @@ def test_a_conversation_id_with_a_nul_character_is_stored(
 ) -> None:
     payload = transcription("conv_\x00nul", caller=MARIA, turns=[("user", "a\x00b crown")])
 
-    receipt = run(store.add_call(MARIA, payload, call_memories(MARIA, payload)))
+    receipt = run(add_payload(store, payload))
 
     assert receipt.created
     stored = run(store.list_calls(MARIA))
@@ -332,7 +339,7 @@ def test_search_ranks_the_caller_s_memories(store: PostgresStore, run: Run[Any])
     run(store.add_memory(MARIA, "Her daughter Sofia needs a filling next month."))
     run(store.add_memory(JAMES, "His daughter needs a filling."))
 
-    results = run(store.search(MARIA, "daughter filling"))
+    results = run(CallerIndexes(store).search(MARIA, "daughter filling"))
 
     assert [memory.user_id for memory in results] == [MARIA]
 
@@ -344,7 +351,7 @@ def test_with_encryption_no_number_or_word_is_kept_in_clear(
     store = PostgresStore(postgres_url, cipher=PayloadCipher(generate_key(), enabled=True))
     try:
         payload = transcription("conv_secret", caller=MARIA, turns=[("user", "My molar aches.")])
-        run(store.add_call(MARIA, payload, call_memories(MARIA, payload)))
+        run(add_payload(store, payload))
         run(store.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
         run(store.put_agent_profile("agent_x", {"name": "Ava"}, fetched_at=1.0))
         dump = raw_dump(postgres_url)
@@ -360,7 +367,7 @@ def test_turning_encryption_on_seals_what_was_kept_in_clear(
 ) -> None:
     plain = PostgresStore(postgres_url)
     payload = transcription("conv_clear", caller=MARIA, turns=[("user", "My molar aches.")])
-    run(plain.add_call(MARIA, payload, call_memories(MARIA, payload)))
+    run(add_payload(plain, payload))
     run(plain.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
     run(plain.close())
     assert b"4155550123" in raw_dump(postgres_url)
@@ -374,6 +381,6 @@ def test_turning_encryption_on_seals_what_was_kept_in_clear(
         assert [c.conversation_id for c in run(sealed.list_calls(MARIA))] == ["conv_clear"]
         assert run(sealed.get_caller_profile(MARIA)) == {"name": "Maria Lopez", "call_count": 1}
         assert [c.user_id for c in run(sealed.list_callers(name="maria")).callers] == [MARIA]
-        assert run(sealed.search(MARIA, "molar"))
+        assert run(CallerIndexes(sealed).search(MARIA, "molar"))
     finally:
         run(sealed.close())

@@ -15,10 +15,12 @@ import pytest
 from cryptography.fernet import Fernet
 
 from elaoms.config import Settings
+from elaoms.crypto import PayloadCipher
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
-from elaoms.operations.crypto import PayloadCipher
 from elaoms.operations.privacy import names_caller
+from elaoms.search.indexes import CallerIndexes
 from elaoms.webhooks.storage import WebhookStorage, caller_dir_name
 
 from conftest import ServiceProcess, signed_headers, transcription, wait_until
@@ -146,7 +148,11 @@ def test_the_caller_columns_hold_keyed_hashes_and_the_cli_still_lists_the_number
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path, cipher=cipher)
     payload = call("conv_hashed")
-    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    _run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
     with sqlite3.connect(path) as connection:
         keys = {
             row[0]
@@ -164,14 +170,18 @@ def test_a_plain_database_keeps_working_when_encryption_is_turned_on(tmp_path: P
     path = tmp_path / "memory.sqlite3"
     plain = SQLiteStore(path)
     payload = call("conv_was_plain")
-    _run(plain.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    _run(
+        plain.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
     _run(plain.put_caller_profile(CALLER, {"caller_name": "Maria Lopez"}))
     _run(plain.close())
     assert b"quokka" in path.read_bytes()  # closed: the -wal is in the file
 
     cipher = PayloadCipher(Fernet.generate_key().decode(), enabled=True)
     store = SQLiteStore(path, cipher=cipher)  # start-up encrypts the old rows
-    assert [hit.content for hit in _run(store.search(CALLER, "quokka"))]
+    assert [hit.content for hit in _run(CallerIndexes(store).search(CALLER, "quokka"))]
     assert _run(store.get_caller_profile(CALLER)) == {"caller_name": "Maria Lopez"}
     (stored,) = _run(store.list_calls(CALLER))
     assert stored.user_id == CALLER and stored.payload == payload
@@ -184,7 +194,11 @@ def test_rotating_the_key_keeps_callers_found(tmp_path: Path) -> None:
     old = Fernet.generate_key().decode()
     store = SQLiteStore(path, cipher=PayloadCipher(old, enabled=True))
     payload = call("conv_rotated")
-    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    _run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
     _run(store.close())
     new = Fernet.generate_key().decode()
     rotated = SQLiteStore(path, cipher=PayloadCipher(f"{new},{old}", enabled=True))
@@ -301,7 +315,9 @@ def test_the_openmemory_ledger_is_encrypted_and_forget_lasts_there_too(
 
     async def scenario() -> None:
         payload = call("conv_om_1")
-        first = await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+        first = await store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
         assert first.created
         await store.put_caller_profile(CALLER, {"caller_name": "Maria Lopez"})
         assert leaks(tmp_path) == []  # the ledger and its -wal, store open
@@ -311,7 +327,9 @@ def test_the_openmemory_ledger_is_encrypted_and_forget_lasts_there_too(
         await store.delete_user(CALLER)
         assert not [m for m in fresh_standin.state.memories.values() if m["user_id"] == CALLER]
         sent = len(fresh_standin.state.requests)
-        again = await store.add_call(CALLER, payload, call_memories(CALLER, payload))
+        again = await store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
         assert again.forgotten and not again.memory_id
         assert len(fresh_standin.state.requests) == sent  # nothing sent to the server
         assert await store.list_calls(CALLER) == []
@@ -349,7 +367,11 @@ def test_with_encryption_off_the_store_format_stays_as_it_was(tmp_path: Path) ->
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path)
     payload = call("conv_plain")
-    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    _run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
     with sqlite3.connect(path) as connection:
         assert {row[0] for row in connection.execute("SELECT user_id FROM calls")} == {CALLER}
         contents = [row[0] for row in connection.execute("SELECT content FROM memories")]
@@ -363,14 +385,16 @@ def test_an_openmemory_ledger_written_in_clear_is_encrypted_when_encryption_is_t
     async def scenario() -> None:
         plain = openmemory_store(fresh_standin, tmp_path)
         payload = call("conv_om_plain")
-        await plain.add_call(CALLER, payload, call_memories(CALLER, payload))
+        await plain.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
         await plain.close()
         assert leaks(tmp_path)
 
         cipher = PayloadCipher(Fernet.generate_key().decode(), enabled=True)
         store = openmemory_store(fresh_standin, tmp_path, cipher=cipher)
         assert [found.user_id for found in await store.list_calls(CALLER)] == [CALLER]
-        assert await store.search(CALLER, "quokka")
+        assert await CallerIndexes(store).search(CALLER, "quokka")
         assert leaks(tmp_path) == []
         await store.close()
 
@@ -384,7 +408,11 @@ def test_a_forget_s_checkpoint_held_back_by_a_reader_is_completed_by_the_upkeep(
     store = SQLiteStore(path)
     store.checkpoint_timeout = 0  # do not wait for the reader below
     payload = call("conv_held_back")
-    _run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    _run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
     reader = sqlite3.connect(path, isolation_level=None)  # another worker, mid-read
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM memories").fetchone()

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from elaoms.memory.base import Memory
+from elaoms.memory.base import IndexState, Memory, MemoryVersion, SavedIndex
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.search.schemas import SearchResponse
 from elaoms.search.service import GUARD_LINE
@@ -260,22 +261,30 @@ def test_context_stays_within_budget(tmp_path: Path) -> None:
 
 # Deadline and read-only ---------------------------------------------------------------------
 class SlowRecordingStore(SQLiteStore):
-    """The real store, with a slow search and a log of every write made through it."""
+    """The real store, slow to read a caller's index (and without the loop's fast path),
+    with a log of every write made through it."""
 
     def __init__(self, path: Path, delay: float) -> None:
         super().__init__(path)
         self.delay = delay
         self.writes: list[str] = []
 
-    async def search(
-        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
-    ) -> list[Memory]:
-        await asyncio.sleep(self.delay)
-        return await super().search(user_id, query, limit, max_chars=max_chars)
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        return None
 
-    async def add_call(self, user_id: str, payload: dict[str, Any], memories: list[Memory]) -> Any:
+    async def index_state(self, user_id: str) -> IndexState:
+        await asyncio.sleep(self.delay)
+        return await super().index_state(user_id)
+
+    async def save_index(self, user_id: str, index: SavedIndex) -> bool:
+        self.writes.append("save_index")
+        return await super().save_index(user_id, index)
+
+    async def add_call(
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+    ) -> Any:
         self.writes.append("add_call")
-        return await super().add_call(user_id, payload, memories)
+        return await super().add_call(user_id, call, payload, memories)
 
     async def add_memory(
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None
@@ -336,6 +345,7 @@ def test_the_context_budget_reaches_the_store(tmp_path: Path) -> None:
     """A budget larger than the ranker's default brings more excerpt text, not just a
     larger cut of the same ~2,800 characters."""
     from elaoms.memory.units import call_memories
+    from elaoms.search.indexes import CallerIndexes
     from elaoms.search.service import SearchService
 
     store = SQLiteStore(tmp_path / "memory.sqlite3")
@@ -345,9 +355,13 @@ def test_the_context_budget_reaches_the_store(tmp_path: Path) -> None:
             for i in range(30)
         ]
         payload = transcription(f"conv_wide_{number}", ALICE, turns=turns)
-        asyncio.run(store.add_call(ALICE, payload, call_memories(ALICE, payload)))
+        asyncio.run(
+            store.add_call(
+                ALICE, CallRecord.from_payload(payload), payload, call_memories(ALICE, payload)
+            )
+        )
     for budget in (1500, 3000, 6000):
-        service = SearchService(store=store, context_max_chars=budget)
+        service = SearchService(CallerIndexes(store), context_max_chars=budget)
         result = asyncio.run(service.search(ALICE, "garden fence roses", 10))
         assert budget - 200 < len(result.context) <= budget
         assert [memory.content in result.context for memory in result.memories] == [True] * len(

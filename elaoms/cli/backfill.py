@@ -38,8 +38,8 @@ from elaoms.cli.runtime import (
     run,
 )
 from elaoms.elevenlabs.client import ElevenLabsClient, ElevenLabsError
+from elaoms.files import atomic_write
 from elaoms.memory.records import TRANSCRIPTION, CallRecord
-from elaoms.operations.files import atomic_write
 from elaoms.phone import mask
 from elaoms.webhooks.identity import caller_of
 

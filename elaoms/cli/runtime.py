@@ -55,9 +55,9 @@ class CliError(Exception):
 
 def describe_error(error: BaseException) -> str | None:
     """One line for a failure we expect in the field; None for a genuine bug."""
+    from elaoms.crypto import EncryptionConfigError
     from elaoms.elevenlabs.client import ElevenLabsError
     from elaoms.memory.base import StoreUnavailableError
-    from elaoms.operations.crypto import EncryptionConfigError
 
     if isinstance(error, CliError):
         return str(error)

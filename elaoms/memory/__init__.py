@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from elaoms.config import MemoryBackend, Settings
-from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall, StoreUnavailableError
-from elaoms.operations.crypto import PayloadCipher
+from elaoms.crypto import PayloadCipher
+from elaoms.memory.base import (
+    CallReceipt,
+    IndexState,
+    Memory,
+    MemoryStore,
+    MemoryVersion,
+    SavedIndex,
+    StoredCall,
+    StoreUnavailableError,
+)
 
 __all__ = [
     "CallReceipt",
+    "IndexState",
     "Memory",
     "MemoryStore",
+    "MemoryVersion",
+    "SavedIndex",
     "StoreUnavailableError",
     "StoredCall",
     "create_store",

@@ -9,7 +9,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elaoms.memory.records import CallRecord
 
 
 class StoreUnavailableError(RuntimeError):
@@ -100,14 +103,21 @@ class MemoryVersion:
     last_seq: int  # the greatest sequence number among them, 0 when none
 
 
+NO_MEMORIES = MemoryVersion(0, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class SavedIndex:
+    """A caller's search index as the search side saved it."""
+
     version: MemoryVersion
     data: bytes  # search's own format, opaque to the store; the store encrypts it at rest
 
 
 @dataclass(frozen=True, slots=True)
 class IndexState:
+    """What a search needs to know before ranking, from one consistent read."""
+
     version: MemoryVersion  # the caller's memories now
     saved: SavedIndex | None  # the saved index, whatever version it describes
 
@@ -125,9 +135,14 @@ class MemoryStore(abc.ABC):
     # Calls -------------------------------------------------------------------------------
     @abc.abstractmethod
     async def add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
         """Keep `payload` whole and add its searchable `memories`, all or nothing.
+
+        `call` is the payload's checked record, built once at ingestion: every column a
+        store keeps comes from it (a raw value out of range, an integer beyond 64 bits or an
+        object as agent id, would fail the insert on every retry); the payload is not read
+        again here.
 
         Idempotent on (event type, conversation id): a second add of the same call stores
         nothing and returns the first receipt's memory id with `created=False`.
@@ -207,14 +222,31 @@ class MemoryStore(abc.ABC):
     async def list_memories(self, user_id: str, limit: int | None = None) -> list[Memory]:
         """All of one user's memories in the order they were added (oldest first)."""
 
+    # Search indexes (`elaoms.search.indexes` ranks; a store keeps versions and bytes) ----
     @abc.abstractmethod
-    async def search(
-        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
-    ) -> list[Memory]:
-        """The user's memories that best answer `query`, best first. Never another user's.
+    async def index_state(self, user_id: str) -> IndexState:
+        """The caller's memory version and saved index, from one consistent read (one
+        query where the backend can)."""
 
-        `max_chars`: about how much text the answer may hold in total (the search tool's
-        context budget); None leaves it to the backend's default."""
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        """The caller's memory version read synchronously on the event loop, for stores
+        that can answer in microseconds and never block (an embedded file); None means
+        "ask `index_state`". A search of a caller whose index the process holds then
+        ranks without leaving the loop."""
+        return None
+
+    @abc.abstractmethod
+    async def memories_after(
+        self, user_id: str, after_seq: int
+    ) -> tuple[MemoryVersion, list[Memory]]:
+        """The caller's memories with a sequence number above `after_seq`, oldest first,
+        and their version as of the same read (one snapshot)."""
+
+    @abc.abstractmethod
+    async def save_index(self, user_id: str, index: SavedIndex) -> bool:
+        """Keep `index` unless the caller's memories changed since `index.version`
+        (compare and set, in one transaction); True when kept. Encrypted at rest like
+        the memories it is made of."""
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str) -> int:
@@ -255,9 +287,9 @@ class MemoryStore(abc.ABC):
 
     # Life cycle --------------------------------------------------------------------------
     async def maintain(self) -> None:
-        """Upkeep kept off the request path (the embedded store saves search indexes here).
-        The service calls it every second and on shutdown, the CLI after a backfill; none
-        by default."""
+        """The store's own upkeep kept off the request path (the embedded store's -wal
+        flush a forget could not finish). The service calls it every second and on
+        shutdown, the CLI after a backfill; none by default."""
 
     async def check(self) -> None:
         """Raise `StoreUnavailableError` when the store cannot serve (start-up, /ready)."""

@@ -19,7 +19,10 @@ Defences against the server's known faults (docs/openmemory.md):
 - It has returned other users' memories: every memory read is checked against the caller
   asked for and dropped (and counted) if it is someone else's.
 - `/memory/query` ranks globally, filters by user afterwards and answers failures with an
-  empty list: search reads the caller's own memories and ranks them here (`CallerIndex`).
+  empty list: search reads the caller's own memories and ranks them here, like every
+  store's (`elaoms.search.indexes`). A caller's memory version is the ledger's record of
+  their units (count and last seq), so their index is saved in the ledger too; memories
+  changed on the server directly, behind ELAOMS's back, are not seen by search.
 - Its main branch since 2026-04 binds `user_id` to the API key; `check` names the
   versions that work when it sees that, or sees stored content cut short.
 """
@@ -49,24 +52,26 @@ from tenacity import (
 )
 
 from elaoms.config import Settings
+from elaoms.crypto import PayloadCipher
 from elaoms.memory.base import (
     CallDigest,
     CallerPage,
     CallHistory,
     CallReceipt,
+    IndexState,
     Memory,
     MemoryStore,
+    MemoryVersion,
+    SavedIndex,
     StoredCall,
     StoreUnavailableError,
 )
+from elaoms.memory.metrics import FOREIGN_MEMORIES_DROPPED
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import AGENT_PROFILE, SCHEMA, SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION
-from elaoms.operations.crypto import PayloadCipher
-from elaoms.operations.metrics import FOREIGN_MEMORIES_DROPPED
 from elaoms.phone import mask
 from elaoms.retries import retryable_status
-from elaoms.search.ranking import CallerIndex
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ class Ledger(SQLiteStore):
 
     name = "openmemory-ledger"
     schema = SCHEMA + LEDGER_SCHEMA
+    version_table = "openmemory_units"  # a caller's memories are their units on the server
 
     def _protect_more_rows(self, connection: sqlite3.Connection, plain: str) -> int:
         changed = 0
@@ -192,30 +198,33 @@ class Ledger(SQLiteStore):
         return await self._run(query)
 
     async def record_call(
-        self, user_id: str, payload: dict[str, Any], memory_id: str
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memory_id: str
     ) -> CallReceipt:
         """Index a call whose units are all on the server; a racing twin loses."""
 
         def insert() -> CallReceipt:
             with self._write() as connection:
-                return self._insert_call(connection, user_id, payload, memory_id)
+                return self._insert_call(connection, user_id, call, payload, memory_id)
 
         return await self._run(insert)
 
-    async def version(self, user_id: str) -> tuple[int, int]:
+    async def version(self, user_id: str) -> MemoryVersion:
         """Changes whenever any worker adds or deletes a memory of `user_id`."""
+        return await self._run(lambda: self._version(self._connection(), user_id))
 
-        def query() -> tuple[int, int]:
-            row = (
-                self._connection()
-                .execute(
-                    "SELECT count(*), coalesce(max(seq), 0) FROM openmemory_units"
-                    " WHERE user_id = ?",
-                    (self._key(user_id),),
-                )
-                .fetchone()
-            )
-            return int(row[0]), int(row[1])
+    async def units_after(self, user_id: str, after_seq: int) -> tuple[MemoryVersion, list[str]]:
+        """The server ids of the caller's units recorded after `after_seq`, in add order,
+        and the caller's version, from one read."""
+
+        def query() -> tuple[MemoryVersion, list[str]]:
+            with self._read() as connection:
+                version = self._version(connection, user_id)
+                rows = connection.execute(
+                    "SELECT openmemory_id FROM openmemory_units WHERE user_id = ? AND seq > ?"
+                    " ORDER BY seq",
+                    (self._key(user_id), after_seq),
+                ).fetchall()
+            return version, [row[0] for row in rows]
 
         return await self._run(query)
 
@@ -227,6 +236,7 @@ class Ledger(SQLiteStore):
             with self._write() as connection:
                 key = self._key(user_id)
                 connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (key,))
+                connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (key,))
                 self._delete_digests(connection, user_id)
                 self._delete_directory_entry(connection, user_id)
                 deleted = sum(
@@ -241,12 +251,11 @@ class Ledger(SQLiteStore):
 
 @dataclass(slots=True)
 class _CallerView:
-    """One caller's memories as last read from the server, and their ranking index."""
+    """One caller's memories as last read from the server."""
 
-    version: tuple[int, int]
+    version: MemoryVersion
     expires: float
     memories: list[Memory]
-    index: CallerIndex | None = None
 
 
 class OpenMemoryStore(MemoryStore):
@@ -397,17 +406,15 @@ class OpenMemoryStore(MemoryStore):
 
     # Calls -------------------------------------------------------------------------------
     async def add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
-        data = payload.get("data") or {}
-        event_type = str(payload.get("type") or TRANSCRIPTION)
-        conversation_id = str(data.get("conversation_id") or "")
+        event_type, conversation_id = call.event_type, call.conversation_id
         existing = await self.ledger.receipt(event_type, conversation_id)
         if existing:
             return CallReceipt(memory_id=existing, created=False)
         if await self.ledger.is_forgotten(conversation_id):  # nothing goes to the server
             return CallReceipt(memory_id="", created=False, forgotten=True)
-        units = memories or [_placeholder(user_id, payload, event_type, conversation_id)]
+        units = memories or [_placeholder(user_id, call)]
         done, order = await self.ledger.units(event_type, conversation_id)
         missing = [(position, unit) for position, unit in enumerate(units) if unit.id not in done]
         # Every finished add is recorded even when a sibling fails, so a retry only adds
@@ -424,7 +431,7 @@ class OpenMemoryStore(MemoryStore):
             if isinstance(result, BaseException):
                 raise result
             done[unit.id] = result
-        return await self.ledger.record_call(user_id, payload, done[units[0].id])
+        return await self.ledger.record_call(user_id, call, payload, done[units[0].id])
 
     async def _add_unit(
         self, user_id: str, event_type: str, unit: Memory, order: int, position: int
@@ -530,13 +537,25 @@ class OpenMemoryStore(MemoryStore):
         memories = (await self._view(user_id)).memories
         return memories[:limit] if limit is not None else list(memories)
 
-    async def search(
-        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
-    ) -> list[Memory]:
-        view = await self._view(user_id)
-        if view.index is None:
-            view.index = await asyncio.to_thread(CallerIndex, view.memories)
-        return await asyncio.to_thread(view.index.search, query, limit, max_chars=max_chars)
+    # Search indexes: versions and saved indexes live in the ledger -----------------------
+    async def index_state(self, user_id: str) -> IndexState:
+        return await self.ledger.index_state(user_id)
+
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        return self.ledger.index_version_now(user_id)
+
+    async def memories_after(
+        self, user_id: str, after_seq: int
+    ) -> tuple[MemoryVersion, list[Memory]]:
+        version, ids = await self.ledger.units_after(user_id, after_seq)
+        if not ids:
+            return version, []
+        on_server = {memory.id: memory for memory in (await self._view(user_id)).memories}
+        # A unit deleted on the server directly is left out (the count then says so).
+        return version, [on_server[memory_id] for memory_id in ids if memory_id in on_server]
+
+    async def save_index(self, user_id: str, index: SavedIndex) -> bool:
+        return await self.ledger.save_index(user_id, index)
 
     async def _view(self, user_id: str) -> _CallerView:
         """The caller's memories, reread when any worker's ledger says they changed or the
@@ -592,7 +611,7 @@ class OpenMemoryStore(MemoryStore):
         answer = await self._request("DELETE", f"/users/{_quote(user_id)}/memories")
         deleted = answer.get("deleted") if isinstance(answer, dict) else None
         if not isinstance(deleted, int):
-            deleted = (await self.ledger.version(user_id))[0]
+            deleted = (await self.ledger.version(user_id)).count
         self._views.pop(user_id, None)
         return deleted + await self.ledger.forget(user_id)
 
@@ -774,21 +793,18 @@ def _mark(attempt: int, text: str) -> str:
     return " ".join(uuid.uuid4().hex[:4] for _ in range(2 * attempt * words))
 
 
-def _placeholder(
-    user_id: str, payload: dict[str, Any], event_type: str, conversation_id: str
-) -> Memory:
+def _placeholder(user_id: str, record: CallRecord) -> Memory:
     """The server-side trace of a call with nothing to search, so it still has an id."""
-    record = CallRecord.from_payload(payload)  # checked values: NaN is not JSON
-    started = record.started_at
+    started = record.started_at  # checked values: NaN is not JSON
     return Memory(
-        id=f"{conversation_id}#call",
+        id=f"{record.conversation_id}#call",
         user_id=user_id,
         content="A call took place; nothing searchable was said.",
         metadata={
             "kind": "call",
-            "conversation_id": conversation_id,
+            "conversation_id": record.conversation_id,
             "agent_id": record.agent_id,
-            "event_type": event_type,
+            "event_type": record.event_type,
             "event_timestamp": record.event_timestamp,
             "call_started_at": started,
         },

@@ -22,6 +22,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from elaoms.crypto import (
+    KEYED_HASH_PREFIX,
+    EncryptionConfigError,
+    PayloadCipher,
+    keyed_hash,
+    new_hash_key,
+)
 from elaoms.memory.base import (
     CallDigest,
     CallerPage,
@@ -39,13 +46,6 @@ from elaoms.memory.base import (
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import TRANSCRIPTION
-from elaoms.operations.crypto import (
-    KEYED_HASH_PREFIX,
-    EncryptionConfigError,
-    PayloadCipher,
-    keyed_hash,
-    new_hash_key,
-)
 from elaoms.payloads import decode, encode
 from elaoms.phone import normalize_caller_id
 
@@ -349,24 +349,7 @@ class PostgresStore(MemoryStore):
         return self.cipher.decrypt(bytes(value)).decode()
 
     # Calls -------------------------------------------------------------------------------
-    async def add_call(  # type: ignore[override]
-        self,
-        user_id: str,
-        call: CallRecord | dict[str, Any],
-        payload: dict[str, Any] | list[Memory],
-        memories: list[Memory] | None = None,
-    ) -> CallReceipt:
-        """`add_call(user_id, call, payload, memories)`: the typed record built once at
-        ingestion (the store <-> search contract). TEMPORARY (issue 14): main's callers
-        still pass `add_call(user_id, payload, memories)`, whose record is built here; only
-        the record form stays once the contract is merged."""
-        if isinstance(call, CallRecord):
-            assert isinstance(payload, dict) and memories is not None
-            return await self._add_call(user_id, call, payload, memories)
-        assert isinstance(payload, list)
-        return await self._add_call(user_id, CallRecord.from_payload(call), call, payload)
-
-    async def _add_call(
+    async def add_call(
         self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
         memory_id = f"mem_{uuid.uuid4().hex}"
@@ -761,21 +744,6 @@ class PostgresStore(MemoryStore):
                 },
             )
             return await saved.fetchone() is not None
-
-    async def search(
-        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
-    ) -> list[Memory]:
-        # TEMPORARY (issue 14): ranks a fresh index of every memory of the caller, for
-        # main's interface, which still asks stores to search. The search side's index
-        # cache (built on `index_state`, `memories_after` and `save_index`) replaces this
-        # when the store <-> search contract lands.
-        from elaoms.search.ranking import DEFAULT, CallerIndex
-
-        memories = await self.list_memories(user_id)
-        if not memories:
-            return []
-        index = await asyncio.to_thread(CallerIndex, memories, vectors=DEFAULT)
-        return index.search(query, limit, max_chars=max_chars)
 
     async def delete_user(self, user_id: str) -> int:
         key = await self._caller_key(user_id)

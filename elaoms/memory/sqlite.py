@@ -8,7 +8,6 @@ duplicate delivery racing in another process stores nothing.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -23,33 +22,32 @@ from typing import Any, TypeVar
 
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from elaoms.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
+from elaoms.files import ensure_private_dir
 from elaoms.memory.base import (
     CallDigest,
     CallerPage,
     CallerSummary,
     CallHistory,
     CallReceipt,
+    IndexState,
     Memory,
     MemoryStore,
+    MemoryVersion,
+    SavedIndex,
     StoredCall,
     StoreUnavailableError,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
-from elaoms.memory.held_indexes import HeldIndexes, Version
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import TRANSCRIPTION
-from elaoms.operations.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
-from elaoms.operations.files import ensure_private_dir
 from elaoms.payloads import decode, encode
 from elaoms.phone import normalize_caller_id
-from elaoms.search.ranking import DEFAULT, CallerIndex
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 AGENT_PROFILE = "agent_profile"
-# A saved search index: (memories it covers, last seq it covers, data).
-SavedRow = tuple[int, int, bytes]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -133,6 +131,12 @@ CREATE TABLE IF NOT EXISTS caller_directory (
 );
 CREATE INDEX IF NOT EXISTS caller_directory_by_last
     ON caller_directory (last_started_at, user_id);
+-- An agent's configuration from ElevenLabs (no caller data, in clear), as `profile` JSON.
+CREATE TABLE IF NOT EXISTS agent_profiles (
+    agent_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    fetched_at REAL NOT NULL
+);
 """
 CALL_COLUMNS = (
     "event_type, conversation_id, user_id, agent_id, event_timestamp, started_at, memory_id,"
@@ -141,6 +145,8 @@ CALL_COLUMNS = (
 HASH_KEY = "hash_key"
 # Present while encryption is on and every row is encrypted (no start-up scan needed).
 ALL_PROTECTED = "all_rows_protected"
+# Present once agent profiles kept as memory rows (before their own table) were moved.
+AGENT_PROFILES_MOVED = "agent_profiles_moved"
 # Newest first, as `MemoryStore.call_history` defines it (SQLite sorts NULL lowest).
 NEWEST_FIRST = "ORDER BY started_at DESC, conversation_id DESC"
 
@@ -152,6 +158,8 @@ class SQLiteStore(MemoryStore):
     _hash_key = b""
     _flush_due = False  # a forget's -wal checkpoint still to complete
     checkpoint_timeout = 10.0  # how long a forget waits for other workers' reads to end
+    # The table whose rows are the caller's memories (the ledger's: its units on the server).
+    version_table = "memories"
 
     def __init__(
         self,
@@ -160,7 +168,6 @@ class SQLiteStore(MemoryStore):
         file_mode: int = 0o600,
         dir_mode: int = 0o700,
         cipher: PayloadCipher | None = None,
-        index_cache_size: int = 128,
     ) -> None:
         self.path = Path(path)
         self.file_mode = file_mode
@@ -169,7 +176,6 @@ class SQLiteStore(MemoryStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._indexes = HeldIndexes(index_cache_size)
         self._initialize()
 
     # Connections -------------------------------------------------------------------------
@@ -202,6 +208,7 @@ class SQLiteStore(MemoryStore):
                 if "caller" not in columns:  # a file made before callers were hashed
                     writing.execute("ALTER TABLE calls ADD COLUMN caller BLOB")
             self._hash_key = self._load_hash_key()
+            self._move_agent_profiles()
             self._protect_plain_rows()
 
         set_up()
@@ -235,6 +242,28 @@ class SQLiteStore(MemoryStore):
             "SELECT caller FROM calls WHERE user_id = ? AND caller IS NOT NULL LIMIT 1", (key,)
         ).fetchone()
         return self._open(bytes(row[0])) if row else None
+
+    def _move_agent_profiles(self) -> None:
+        """Agent profiles an older version kept as rows of `memories` go to their own
+        table (they are no caller's memories: they must not count in a caller's version).
+        Once per file: a marker saves the scan of every memory at later starts."""
+        with self._write() as connection:
+            if connection.execute(
+                "SELECT 1 FROM store_keys WHERE name = ?", (AGENT_PROFILES_MOVED,)
+            ).fetchone():
+                return
+            rows = connection.execute(
+                "SELECT user_id, content, metadata, created_at FROM memories WHERE kind = ?",
+                (AGENT_PROFILE,),
+            ).fetchall()
+            for agent_id, content, metadata, created_at in rows:
+                fetched_at = json.loads(metadata).get("fetched_at", created_at)
+                connection.execute(
+                    "INSERT OR IGNORE INTO agent_profiles VALUES (?, ?, ?)",
+                    (agent_id, content, fetched_at),
+                )
+            connection.execute("DELETE FROM memories WHERE kind = ?", (AGENT_PROFILE,))
+            connection.execute("INSERT INTO store_keys VALUES (?, ?)", (AGENT_PROFILES_MOVED, b"1"))
 
     def _load_hash_key(self) -> bytes:
         """The store's keyed-hash secret, made on first use. With encryption on it is kept
@@ -440,15 +469,17 @@ class SQLiteStore(MemoryStore):
 
     # Calls -------------------------------------------------------------------------------
     async def add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
-        return await self._run(lambda: self._add_call(user_id, payload, memories))
+        return await self._run(lambda: self._add_call(user_id, call, payload, memories))
 
     def _add_call(
-        self, user_id: str, payload: dict[str, Any], memories: list[Memory]
+        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
     ) -> CallReceipt:
         with self._write() as connection:
-            receipt = self._insert_call(connection, user_id, payload, f"mem_{uuid.uuid4().hex}")
+            receipt = self._insert_call(
+                connection, user_id, call, payload, f"mem_{uuid.uuid4().hex}"
+            )
             if receipt.created:
                 self._insert_memories(connection, user_id, memories)
         return receipt
@@ -461,22 +492,17 @@ class SQLiteStore(MemoryStore):
             " (id, user_id, kind, content, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             [self._memory_row(memory) for memory in memories],
         )
-        # The caller's saved search index is brought up to date by `maintain`, off the
-        # delivery's path and once for several calls; searches meanwhile add what is new.
-        self._indexes.mark_unsaved(user_id)
 
     def _insert_call(
         self,
         connection: sqlite3.Connection,
         user_id: str,
+        record: CallRecord,
         payload: dict[str, Any],
         memory_id: str,
     ) -> CallReceipt:
         """Insert the call row inside the caller's write transaction, unless the same call
         (event type, conversation id) is already there: then its first receipt."""
-        # Every column from the checked record: a raw value out of range (an integer
-        # beyond 64 bits, an object as agent id) failed the insert on every retry.
-        record = CallRecord.from_payload(payload)
         event_type, conversation_id = record.event_type, record.conversation_id
         existing = connection.execute(
             "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
@@ -744,125 +770,78 @@ class SQLiteStore(MemoryStore):
             parameters.append(limit)
         return [self._memory(user_id, row) for row in self._connection().execute(sql, parameters)]
 
-    async def search(
-        self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
-    ) -> list[Memory]:
-        # Reading the file may mean the disk: a store larger than the page cache is read
-        # from disk at random, and a disk read can take a second when the disk is busy.
-        # So the loop reads nothing it has not read moments ago: a caller whose index this
-        # process holds is checked and ranked on it (a few hundred microseconds, no thread
-        # hop, whose GIL hand-offs under load cost milliseconds); any other caller's saved
-        # index is read in a thread, in one query, and loaded and ranked back on the loop.
-        current: tuple[Version, SavedRow | None] | None = None
+    # Search indexes ---------------------------------------------------------------------
+    async def index_state(self, user_id: str) -> IndexState:
+        # One query: in a thread, one round of GIL hand-offs rather than two.
+        return await self._run(lambda: self._index_state(self._connection(), user_id))
+
+    def _index_state(self, connection: sqlite3.Connection, user_id: str) -> IndexState:
+        key = self._key(user_id)
+        count, last, memories, last_seq, data = connection.execute(
+            "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
+            f" (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM {self.version_table}"
+            "  WHERE user_id = ?) AS m LEFT JOIN caller_indexes AS i ON i.user_id = ?",
+            (key, key),
+        ).fetchone()
+        saved = None
+        if data is not None:
+            try:
+                saved = SavedIndex(MemoryVersion(memories, last_seq), self.cipher.decrypt(data))
+            except ValueError:  # under a key no longer configured: rebuilt, saved again
+                saved = None
+        return IndexState(MemoryVersion(count, last), saved)
+
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        # The loop's reader: microseconds, and it answers at once or fails busy.
         try:
-            if self._indexes.holds(user_id):
-                index = self._indexes.get(user_id, _version(self._reader(), self._key(user_id)))
-                if index is not None and index.vector_cache is None:
-                    return index.search(query, limit, max_chars=max_chars)
-            current = await self._run(lambda: _current_row(self._connection(), self._key(user_id)))
-            version, row = current
-            if version[0] == 0:
-                return []  # a caller we know nothing about
-            index = self._saved_index(version, row)
-            if index is not None:
-                index.attach_vectors(DEFAULT)
-                self._indexes.put(user_id, version, index)
-                if index.vector_cache is None:
-                    return index.search(query, limit, max_chars=max_chars)
+            return self._version(self._reader(), user_id)
         except sqlite3.Error as error:
             if not _busy(error):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
-        # The index must be built or extended (or the loop's reader was busy): a thread,
-        # reusing the version and row just read, if any.
-        return await self._run(
-            lambda: self._index(user_id, current).search(query, limit, max_chars=max_chars)
-        )
-
-    def _index(
-        self, user_id: str, current: tuple[Version, SavedRow | None] | None = None
-    ) -> CallerIndex:
-        """The caller's ranking index for a search: kept in this process while their
-        memories are unchanged, else the current one (`_current_index`). `current`: the
-        caller's version and saved row, when just read.
-
-        The version check is one indexed aggregate over the caller's own rows, so a worker
-        sees another worker's writes without any shared cache.
-        """
-        connection = self._connection()
-        version, row = current or _current_row(connection, self._key(user_id))
-        index = self._indexes.get(user_id, version)
-        if index is None:
-            index, saved = self._current_index(connection, user_id, version, row)
-            if not saved:
-                self._indexes.mark_unsaved(user_id)
-            index.attach_vectors(DEFAULT)
-            self._indexes.put(user_id, version, index)
-        return index
-
-    def _saved_index(self, version: Version, row: SavedRow | None) -> CallerIndex | None:
-        """The index saved in `row` if it describes `version` of the memories."""
-        return self._load_index(row[2]) if row and (row[0], row[1]) == version else None
-
-    def _load_index(self, data: bytes) -> CallerIndex | None:
-        """A saved index (without vectors), or None when it is of another format."""
-        try:
-            return CallerIndex.from_bytes(self.cipher.decrypt(data), vectors=None)
-        except ValueError:
             return None
 
-    def _current_index(
-        self,
-        connection: sqlite3.Connection,
-        user_id: str,
-        version: Version,
-        row: SavedRow | None,
-    ) -> tuple[CallerIndex, bool]:
-        """The index of `version` of the caller's memories, and whether it is the one
-        saved (`row`). The saved index serves as is, or extended with the memories stored
-        after it (tokenizing those alone); with none saved, or memories deleted since,
-        every memory is read and tokenized."""
-        if (index := self._saved_index(version, row)) is not None:
-            return index, True
-        if row is not None and (index := self._load_index(row[2])) is not None:
-            saved_count, saved_last, _ = row
-            newer = self._list_memories(user_id, after_seq=saved_last)
-            if saved_count + len(newer) == version[0]:  # nothing deleted since
-                index.extend(newer)
-                return index, False
-        return CallerIndex(self._list_memories(user_id), vectors=None), False
+    def _version(self, connection: sqlite3.Connection, user_id: str) -> MemoryVersion:
+        """Count and last seq of the caller's memories: changes with every insert or
+        delete, one indexed aggregate over the caller's own rows, so a worker sees another
+        worker's writes without any shared cache."""
+        count, last = connection.execute(
+            f"SELECT count(*), coalesce(max(seq), 0) FROM {self.version_table} WHERE user_id = ?",
+            (self._key(user_id),),
+        ).fetchone()
+        return MemoryVersion(count, last)
 
-    async def maintain(self) -> None:
-        """Save the search index of every caller whose memories changed (or whose saved
-        index a search found behind) since the last pass."""
-        if self._flush_due:
-            await self._run(lambda: self.flush(timeout=0))
-        callers = self._indexes.take_unsaved()
-        for number, user_id in enumerate(callers):
-            try:
-                await self._run(functools.partial(self._save_index, user_id))
-            except StoreUnavailableError:
-                self._indexes.remark_unsaved(callers[number:])
-                raise
+    async def memories_after(
+        self, user_id: str, after_seq: int
+    ) -> tuple[MemoryVersion, list[Memory]]:
+        def query() -> tuple[MemoryVersion, list[Memory]]:
+            with self._read() as connection:
+                version = self._version(connection, user_id)
+                return version, self._list_memories(user_id, after_seq=after_seq)
 
-    def _save_index(self, user_id: str) -> None:
-        connection = self._connection()
-        version, row = _current_row(connection, self._key(user_id))
-        if version[0] == 0:  # forgotten meanwhile: nothing to index
-            return
-        index, saved = self._current_index(connection, user_id, version, row)
-        if saved:
-            return
-        data = self.cipher.encrypt(index.to_bytes())
-        with self._write() as connection:
-            # Only if no memory came or went meanwhile: the index describes `version`. A
-            # writer that changed them marked the caller for the next pass.
-            if _version(connection, self._key(user_id)) == version:
+        return await self._run(query)
+
+    async def save_index(self, user_id: str, index: SavedIndex) -> bool:
+        data = self.cipher.encrypt(index.data)
+
+        def save() -> bool:
+            with self._write() as connection:
+                # Only if no memory came or went meanwhile: the index describes its version.
+                if self._version(connection, user_id) != index.version:
+                    return False
                 connection.execute(
                     "INSERT INTO caller_indexes VALUES (?, ?, ?, ?) ON CONFLICT (user_id)"
                     " DO UPDATE SET memories = excluded.memories,"
                     " last_seq = excluded.last_seq, data = excluded.data",
-                    (self._key(user_id), *version, data),
+                    (self._key(user_id), index.version.count, index.version.last_seq, data),
                 )
+                return True
+
+        return await self._run(save)
+
+    async def maintain(self) -> None:
+        """Complete a forget's -wal flush that other workers' reads held back."""
+        if self._flush_due:
+            await self._run(lambda: self.flush(timeout=0))
 
     async def delete_user(self, user_id: str) -> int:
         def delete() -> int:
@@ -878,7 +857,6 @@ class SQLiteStore(MemoryStore):
                     "DELETE FROM caller_indexes WHERE user_id = ?", (self._key(user_id),)
                 )
                 self._delete_digests(connection, user_id)
-            self._indexes.drop(user_id)
             # The deleted rows' page images stay in the -wal until a checkpoint.
             self.flush()
             return deleted
@@ -936,15 +914,15 @@ class SQLiteStore(MemoryStore):
             row = (
                 self._connection()
                 .execute(
-                    "SELECT content, metadata FROM memories WHERE id = ?",
-                    (_agent_memory_id(agent_id),),
+                    "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = ?",
+                    (agent_id,),
                 )
                 .fetchone()
             )
             if not row:
                 return None
             profile: dict[str, Any] = json.loads(row[0])
-            profile["_fetched_at"] = json.loads(row[1]).get("fetched_at", 0.0)
+            profile["_fetched_at"] = row[1]
             return profile
 
         return await self._run(query)
@@ -953,25 +931,13 @@ class SQLiteStore(MemoryStore):
         self, agent_id: str, profile: dict[str, Any], fetched_at: float
     ) -> None:
         content = json.dumps({k: v for k, v in profile.items() if k != "_fetched_at"})
-        metadata = json.dumps(
-            {"type": AGENT_PROFILE, "agent_id": agent_id, "fetched_at": fetched_at}
-        )
 
         def upsert() -> None:
             with self._write() as connection:
                 connection.execute(
-                    "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                    " content = excluded.content, metadata = excluded.metadata,"
-                    " created_at = excluded.created_at",
-                    (
-                        _agent_memory_id(agent_id),
-                        agent_id,
-                        AGENT_PROFILE,
-                        content,
-                        metadata,
-                        fetched_at,
-                    ),
+                    "INSERT INTO agent_profiles VALUES (?, ?, ?) ON CONFLICT (agent_id)"
+                    " DO UPDATE SET profile = excluded.profile, fetched_at = excluded.fetched_at",
+                    (agent_id, content, fetched_at),
                 )
 
         await self._run(upsert)
@@ -1183,10 +1149,6 @@ class SQLiteStore(MemoryStore):
         self._local = threading.local()
 
 
-def _agent_memory_id(agent_id: str) -> str:
-    return f"agent_profile:{agent_id}"
-
-
 def _busy(error: BaseException) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED, extended codes included: the lock, not the store, is
     what failed."""
@@ -1194,23 +1156,3 @@ def _busy(error: BaseException) -> bool:
         return False
     primary = getattr(error, "sqlite_errorcode", 0) & 0xFF
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-def _current_row(connection: sqlite3.Connection, user_id: str) -> tuple[Version, SavedRow | None]:
-    """The caller's `_version` and their saved index's row, in one query (in a thread, one
-    round of GIL hand-offs rather than two)."""
-    count, last, memories, last_seq, data = connection.execute(
-        "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
-        " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
-        "  WHERE user_id = ?) AS m LEFT JOIN caller_indexes AS i ON i.user_id = ?",
-        (user_id, user_id),
-    ).fetchone()
-    return (count, last), ((memories, last_seq, bytes(data)) if data is not None else None)
-
-
-def _version(connection: sqlite3.Connection, user_id: str) -> Version:
-    """(count, last seq) of the caller's memories: changes with every insert or delete."""
-    count, last = connection.execute(
-        "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = ?", (user_id,)
-    ).fetchone()
-    return count, last

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from elaoms.operations.crypto import KEYED_HASH_PREFIX, keyed_hash
+from elaoms.crypto import KEYED_HASH_PREFIX, keyed_hash
 from elaoms.payloads import decode, encode
 
 logger = logging.getLogger(__name__)

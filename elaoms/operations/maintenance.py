@@ -2,7 +2,7 @@
 
 Pending deliveries are retried at start-up and every PENDING_SWEEP_INTERVAL_SECONDS;
 unclaimed audio and expired webhook files are purged on their own, slower clocks. The
-store's own upkeep (saving search indexes) runs every second.
+store's own upkeep and the saving of callers' search indexes run every second.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 
-from elaoms.memory.base import MemoryStore
 from elaoms.operations.metrics import PENDING_DELIVERIES
 from elaoms.operations.retention import purge_expired
 from elaoms.services import Services
@@ -50,10 +49,10 @@ async def run_maintenance(services: Services) -> None:
         await asyncio.sleep(settings.pending_sweep_interval_seconds)
 
 
-async def run_store_upkeep(store: MemoryStore) -> None:
+async def run_store_upkeep(services: Services) -> None:
     while True:
         await asyncio.sleep(STORE_UPKEEP_INTERVAL_SECONDS)
         try:
-            await store.maintain()
+            await services.upkeep()
         except Exception:
             logger.exception("store upkeep failed; trying again next interval")

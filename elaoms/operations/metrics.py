@@ -19,6 +19,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+# Counted by the stores, which sit below this layer; imported so /metrics always lists it.
+from elaoms.memory.metrics import FOREIGN_MEMORIES_DROPPED as FOREIGN_MEMORIES_DROPPED
+
 REQUESTS = Counter(
     "elaoms_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"]
 )
@@ -42,10 +45,6 @@ EMBEDDING_BACKLOG = Gauge(
     "elaoms_embedding_batches_queued",
     "Batches of memories waiting to be embedded for search (optional embeddings extra)",
     multiprocess_mode="livesum",
-)
-FOREIGN_MEMORIES_DROPPED = Counter(
-    "elaoms_foreign_memories_dropped_total",
-    "Memories a backend returned for another user than the one asked for (dropped)",
 )
 
 

@@ -84,6 +84,7 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
         str(path) for path in await asyncio.to_thread(_forget_quarantined, services, user_id)
     ]
     report.store_items_deleted = await services.store.delete_user(user_id)
+    services.indexes.forget(user_id)  # this process's copy of their search index
     await services.ingest.forget_receipts(report.conversations)
     report.cache_invalidated = await _invalidate_cache(services, user_id)
     logger.info(

@@ -1,4 +1,4 @@
-"""The search tool's logic: whose memories, ranked by the store, cut to a context.
+"""The search tool's logic: whose memories, ranked through their index, cut to a context.
 
 Read-only by design: nothing here writes to the store or to disk, so a search can run
 as often as the agent likes, mid-call, without side effects.
@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from elaoms.memory.base import Memory, MemoryStore
+from elaoms.memory.base import Memory
 from elaoms.memory.records import clamp_timestamp
 from elaoms.phone import (
     NO_CALLER,
@@ -20,6 +20,7 @@ from elaoms.phone import (
     mask,
     phone_caller,
 )
+from elaoms.search.indexes import CallerIndexes
 from elaoms.search.ranking import SEPARATOR, one_line
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ NOTHING = SearchResult(memories=[], context="")
 
 @dataclass
 class SearchService:
-    store: MemoryStore
+    indexes: CallerIndexes
     context_max_chars: int = 3000
     timeout_ms: int = 800
 
@@ -81,7 +82,7 @@ class SearchService:
             # the loop) costs nothing more; one waiting on a thread or a socket is
             # cancelled at the deadline, and a thread finishes on its own, unwaited.
             async with asyncio.timeout(self.timeout_ms / 1000):
-                excerpts = await self.store.search(
+                excerpts = await self.indexes.search(
                     user_id, query, limit, max_chars=self.excerpt_budget
                 )
         except TimeoutError:

@@ -33,15 +33,16 @@ from tenacity import (
 )
 
 from elaoms.config import Settings
+from elaoms.crypto import EncryptionConfigError
 from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall, StoreUnavailableError
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memories
 from elaoms.operations.alerts import AlertSink
 from elaoms.operations.cache import TwoLevelCache
-from elaoms.operations.crypto import EncryptionConfigError
 from elaoms.operations.metrics import QUARANTINED, STORE_ERRORS, STORE_RETRIES
 from elaoms.payloads import decode
 from elaoms.phone import mask, mask_phone_numbers
+from elaoms.search.indexes import CallerIndexes
 from elaoms.webhooks.identity import caller_of
 from elaoms.webhooks.schemas import (
     AUDIO,
@@ -128,9 +129,13 @@ class IngestService:
         hooks: list[CallStoredHook] | None = None,
         alerts: AlertSink | None = None,
         receipts: TwoLevelCache | None = None,
+        indexes: CallerIndexes | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        # Told of every stored call, so the caller's saved search index is brought up to
+        # date by the upkeep, off the delivery's path and once for several calls.
+        self.indexes = indexes
         self.storage = storage
         self.hooks = list(hooks or [])
         self.alerts = alerts or AlertSink()
@@ -413,10 +418,12 @@ class IngestService:
         record = CallRecord.from_payload(payload)
         user_id, memories = self._memories_of(payload, record)
         try:
-            receipt = await self.store.add_call(user_id, payload, memories)
+            receipt = await self.store.add_call(user_id, record, payload, memories)
         except Exception:
             STORE_ERRORS.labels("add_call").inc()
             raise
+        if receipt.created and self.indexes is not None:
+            self.indexes.changed(user_id)
         if stored is not None and not stored.done():
             stored.set_result(receipt)
         conversation_id = record.conversation_id

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elaoms.config import Settings
-from elaoms.operations.crypto import (
+from elaoms.crypto import (
     CHUNK_SIZE,
     ChunkWriter,
     EncryptionConfigError,
@@ -43,7 +43,7 @@ from elaoms.operations.crypto import (
     keyed_hash,
     new_hash_key,
 )
-from elaoms.operations.files import atomic_write, ensure_private_dir, fsync_dir
+from elaoms.files import atomic_write, ensure_private_dir, fsync_dir
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 OTHER_DIR = "_other"

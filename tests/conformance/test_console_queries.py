@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
+from elaoms.crypto import PayloadCipher, generate_key
 from elaoms.memory.base import MemoryStore
 from elaoms.memory.postgres import PostgresStore
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
-from elaoms.operations.crypto import PayloadCipher, generate_key
 
 from conftest import transcription
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -66,7 +67,11 @@ def add_call(
     payload = transcription(conversation_id, caller=caller)
     payload["data"]["agent_id"] = f"agent_{conversation_id[-1]}"
     payload["data"]["metadata"]["start_time_unix_secs"] = started_at
-    run(store.add_call(caller, payload, call_memories(caller, payload)))
+    run(
+        store.add_call(
+            caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+        )
+    )
 
 
 def profile(name: str | None, calls: int, last: int) -> dict[str, Any]:

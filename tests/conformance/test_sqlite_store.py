@@ -15,11 +15,13 @@ from typing import Any, TypeVar, cast
 import pytest
 from cryptography.fernet import Fernet
 
+from elaoms.crypto import PayloadCipher
 from elaoms.memory.base import StoreUnavailableError
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
-from elaoms.operations.crypto import PayloadCipher
 from elaoms.search import embeddings
+from elaoms.search.indexes import CallerIndexes
 from elaoms.search.ranking import CallerIndex
 
 from conftest import transcription
@@ -48,7 +50,9 @@ def _write_calls(path: str, worker: int, start: multiprocessing.synchronize.Even
         calls += [(f"conv_shared_{i}", "+14155559900") for i in range(SHARED_CALLS)]
         for conversation_id, caller in calls:
             payload = transcription(conversation_id, caller=caller)
-            await store.add_call(caller, payload, call_memories(caller, payload))
+            await store.add_call(
+                caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+            )
         await store.close()
 
     start.wait(30)
@@ -121,14 +125,25 @@ def _store_call(
     store: SQLiteStore, conversation_id: str, turns: list[tuple[str, str]] | None = None
 ) -> None:
     payload = transcription(conversation_id, caller=CALLER, turns=turns)
-    asyncio.run(store.add_call(CALLER, payload, call_memories(CALLER, payload)))
+    asyncio.run(
+        store.add_call(
+            CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+        )
+    )
 
 
 def _store_visits(store: SQLiteStore, *, save: bool = True) -> None:
     for number, turns in enumerate(VISITS):
         _store_call(store, f"conv_visit_{number}", turns)
     if save:
-        asyncio.run(store.maintain())  # what the service's upkeep does every second
+        _save_indexes(store)
+
+
+def _save_indexes(store: SQLiteStore) -> None:
+    """What ingestion and the service's upkeep (every second) do after a call."""
+    indexes = CallerIndexes(store)
+    indexes.changed(CALLER)
+    asyncio.run(indexes.maintain())
 
 
 def _saved(path: Path) -> tuple[int, int]:
@@ -166,8 +181,9 @@ def test_another_worker_searches_with_the_index_saved_by_the_writer(
         raise AssertionError("the caller's history was re-read instead of the saved index")
 
     monkeypatch.setattr(reader, "_list_memories", rebuild)
+    indexes = CallerIndexes(reader)
     for query in ("daughter tooth", "insurance crown", "Maria"):
-        found = asyncio.run(reader.search(CALLER, query))
+        found = asyncio.run(indexes.search(CALLER, query))
         assert found and found == expected.search(query, limit=5)
 
 
@@ -189,11 +205,12 @@ def test_a_call_stored_after_the_save_is_found_reading_that_call_alone(
         return read(user_id, limit, after_seq=after_seq)
 
     monkeypatch.setattr(reader, "_list_memories", newer_only)
-    (excerpt,) = asyncio.run(reader.search(CALLER, "root canal"))
+    indexes = CallerIndexes(reader)
+    (excerpt,) = asyncio.run(indexes.search(CALLER, "root canal"))
     assert "root canal went well" in excerpt.content
     assert reads and all(after > 0 for after in reads)
 
-    asyncio.run(reader.maintain())  # the search found the index behind: the upkeep saves it
+    asyncio.run(indexes.maintain())  # the search found the index behind: the upkeep saves it
     saved, stored = _saved(path)
     assert saved == stored
 
@@ -204,10 +221,10 @@ def test_an_index_older_than_a_deletion_is_not_used(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:  # a memory removed behind the index's back
         connection.execute("DELETE FROM memories WHERE content LIKE '%insurance%'")
 
-    reader = SQLiteStore(path)
-    assert asyncio.run(reader.search(CALLER, "insurance crown")) == []
-    assert asyncio.run(reader.search(CALLER, "daughter tooth"))
-    asyncio.run(reader.maintain())
+    indexes = CallerIndexes(SQLiteStore(path))
+    assert asyncio.run(indexes.search(CALLER, "insurance crown")) == []
+    assert asyncio.run(indexes.search(CALLER, "daughter tooth"))
+    asyncio.run(indexes.maintain())
     saved, stored = _saved(path)
     assert saved == stored
 
@@ -224,11 +241,12 @@ def test_an_index_saved_in_an_earlier_format_is_rebuilt_then_saved_anew(tmp_path
         )
 
     reader = SQLiteStore(path)
+    indexes = CallerIndexes(reader)
     expected = CallerIndex(asyncio.run(reader.list_memories(CALLER)), vectors=None)
-    assert asyncio.run(reader.search(CALLER, "daughter tooth")) == expected.search(
+    assert asyncio.run(indexes.search(CALLER, "daughter tooth")) == expected.search(
         "daughter tooth", limit=5
     )
-    asyncio.run(reader.maintain())
+    asyncio.run(indexes.maintain())
     saved = CallerIndex.from_bytes(_saved_index_data(path), vectors=None)  # this format
     assert saved.search("insurance crown", limit=5) == expected.search("insurance crown", limit=5)
 
@@ -239,11 +257,14 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     _store_visits(store)
     data = _saved_index_data(path, store._key(CALLER))
     assert b"daughter" not in data and b"chipped" not in data
-    assert asyncio.run(SQLiteStore(path, cipher=store.cipher).search(CALLER, "daughter"))
+    reader = SQLiteStore(path, cipher=store.cipher)
+    assert asyncio.run(CallerIndexes(reader).search(CALLER, "daughter"))
 
     _store_call(store, "conv_visit_later")
+    indexes = CallerIndexes(store)
+    indexes.changed(CALLER)
     asyncio.run(store.delete_user(CALLER))
-    asyncio.run(store.maintain())  # the pass due for the later call saves nothing back
+    asyncio.run(indexes.maintain())  # the pass due for the later call saves nothing back
 
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT count(*) FROM caller_indexes").fetchone()[0] == 0
@@ -274,7 +295,7 @@ def test_the_loop_reads_only_what_it_read_moments_ago(
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path)
     _store_visits(store)
-    reader = SQLiteStore(path)
+    reader = CallerIndexes(SQLiteStore(path))
     with pytest.raises(AssertionError, match="suspended"):
         _at_once(reader.search(CALLER, "daughter tooth"))
 
@@ -303,6 +324,8 @@ def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
     holder.execute("BEGIN EXCLUSIVE")
     busy = sqlite3.connect(tmp_path / "held.sqlite3", timeout=0, check_same_thread=False)
     monkeypatch.setattr(store, "_reader", lambda: busy)
+    indexes = CallerIndexes(store)
+    asyncio.run(indexes.search(CALLER, "daughter"))  # held: the next search asks the loop
     in_threads: list[object] = []
     run_in_thread = store._run
 
@@ -313,7 +336,7 @@ def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
     monkeypatch.setattr(store, "_run", counted)
 
     assert asyncio.run(store.get_caller_profile(CALLER)) == {"greeting": "Hi Maria"}
-    found = asyncio.run(store.search(CALLER, "insurance crown"))
+    found = asyncio.run(indexes.search(CALLER, "insurance crown"))
     assert found and "insurance" in found[0].content
     assert len(in_threads) == 2
     holder.close()
@@ -337,3 +360,34 @@ def test_a_read_failing_for_another_reason_than_a_lock_is_a_store_error(tmp_path
         connection.execute("DROP TABLE caller_profiles")
     with pytest.raises(StoreUnavailableError):
         asyncio.run(store.get_caller_profile(CALLER))
+
+
+def test_agent_profiles_kept_as_memories_by_an_older_version_move_to_their_table(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "memory.sqlite3"
+    asyncio.run(SQLiteStore(path).close())
+    with sqlite3.connect(path) as connection:  # as versions before the agent_profiles table
+        connection.execute("DELETE FROM store_keys WHERE name = 'agent_profiles_moved'")
+        connection.execute(
+            "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                "agent_profile:agent_a",
+                "agent_a",
+                "agent_profile",
+                json.dumps({"name": "Front desk"}),
+                json.dumps({"type": "agent_profile", "agent_id": "agent_a", "fetched_at": 12.5}),
+                12.5,
+            ),
+        )
+
+    store = SQLiteStore(path)
+    assert asyncio.run(store.get_agent_profile("agent_a")) == {
+        "name": "Front desk",
+        "_fetched_at": 12.5,
+    }
+    assert asyncio.run(store.index_state("agent_a")).version.count == 0
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM memories").fetchone()[0] == 0
+    asyncio.run(store.close())

@@ -10,17 +10,19 @@ these rules, the rule belongs in `elaoms.memory.base` first.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from elaoms.memory.base import Memory, MemoryStore
+from elaoms.crypto import PayloadCipher, generate_key
+from elaoms.memory.base import Memory, MemoryStore, MemoryVersion, SavedIndex
 from elaoms.memory.postgres import PostgresStore
+from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION, call_memories
-from elaoms.operations.crypto import PayloadCipher, generate_key
+from elaoms.search.indexes import CallerIndexes
 
 from conftest import load_fixture, transcription
 from openmemory_standin import (  # noqa: F401 - fixtures by name
@@ -38,20 +40,33 @@ JAMES = "+14155550188"
 
 
 @pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path, run: Run[Any]) -> Iterator[MemoryStore]:
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], MemoryStore]:
+    """Opens the backend's store in this test's directory (again: the same store)."""
     if request.param == "sqlite":
-        backend: MemoryStore = SQLiteStore(tmp_path / "memory.sqlite3")
-    elif request.param.startswith("postgres"):
-        encrypted = request.param.endswith("-encrypted")
-        backend = PostgresStore(
-            request.getfixturevalue("postgres_url"),
-            cipher=PayloadCipher(generate_key(), enabled=True) if encrypted else None,
+        return lambda: SQLiteStore(tmp_path / "memory.sqlite3")
+    if request.param.startswith("postgres"):
+        url = request.getfixturevalue("postgres_url")
+        # One key for every opening: a reopened store must read what the first one sealed.
+        cipher = (
+            PayloadCipher(generate_key(), enabled=True)
+            if request.param.endswith("-encrypted")
+            else None
         )
-    else:
-        server: StandIn = request.getfixturevalue("fresh_standin")
-        backend = openmemory_store(server, tmp_path)
+        return lambda: PostgresStore(url, cipher=cipher)
+    server: StandIn = request.getfixturevalue("fresh_standin")
+    return lambda: openmemory_store(server, tmp_path)
+
+
+@pytest.fixture
+def store(open_store: Callable[[], MemoryStore], run: Run[Any]) -> Iterator[MemoryStore]:
+    backend = open_store()
     yield backend
     run(backend.close())
+
+
+def search(run: Run[Any], store: MemoryStore, caller: str, query: str, limit: int = 5) -> Any:
+    """Ranked as the service ranks: through the search side's index cache."""
+    return run(CallerIndexes(store).search(caller, query, limit))
 
 
 def call(
@@ -73,7 +88,11 @@ def call(
 
 
 def add(run: Run[Any], store: MemoryStore, payload: dict[str, Any], caller: str = MARIA) -> Any:
-    return run(store.add_call(caller, payload, call_memories(caller, payload)))
+    return run(
+        store.add_call(
+            caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+        )
+    )
 
 
 # Calls -----------------------------------------------------------------------------------
@@ -123,7 +142,7 @@ def test_the_same_conversation_id_is_a_different_call_per_event_type(
         metadata={"kind": "call_failure", "conversation_id": "conv_both"},
     )
 
-    receipt = run(store.add_call(MARIA, failure, [note]))
+    receipt = run(store.add_call(MARIA, CallRecord.from_payload(failure), failure, [note]))
 
     assert receipt.created is True
     stored = run(store.get_call("conv_both", failure["type"]))
@@ -179,7 +198,7 @@ def test_a_finished_call_is_digested_when_stored(store: MemoryStore, run: Run[An
     add(run, store, payload)  # a replay adds no second digest
     failure = load_fixture("call_initiation_failure")
     failure["data"]["conversation_id"] = "conv_digest_failed"
-    run(store.add_call(MARIA, failure, []))
+    run(store.add_call(MARIA, CallRecord.from_payload(failure), failure, []))
 
     (digest,) = run(store.list_call_digests(MARIA, words=True))
 
@@ -291,23 +310,24 @@ def test_search_finds_the_relevant_memory_of_that_caller_only(
     run(store.add_memory(MARIA, "Pays with a Visa card ending 4242."))
     run(store.add_memory(JAMES, "His daughter needs a filling, root canal and a filling again."))
 
-    results = run(store.search(MARIA, "daughter filling", limit=5))
+    results = search(run, store, MARIA, "daughter filling", limit=5)
 
     assert results, "the relevant memory must be found"
     assert "Her daughter Sofia needs a filling next month." in results[0].content
     assert {memory.user_id for memory in results} == {MARIA}
-    assert run(store.search("+15550000000", "daughter filling")) == []
+    assert search(run, store, "+15550000000", "daughter filling") == []
 
 
 def test_search_sees_a_call_added_after_an_earlier_search(
     store: MemoryStore, run: Run[Any]
 ) -> None:
+    indexes = CallerIndexes(store)
     run(store.add_memory(MARIA, "Prefers appointments on Tuesday mornings."))
-    assert run(store.search(MARIA, "crown fitting")) == []
+    assert run(indexes.search(MARIA, "crown fitting")) == []
 
     add(run, store, call("conv_crown", turns=[("user", "When is my crown fitting?")]))
 
-    results = run(store.search(MARIA, "crown fitting"))
+    results = run(indexes.search(MARIA, "crown fitting"))
     assert len(results) == 1
     assert "When is my crown fitting?" in results[0].content
 
@@ -339,13 +359,116 @@ def test_deleting_a_caller_removes_everything_of_theirs_only(
     assert run(store.list_calls(MARIA)) == []
     assert run(store.get_call("conv_maria_gone")) is None
     assert run(store.get_caller_profile(MARIA)) is None
-    assert run(store.search(MARIA, "cleaning")) == []
+    assert search(run, store, MARIA, "cleaning") == []
     assert run(store.list_memories(JAMES)) == james_memories
     assert run(store.get_caller_profile(JAMES)) == {"greeting": "Hi James"}
     assert [c.conversation_id for c in run(store.list_calls(JAMES))] == ["conv_james_kept"]
     assert run(store.list_call_digests(MARIA)) == []
     assert [d.conversation_id for d in run(store.list_call_digests(JAMES))] == ["conv_james_kept"]
     assert run(store.delete_user(MARIA)) == 0
+
+
+# Search indexes: the store's half (versions, memories in order, saved bytes) ------------
+def test_the_memory_version_changes_with_every_insert_and_delete(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    empty = run(store.index_state(MARIA))
+    assert empty.version == MemoryVersion(0, 0) and empty.saved is None
+
+    run(store.add_memory(MARIA, "Prefers mornings."))
+    one = run(store.index_state(MARIA)).version
+    assert one.count == 1 and one.last_seq > 0
+    payload = call("conv_version", turns=[("user", "My crown came loose.")])
+    add(run, store, payload)
+    more = run(store.index_state(MARIA)).version
+    assert more.count == 1 + len(call_memories(MARIA, payload)) and more.last_seq > one.last_seq
+    run(store.put_agent_profile("agent_front_desk", {"name": "Front desk"}, 1.0))
+    run(store.put_caller_profile(MARIA, {"greeting": "Hi Maria"}))
+    assert run(store.index_state(MARIA)).version == more  # profiles are not memories
+    assert run(store.index_state(JAMES)).version == MemoryVersion(0, 0)
+    now = store.index_version_now(MARIA)
+    assert now is None or now == more  # the loop's answer, where the store has one
+
+    run(store.delete_user(MARIA))
+    assert run(store.index_state(MARIA)).version == MemoryVersion(0, 0)
+    run(store.add_memory(MARIA, "Prefers mornings."))
+    again = run(store.index_state(MARIA)).version
+    assert again.count == 1 and again != one  # never mistaken for the first one
+
+
+def test_memories_after_a_sequence_number_come_oldest_first_with_their_version(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    for number in range(3):
+        run(store.add_memory(MARIA, f"Note number {number}."))
+    run(store.add_memory(JAMES, "Someone else's note."))
+
+    version, memories = run(store.memories_after(MARIA, 0))
+    assert [memory.content for memory in memories] == [f"Note number {n}." for n in range(3)]
+    assert version == run(store.index_state(MARIA)).version
+    assert version.count == 3 and {memory.user_id for memory in memories} == {MARIA}
+
+    first = run(store.index_state(MARIA)).version  # as an index saved now would record it
+    run(store.add_memory(MARIA, "Note number 3."))
+    run(store.add_memory(MARIA, "Note number 4."))
+    version, newer = run(store.memories_after(MARIA, first.last_seq))
+    assert [memory.content for memory in newer] == ["Note number 3.", "Note number 4."]
+    assert version.count == 5 and version.last_seq > first.last_seq
+    assert run(store.memories_after(MARIA, version.last_seq)) == (version, [])
+    assert run(store.memories_after("+15550000000", 0)) == (MemoryVersion(0, 0), [])
+
+
+def test_a_saved_index_is_kept_only_for_the_version_it_describes(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    run(store.add_memory(MARIA, "Prefers mornings."))
+    version = run(store.index_state(MARIA)).version
+
+    assert run(store.save_index(MARIA, SavedIndex(version, b"index of one memory"))) is True
+    state = run(store.index_state(MARIA))
+    assert state.saved == SavedIndex(version, b"index of one memory")
+
+    run(store.add_memory(MARIA, "Pays by card."))
+    stale = SavedIndex(version, b"stale")
+    assert run(store.save_index(MARIA, stale)) is False  # a memory came meanwhile
+    state = run(store.index_state(MARIA))
+    assert state.saved == SavedIndex(version, b"index of one memory")  # kept, though behind
+    assert state.version != version
+    assert run(store.save_index(MARIA, SavedIndex(state.version, b"two"))) is True
+    assert run(store.index_state(JAMES)).saved is None
+
+
+def test_a_saved_index_outlives_the_store_and_goes_with_its_caller(
+    open_store: Callable[[], MemoryStore], store: MemoryStore, run: Run[Any]
+) -> None:
+    run(store.add_memory(MARIA, "Prefers mornings."))
+    version = run(store.index_state(MARIA)).version
+    assert run(store.save_index(MARIA, SavedIndex(version, b"\x00saved bytes\xff")))
+    run(store.close())
+
+    reopened = open_store()
+    try:
+        state = run(reopened.index_state(MARIA))
+        assert state.saved == SavedIndex(version, b"\x00saved bytes\xff")
+        assert state.version == version
+        run(reopened.delete_user(MARIA))
+        assert run(reopened.index_state(MARIA)).saved is None
+    finally:
+        run(reopened.close())
+
+
+def test_search_ranks_every_backend_through_a_saved_index(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    add(run, store, call("conv_saved", turns=[("user", "My daughter chipped a tooth.")]))
+    indexes = CallerIndexes(store)
+    indexes.changed(MARIA)
+    run(indexes.maintain())
+    state = run(store.index_state(MARIA))
+    assert state.saved is not None and state.saved.version == state.version
+
+    found = search(run, store, MARIA, "daughter tooth")  # a new process: loads it
+    assert found and "daughter chipped a tooth" in found[0].content
 
 
 # Profiles --------------------------------------------------------------------------------
