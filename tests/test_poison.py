@@ -346,6 +346,8 @@ def test_a_delivery_that_cannot_be_stored_moves_to_quarantine_with_its_reason_an
         assert response.json()["status"] in {"queued", "quarantined"}
         wait_until(lambda: any(expected in reason for reason in quarantined_reasons(settings)))
         wait_until(lambda: not list(settings.pending_path.iterdir()))
+        # Raised just after the move, in the server's thread: waited for, then counted.
+        wait_until(lambda: ALERTS.labels("delivery_quarantined")._value.get() > alerts_before)
         assert ALERTS.labels("delivery_quarantined")._value.get() == alerts_before + 1
         tries = store.attempts
         # Another caller's call is stored as usual meanwhile.
