@@ -81,7 +81,8 @@ def call(conversation_id: str, caller: str, started: int, *turns: tuple[str, str
         conversation_id, None if app_user else caller, turns=list(turns) or None
     )
     payload["data"]["metadata"]["start_time_unix_secs"] = started
-    if app_user:
+    if app_user:  # a web or SDK conversation: no phone call at all
+        payload["data"]["metadata"].pop("phone_call", None)
         payload["data"]["user_id"] = caller.removeprefix("user:")
     return payload
 
@@ -204,6 +205,10 @@ def test_a_migrated_store_answers_as_the_sqlite_store_did(shell: dict[str, str])
     # The store is worth comparing: every kind of row is there.
     assert before[MARIA]["search"]["cleaning Tuesday"]
     assert before[BOB]["history"].count == 2
+    assert before[ANA]["calls"] and before[ANA]["profile"] is not None  # an app's user
+    assert before["callers"].total == 3
+    assert before["callers named maria"].callers
+    assert before["callers by number"].callers
     assert before["forgotten"]["conv_carol_1"] is True
     assert before[CAROL]["profile"] is None
     assert before["agent"]["name"] == "Dental desk"
@@ -459,12 +464,27 @@ def test_a_missing_store_is_said_and_not_created(shell: dict[str, str], tmp_path
     assert not missing.parent.exists()
 
 
-def test_an_encrypted_store_needs_its_key(shell: dict[str, str], monkeypatch: Any) -> None:
-    if not shell.get("ENCRYPTION_KEY"):
-        pytest.skip("the clear store needs no key")
+@pytest.mark.parametrize("shell", ["encrypted"], indirect=True)
+def test_an_encrypted_store_needs_its_key(
+    shell: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     build_store(Settings(_env_file=None))
     monkeypatch.delenv("ENCRYPTION_KEY")
     monkeypatch.delenv("ENABLE_ENCRYPTION_AT_REST")
     result = elaoms("migrate", "--to", "postgres")
     assert result.exit_code == 1
     assert "ENCRYPTION_KEY" in result.stderr
+
+
+@pytest.mark.parametrize("shell", ["clear"], indirect=True)
+def test_an_unreachable_postgresql_is_one_line_without_the_password(
+    shell: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_store(Settings(_env_file=None))
+    url = "postgresql://elaoms:pw-never-shown@127.0.0.1:9/elaoms"  # nothing listens there
+    for dry_run in ((), ("--dry-run",)):
+        result = elaoms("migrate", "--to", "postgres", "--database-url", url, *dry_run)
+        assert result.exit_code == 1
+        assert "memory store unavailable: postgres: connection failed" in result.stderr
+        assert "Traceback" not in result.output
+        assert "pw-never-shown" not in result.output

@@ -108,8 +108,13 @@ def migrate(
         raise
     except Exception as error:
         import psycopg
+        from sqlalchemy.exc import SQLAlchemyError
 
-        if isinstance(error, psycopg.Error | OSError) and not isinstance(error, FileNotFoundError):
+        # The schema step reaches PostgreSQL through SQLAlchemy, the copy through psycopg:
+        # either way one line, the URL's password masked.
+        if isinstance(error, SQLAlchemyError) and getattr(error, "orig", None) is not None:
+            raise storage_error(error.orig, url) from None  # type: ignore[attr-defined]
+        if isinstance(error, psycopg.Error | SQLAlchemyError):
             raise storage_error(error, url) from None
         raise
     if json_output:
