@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from elaoms.crypto import PayloadCipher
+from elaoms.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.memory.postgres import ALL_PROTECTED, HASH_KEY, _text
 
 if TYPE_CHECKING:
@@ -399,7 +399,11 @@ class StoreMigration:
         row = target.execute("SELECT value FROM store_keys WHERE name = %s", (HASH_KEY,)).fetchone()
         outcome = "copied"
         if row is not None:
-            if self.cipher.decrypt(bytes(row[0])) == ours:
+            try:
+                theirs: bytes | None = self.cipher.decrypt(bytes(row[0]))
+            except EncryptionConfigError:  # sealed with an ENCRYPTION_KEY we do not have
+                theirs = None
+            if theirs == ours:
                 outcome = "same"
             else:
                 holding = [table for table in KEYED_TABLES if _has_rows(target, table)]
