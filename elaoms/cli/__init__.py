@@ -15,6 +15,7 @@ from elaoms.cli import (
     database,
     demo,
     maintenance,
+    migrate,
     quarantine,
     serve,
     setup,
@@ -43,6 +44,7 @@ app.command("forget")(callers.forget)
 app.command("export")(callers.export)
 app.command("purge")(maintenance.purge)
 app.command("requeue")(quarantine.requeue)
+app.command("migrate")(migrate.migrate)
 app.add_typer(database.db_app, name="db")
 database.db_app.command("upgrade")(database.upgrade)
 database.db_app.command("current")(database.current)
