@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     alert_webhook_url: str = ""
     redis_url: str = ""
     redis_ttl: int = 3600
+    redis_timeout_ms: int = Field(
+        default=50,
+        gt=0,
+        description="How long one Redis operation may take before this process caches on"
+        " its own for a few seconds: Redis is a shortcut on the call path, never a wait.",
+    )
     file_permissions_mode: int = Field(
         default=0o600,
         description="Mode of every file the service writes, in octal (600, 0600 or 0o600).",

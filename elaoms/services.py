@@ -63,7 +63,11 @@ class Services:
             or settings.elevenlabs_post_call_hmac_key
             or settings.encryption_key
         )
-        cache = TwoLevelCache(settings.redis_url, redis_ttl=settings.redis_ttl)
+        cache = TwoLevelCache(
+            settings.redis_url,
+            redis_ttl=settings.redis_ttl,
+            operation_timeout=settings.redis_timeout_ms / 1000,
+        )
         # Callers' search indexes: one cache per process, whichever backend holds them.
         indexes = CallerIndexes(store)
         ingest = IngestService(

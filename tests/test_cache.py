@@ -122,12 +122,19 @@ def test_two_services_share_prepared_profiles_through_redis(
             tmp_path / "a",
             env={
                 "REDIS_URL": redis_server.url,
+                # The 50 ms default sends a loaded machine's services to their own caches.
+                "REDIS_TIMEOUT_MS": "1000",
                 "ELEVENLABS_API_KEY": api.api_key,
                 "ELEVENLABS_API_BASE_URL": api.url,
             },
         ).start()
         second = ServiceProcess(
-            tmp_path / "b", env={"REDIS_URL": redis_server.url, "ELEVENLABS_API_KEY": "x"}
+            tmp_path / "b",
+            env={
+                "REDIS_URL": redis_server.url,
+                "REDIS_TIMEOUT_MS": "1000",
+                "ELEVENLABS_API_KEY": "x",
+            },
         ).start()
         try:
             with first.client() as client_a, second.client() as client_b:
