@@ -79,6 +79,7 @@ class Services:
             window_seconds=settings.anomaly_window_seconds,
             alerts=alerts,
             counter=cache,
+            store=store,
         )
         elevenlabs = ElevenLabsClient.from_settings(settings)
         agents = AgentProfiles(

@@ -384,3 +384,34 @@ def test_turning_encryption_on_seals_what_was_kept_in_clear(
         assert run(CallerIndexes(sealed).search(MARIA, "molar"))
     finally:
         run(sealed.close())
+
+
+# Counters shared by replicas -------------------------------------------------------------
+def test_a_shared_counter_gives_each_increment_of_any_replica_its_own_count(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    replicas = [PostgresStore(postgres_url) for _ in range(4)]
+
+    async def increment_all() -> list[int]:
+        return await asyncio.gather(
+            *(replicas[n % 4].shared_increment("burst", 300) for n in range(20))
+        )
+
+    try:
+        # Exactly one increment sees any given count: one replica crosses a threshold.
+        assert sorted(run(increment_all())) == list(range(1, 21))
+        with psycopg.connect(postgres_url) as connection:
+            connection.execute(
+                "INSERT INTO shared_counters VALUES ('old window', 7, 1.0)"
+                " ON CONFLICT (name) DO NOTHING"
+            )
+            connection.execute("UPDATE shared_counters SET expires_at = 1.0 WHERE name = 'burst'")
+        # An expired counter starts again; a new one takes expired ones away.
+        assert run(replicas[0].shared_increment("burst", 300)) == 1
+        assert run(replicas[1].shared_increment("next window", 300)) == 1
+        with psycopg.connect(postgres_url) as connection:
+            names = connection.execute("SELECT name FROM shared_counters").fetchall()
+        assert sorted(name for (name,) in names) == ["burst", "next window"]
+    finally:
+        for replica in replicas:
+            run(replica.close())

@@ -285,6 +285,14 @@ class MemoryStore(abc.ABC):
         """Whether `forget_conversations` was told about this conversation."""
         return False
 
+    # Counters shared by replicas -----------------------------------------------------------
+    async def shared_increment(self, name: str, ttl: float) -> int | None:
+        """Add one to the counter `name`, which every process on this store shares and
+        which starts again from zero `ttl` seconds after its first increment; its new
+        value. None when the store has no counter other machines see (an embedded store is
+        one machine's: its processes count through Redis or alone)."""
+        return None
+
     # Life cycle --------------------------------------------------------------------------
     async def maintain(self) -> None:
         """The store's own upkeep kept off the request path (the embedded store's -wal

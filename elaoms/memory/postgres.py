@@ -745,6 +745,30 @@ class PostgresStore(MemoryStore):
             )
             return await saved.fetchone() is not None
 
+    # Counters shared by replicas -----------------------------------------------------------
+    async def shared_increment(self, name: str, ttl: float) -> int:
+        now = time.time()
+        async with self._transaction() as connection:
+            # One statement: concurrent increments queue on the row, and each returns its
+            # own value, so exactly one of them sees any given count.
+            found = await connection.execute(
+                "INSERT INTO shared_counters AS c (name, count, expires_at)"
+                " VALUES (%(name)s, 1, %(expires)s)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                " count = CASE WHEN c.expires_at <= %(now)s THEN 1 ELSE c.count + 1 END,"
+                " expires_at = CASE WHEN c.expires_at <= %(now)s THEN excluded.expires_at"
+                " ELSE c.expires_at END RETURNING count",
+                {"name": _text(name), "expires": now + max(ttl, 1.0), "now": now},
+            )
+            row = await found.fetchone()
+            assert row is not None
+            if row[0] == 1:
+                # A new counter (a new window): the few expired ones go with it.
+                await connection.execute(
+                    "DELETE FROM shared_counters WHERE expires_at <= %s", (now,)
+                )
+        return int(row[0])
+
     async def delete_user(self, user_id: str) -> int:
         key = await self._caller_key(user_id)
         async with self._transaction() as connection:

@@ -76,8 +76,9 @@ class TwoLevelCache:
         self._redis_down = False
 
     # Public ------------------------------------------------------------------------------
-    async def get(self, key: str) -> Any | None:
-        """The value from this process, else from Redis (then kept here), else None."""
+    async def get(self, key: str, *, local_ttl: float | None = None) -> Any | None:
+        """The value from this process, else from Redis (then kept here for `local_ttl`,
+        default the cache's; 0 keeps no copy), else None."""
         entry = self._local.get(key)
         if entry is not None:
             if entry[0] > time.monotonic():
@@ -91,7 +92,7 @@ class TwoLevelCache:
             value = decode(raw)
         except ValueError:
             return None
-        self._keep(key, value, self.local_ttl)
+        self._keep(key, value, self.local_ttl if local_ttl is None else local_ttl)
         return value
 
     async def set(

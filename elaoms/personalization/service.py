@@ -82,6 +82,12 @@ class PersonalizationService:
         self.cache = cache
         self.agents = agents
         self.llm = llm
+        # A store other replicas write to (PostgreSQL) holds the only current profile: a
+        # copy kept here would greet a caller from before the call another replica just
+        # stored (read-your-writes across replicas). Its read is one primary-key lookup,
+        # and a process's copy only ever served a caller ringing twice within seconds.
+        self._shared_store = not store.caller_profiles_on_loop
+        self._prepared_local_ttl = 0.0 if self._shared_store else CALLER_LOCAL_TTL
 
     # After a call ------------------------------------------------------------------------
     async def on_call_stored(
@@ -143,7 +149,7 @@ class PersonalizationService:
             "updated_at": time.time(),
         }
         await self.store.put_caller_profile(user_id, profile)
-        await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
+        await self.cache.set(caller_key(user_id), profile, local_ttl=self._prepared_local_ttl)
         if await self.store.is_forgotten(last.conversation_id):
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
             # kept would greet the caller by name again. Kept first, checked after: either
@@ -282,15 +288,17 @@ class PersonalizationService:
     async def caller_profile(self, user_id: str) -> dict[str, Any] | None:
         """The prepared profile: this process, then Redis, then one store lookup."""
         key = caller_key(user_id)
-        profile = await self.cache.get(key)
+        # On a shared store Redis (when set) is read every time, not copied here: another
+        # replica's newer profile replaces it there the moment it is prepared.
+        profile = await self.cache.get(key, local_ttl=0.0 if self._shared_store else None)
         if profile is None:
             profile = await self.store.get_caller_profile(user_id)
             if profile is not None:
                 # A store read on the loop is as fast as this process's copy: keeping one
-                # would only cost memory (about 8 kB a caller) and freshness. Redis, when
-                # set, still gets it for the other workers and hosts.
-                local_ttl = 0 if self.store.caller_profiles_on_loop else CALLER_LOCAL_TTL
-                await self.cache.set(key, profile, local_ttl=local_ttl)
+                # would only cost memory (about 8 kB a caller) and freshness; a shared
+                # store's copy would cost freshness across replicas (see __init__). Redis,
+                # when set, still gets it for the other workers and hosts.
+                await self.cache.set(key, profile, local_ttl=0)
                 if (
                     self.cache.redis_enabled
                     and await self.store.get_caller_profile(user_id) is None
