@@ -38,6 +38,10 @@ class CountingStore(SQLiteStore):
         self.calls.append(("index_state", user_id))
         return await super().index_state(user_id)
 
+    async def memory_version(self, user_id: str) -> MemoryVersion:
+        self.calls.append(("memory_version", user_id))
+        return await super().memory_version(user_id)
+
     async def memories_after(
         self, user_id: str, after_seq: int
     ) -> tuple[MemoryVersion, list[Memory]]:
@@ -74,6 +78,30 @@ def test_a_held_index_is_reused_while_the_callers_memories_are_unchanged(tmp_pat
     store.calls.clear()
     assert any("chipped" in text for text in search(indexes, "tooth"))
     assert store.calls == []  # checked on the loop (`index_version_now`), ranked there
+
+
+class ServerLikeStore(CountingStore):
+    """As a store on a server sees it: no version read on the loop."""
+
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        return None
+
+
+def test_a_held_index_costs_a_server_backed_store_one_version_read(tmp_path: Path) -> None:
+    store = ServerLikeStore(tmp_path / "memory.sqlite3")
+    store_call(store, "conv_1", "My daughter chipped a tooth.")
+    indexes = CallerIndexes(store)
+    search(indexes, "daughter tooth")
+
+    store.calls.clear()
+    assert any("chipped" in text for text in search(indexes, "tooth"))
+    # Not `index_state`, which sends the saved index along on every search.
+    assert [name for name, _ in store.calls] == ["memory_version"]
+
+    store_call(store, "conv_2", "The root canal went well.")  # another replica's write
+    store.calls.clear()
+    assert any("canal" in text for text in search(indexes, "root canal"))
+    assert [name for name, _ in store.calls][:2] == ["memory_version", "index_state"]
 
 
 def test_new_memories_extend_the_saved_index_reading_only_them(tmp_path: Path) -> None:

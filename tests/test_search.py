@@ -276,6 +276,10 @@ class SlowRecordingStore(SQLiteStore):
         await asyncio.sleep(self.delay)
         return await super().index_state(user_id)
 
+    async def memory_version(self, user_id: str) -> MemoryVersion:
+        await asyncio.sleep(self.delay)
+        return await super().memory_version(user_id)
+
     async def save_index(self, user_id: str, index: SavedIndex) -> bool:
         self.writes.append("save_index")
         return await super().save_index(user_id, index)

@@ -235,6 +235,12 @@ class MemoryStore(abc.ABC):
         ranks without leaving the loop."""
         return None
 
+    async def memory_version(self, user_id: str) -> MemoryVersion:
+        """The caller's memory version alone: all a search needs when this process holds
+        the caller's index. A server-backed store answers it without sending the saved
+        index (tens of kilobytes) on every search; by default from `index_state`."""
+        return (await self.index_state(user_id)).version
+
     @abc.abstractmethod
     async def memories_after(
         self, user_id: str, after_seq: int

@@ -800,6 +800,10 @@ class SQLiteStore(MemoryStore):
                 raise StoreUnavailableError(f"sqlite: {error}") from error
             return None
 
+    async def memory_version(self, user_id: str) -> MemoryVersion:
+        # Asked when the loop's reader was busy: the version alone, in a thread.
+        return await self._run(lambda: self._version(self._connection(), user_id))
+
     def _version(self, connection: sqlite3.Connection, user_id: str) -> MemoryVersion:
         """Count and last seq of the caller's memories: changes with every insert or
         delete, one indexed aggregate over the caller's own rows, so a worker sees another

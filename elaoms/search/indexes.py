@@ -106,10 +106,10 @@ class CallerIndexes:
         search tool's context budget); None leaves it to the ranker's default."""
         if self.held.holds(user_id):
             version = self.store.index_version_now(user_id)
-            if version is not None:
-                index = self.held.get(user_id, version)
-                if index is not None and index.vector_cache is None:
-                    return index.search(query, limit, max_chars=max_chars)
+            if version is None:
+                version = await self.store.memory_version(user_id)
+            if (index := self.held.get(user_id, version)) is not None:
+                return await self._rank(index, query, limit, max_chars)
         state = await self.store.index_state(user_id)
         if state.version.count == 0:
             return []  # a caller we know nothing about
@@ -119,6 +119,12 @@ class CallerIndexes:
             self.held.put(user_id, state.version, index)
         if index is None:
             index = await self._build(user_id, state)
+        return await self._rank(index, query, limit, max_chars)
+
+    @staticmethod
+    async def _rank(
+        index: CallerIndex, query: str, limit: int, max_chars: int | None
+    ) -> list[Memory]:
         if index.vector_cache is None:
             return index.search(query, limit, max_chars=max_chars)
         # Embeddings: the query is embedded and the vectors scored, a thread's work.
