@@ -134,7 +134,7 @@ def test_a_deleted_memory_makes_the_index_rebuilt_from_every_memory(tmp_path: Pa
     assert search(indexes, "insurance crown")
     store.calls.clear()
 
-    connection = store._connection()  # a memory removed behind the index's back
+    connection = store.database.connection()  # a memory removed behind the index's back
     connection.execute("DELETE FROM memories WHERE content LIKE '%insurance%'")
 
     assert search(indexes, "insurance crown") == []

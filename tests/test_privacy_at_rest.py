@@ -207,7 +207,7 @@ def test_rotating_the_key_keeps_callers_found(tmp_path: Path) -> None:
     # The hash key is wrapped with the new key now: callers stay found under it once the
     # old rows are gone (retention) and the old key is dropped.
     only_new = SQLiteStore(path, cipher=PayloadCipher(new, enabled=True))
-    assert only_new._key(CALLER) == store._key(CALLER)
+    assert only_new.database.key(CALLER) == store.database.key(CALLER)
 
 
 def test_rotating_the_key_keeps_callers_found_by_name_and_number_in_the_console_list(
@@ -406,7 +406,7 @@ def test_a_forget_s_checkpoint_held_back_by_a_reader_is_completed_by_the_upkeep(
 ) -> None:
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path)
-    store.checkpoint_timeout = 0  # do not wait for the reader below
+    store.database.checkpoint_timeout = 0  # do not wait for the reader below
     payload = call("conv_held_back")
     _run(
         store.add_call(

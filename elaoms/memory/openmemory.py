@@ -32,11 +32,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,8 +66,9 @@ from elaoms.memory.base import (
     StoreUnavailableError,
 )
 from elaoms.memory.metrics import FOREIGN_MEMORIES_DROPPED
+from elaoms.memory.openmemory_ledger import Ledger, now_order
 from elaoms.memory.records import CallRecord
-from elaoms.memory.sqlite import AGENT_PROFILE, SCHEMA, SQLiteStore
+from elaoms.memory.sqlite import AGENT_PROFILE
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.phone import mask
 from elaoms.retries import retryable_status
@@ -85,20 +85,6 @@ _UNIT = "elaoms_unit"
 _ORDER = "elaoms_order"
 _CREATED = "elaoms_created_at"
 _PRIVATE = (_OWNER, _UNIT, _ORDER, _CREATED)
-
-LEDGER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS openmemory_units (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id TEXT NOT NULL,
-    event_type TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    unit TEXT NOT NULL,
-    openmemory_id TEXT NOT NULL,
-    call_order INTEGER NOT NULL,
-    UNIQUE (event_type, conversation_id, unit)
-);
-CREATE INDEX IF NOT EXISTS openmemory_units_by_user ON openmemory_units (user_id, seq);
-"""
 
 
 class OpenMemoryError(StoreUnavailableError):
@@ -119,134 +105,6 @@ class _Retryable(Exception):
 
 def _is_retryable(error: BaseException) -> bool:
     return isinstance(error, httpx.TransportError | _Retryable)
-
-
-class Ledger(SQLiteStore):
-    """The local half of the backend: calls (with their digests), caller profiles and the
-    unit -> id record.
-
-    It is the embedded store's file format (same calls, call_digests and caller_profiles
-    tables, WAL, safe across workers) plus one table; only those parts of it are used.
-    """
-
-    name = "openmemory-ledger"
-    schema = SCHEMA + LEDGER_SCHEMA
-    version_table = "openmemory_units"  # a caller's memories are their units on the server
-
-    def _protect_more_rows(self, connection: sqlite3.Connection, plain: str) -> int:
-        changed = 0
-        for seq, user_id in connection.execute(
-            f"SELECT seq, user_id FROM openmemory_units WHERE user_id {plain}"
-        ).fetchall():
-            connection.execute(
-                "UPDATE openmemory_units SET user_id = ? WHERE seq = ?", (self._key(user_id), seq)
-            )
-            changed += 1
-        return changed
-
-    async def units(self, event_type: str, conversation_id: str) -> tuple[dict[str, str], int]:
-        """The call's units already on the server, and the add order they were given (a
-        resumed call keeps it, so its units still list together and in order)."""
-
-        def query() -> tuple[dict[str, str], int]:
-            rows = (
-                self._connection()
-                .execute(
-                    "SELECT unit, openmemory_id, call_order FROM openmemory_units"
-                    " WHERE event_type = ? AND conversation_id = ?",
-                    (event_type, conversation_id),
-                )
-                .fetchall()
-            )
-            order = rows[0][2] if rows else _now_order()
-            return {unit: memory_id for unit, memory_id, _ in rows}, order
-
-        return await self._run(query)
-
-    async def record_unit(
-        self,
-        user_id: str,
-        event_type: str,
-        conversation_id: str,
-        unit: str,
-        memory_id: str,
-        order: int,
-    ) -> None:
-        def insert() -> None:
-            with self._write() as connection:
-                connection.execute(
-                    "INSERT OR REPLACE INTO openmemory_units"
-                    " (user_id, event_type, conversation_id, unit, openmemory_id, call_order)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (self._key(user_id), event_type, conversation_id, unit, memory_id, order),
-                )
-
-        await self._run(insert)
-
-    async def receipt(self, event_type: str, conversation_id: str) -> str | None:
-        def query() -> str | None:
-            row = (
-                self._connection()
-                .execute(
-                    "SELECT memory_id FROM calls WHERE event_type = ? AND conversation_id = ?",
-                    (event_type, conversation_id),
-                )
-                .fetchone()
-            )
-            return row[0] if row else None
-
-        return await self._run(query)
-
-    async def record_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memory_id: str
-    ) -> CallReceipt:
-        """Index a call whose units are all on the server; a racing twin loses."""
-
-        def insert() -> CallReceipt:
-            with self._write() as connection:
-                return self._insert_call(connection, user_id, call, payload, memory_id)
-
-        return await self._run(insert)
-
-    async def version(self, user_id: str) -> MemoryVersion:
-        """Changes whenever any worker adds or deletes a memory of `user_id`."""
-        return await self._run(lambda: self._version(self._connection(), user_id))
-
-    async def units_after(self, user_id: str, after_seq: int) -> tuple[MemoryVersion, list[str]]:
-        """The server ids of the caller's units recorded after `after_seq`, in add order,
-        and the caller's version, from one read."""
-
-        def query() -> tuple[MemoryVersion, list[str]]:
-            with self._read() as connection:
-                version = self._version(connection, user_id)
-                rows = connection.execute(
-                    "SELECT openmemory_id FROM openmemory_units WHERE user_id = ? AND seq > ?"
-                    " ORDER BY seq",
-                    (self._key(user_id), after_seq),
-                ).fetchall()
-            return version, [row[0] for row in rows]
-
-        return await self._run(query)
-
-    async def forget(self, user_id: str) -> int:
-        """Remove the caller's calls and profile (counted) and unit records (not counted:
-        the server's own count covers those memories)."""
-
-        def delete() -> int:
-            with self._write() as connection:
-                key = self._key(user_id)
-                connection.execute("DELETE FROM openmemory_units WHERE user_id = ?", (key,))
-                connection.execute("DELETE FROM caller_indexes WHERE user_id = ?", (key,))
-                self._delete_digests(connection, user_id)
-                self._delete_directory_entry(connection, user_id)
-                deleted = sum(
-                    connection.execute(f"DELETE FROM {table} WHERE user_id = ?", (key,)).rowcount
-                    for table in ("calls", "caller_profiles")
-                )
-            self.flush()  # the deleted rows' page images leave the -wal too
-            return deleted
-
-        return await self._run(delete)
 
 
 @dataclass(slots=True)
@@ -412,7 +270,7 @@ class OpenMemoryStore(MemoryStore):
         existing = await self.ledger.receipt(event_type, conversation_id)
         if existing:
             return CallReceipt(memory_id=existing, created=False)
-        if await self.ledger.is_forgotten(conversation_id):  # nothing goes to the server
+        if await self.ledger.tables.is_forgotten(conversation_id):  # nothing goes to the server
             return CallReceipt(memory_id="", created=False, forgotten=True)
         units = memories or [_placeholder(user_id, call)]
         done, order = await self.ledger.units(event_type, conversation_id)
@@ -469,7 +327,7 @@ class OpenMemoryStore(MemoryStore):
     async def get_call(
         self, conversation_id: str, event_type: str = TRANSCRIPTION
     ) -> StoredCall | None:
-        return await self.ledger.get_call(conversation_id, event_type)
+        return await self.ledger.tables.get_call(conversation_id, event_type)
 
     async def list_calls(
         self,
@@ -479,18 +337,20 @@ class OpenMemoryStore(MemoryStore):
         since: int | None = None,
         limit: int | None = None,
     ) -> list[StoredCall]:
-        return await self.ledger.list_calls(user_id, agent_id=agent_id, since=since, limit=limit)
+        return await self.ledger.tables.list_calls(
+            user_id, agent_id=agent_id, since=since, limit=limit
+        )
 
     async def call_history(
         self, user_id: str, *, recent: int, marks: Collection[str] = ()
     ) -> CallHistory:
-        return await self.ledger.call_history(user_id, recent=recent, marks=marks)
+        return await self.ledger.tables.call_history(user_id, recent=recent, marks=marks)
 
     async def calls_per_day(self, user_id: str | None = None, *, since: int) -> dict[int, int]:
-        return await self.ledger.calls_per_day(user_id, since=since)
+        return await self.ledger.tables.calls_per_day(user_id, since=since)
 
     async def list_agent_ids(self) -> list[str]:
-        return await self.ledger.list_agent_ids()
+        return await self.ledger.tables.list_agent_ids()
 
     async def list_callers(
         self,
@@ -500,12 +360,16 @@ class OpenMemoryStore(MemoryStore):
         limit: int = 50,
         offset: int = 0,
     ) -> CallerPage:
-        return await self.ledger.list_callers(number=number, name=name, limit=limit, offset=offset)
+        return await self.ledger.tables.list_callers(
+            number=number, name=name, limit=limit, offset=offset
+        )
 
     async def list_call_digests(
         self, user_id: str, *, limit: int | None = None, offset: int = 0, words: bool = False
     ) -> list[CallDigest]:
-        return await self.ledger.list_call_digests(user_id, limit=limit, offset=offset, words=words)
+        return await self.ledger.tables.list_call_digests(
+            user_id, limit=limit, offset=offset, words=words
+        )
 
     # Memories ----------------------------------------------------------------------------
     async def add_memory(
@@ -519,7 +383,7 @@ class OpenMemoryStore(MemoryStore):
             metadata=dict(metadata or {}),
             created_at=time.time(),
         )
-        order = _now_order()
+        order = now_order()
         memory_id = await self._add_text(
             user_id, unit, order, _header(user_id, f"note {key}", "note")
         )
@@ -542,7 +406,7 @@ class OpenMemoryStore(MemoryStore):
         return await self.ledger.index_state(user_id)
 
     def index_version_now(self, user_id: str) -> MemoryVersion | None:
-        return self.ledger.index_version_now(user_id)
+        return self.ledger.tables.version_now(user_id)
 
     async def memories_after(
         self, user_id: str, after_seq: int
@@ -555,7 +419,7 @@ class OpenMemoryStore(MemoryStore):
         return version, [on_server[memory_id] for memory_id in ids if memory_id in on_server]
 
     async def save_index(self, user_id: str, index: SavedIndex) -> bool:
-        return await self.ledger.save_index(user_id, index)
+        return await self.ledger.tables.save_index(user_id, index)
 
     async def _view(self, user_id: str) -> _CallerView:
         """The caller's memories, reread when any worker's ledger says they changed or the
@@ -616,10 +480,10 @@ class OpenMemoryStore(MemoryStore):
         return deleted + await self.ledger.forget(user_id)
 
     async def forget_conversations(self, conversation_ids: Collection[str]) -> None:
-        await self.ledger.forget_conversations(conversation_ids)
+        await self.ledger.tables.forget_conversations(conversation_ids)
 
     async def is_forgotten(self, conversation_id: str) -> bool:
-        return await self.ledger.is_forgotten(conversation_id)
+        return await self.ledger.tables.is_forgotten(conversation_id)
 
     # Profiles ----------------------------------------------------------------------------
     async def _agent_item(self, agent_id: str) -> dict[str, Any] | None:
@@ -666,16 +530,17 @@ class OpenMemoryStore(MemoryStore):
 
         await self._add(agent_id, content, accept, ["type:agent_profile"], metadata)
 
-    async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
-        return await self.ledger.get_caller_profile(user_id)
+    def get_caller_profile(self, user_id: str) -> Coroutine[Any, Any, dict[str, Any] | None]:
+        # The ledger's own coroutine: read on the event loop, nothing added on the way.
+        return self.ledger.tables.get_caller_profile(user_id)
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
-        await self.ledger.put_caller_profile(user_id, profile)
+        await self.ledger.tables.put_caller_profile(user_id, profile)
 
     # Life cycle --------------------------------------------------------------------------
     async def maintain(self) -> None:
         """The ledger's upkeep: a forget's -wal checkpoint that readers held back."""
-        await self.ledger.maintain()
+        await self.ledger.database.maintain()
 
     async def check(self) -> None:
         """Reachable, key accepted, user ids not bound to the key, content kept whole."""
@@ -690,7 +555,7 @@ class OpenMemoryStore(MemoryStore):
                 f"OpenMemory at {self.base_url}/health answered HTTP {health.status_code}"
             )
         await self._request("GET", f"/users/{PROBE_USER}/memories", params={"l": 1, "u": 0})
-        await self.ledger.check()
+        await self.ledger.database.check("calls")
         if not self._probed:
             await self._check_content_kept_whole()
             self._probed = True
@@ -726,7 +591,7 @@ class OpenMemoryStore(MemoryStore):
 
     async def close(self) -> None:
         await self._client.aclose()
-        await self.ledger.close()
+        self.ledger.database.close()
 
 
 # Rendering and reading memories ------------------------------------------------------------
@@ -870,11 +735,6 @@ def _memory(item: dict[str, Any], user_id: str) -> tuple[tuple[int, float], Memo
         metadata=metadata,
         created_at=created_at,
     )
-
-
-def _now_order() -> int:
-    """Add order in microseconds: exact as a JSON number even on a JavaScript server."""
-    return time.time_ns() // 1000
 
 
 def _quote(user_id: str) -> str:

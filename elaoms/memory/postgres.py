@@ -337,7 +337,7 @@ class PostgresStore(MemoryStore):
         return self._key(user_id)
 
     def _word_key(self, word: str) -> str:
-        """As `SQLiteStore._word_key`: a word the caller directory is searched by."""
+        """As `SQLiteDatabase.word_key`: a word the caller directory is searched by."""
         if not self.cipher.enabled:
             return _text(word)
         return keyed_hash(self._hash_key, f"word:{word}")[len(KEYED_HASH_PREFIX) :][:20]
@@ -582,7 +582,7 @@ class PostgresStore(MemoryStore):
         )
 
     async def _complete_digests(self, user_id: str) -> None:
-        """Make the caller's digests match their calls (as `SQLiteStore._complete_digests`):
+        """Make the caller's digests match their calls (as `CallTables._complete_digests`):
         two counts over indexes, and only after a `DIGEST_VERSION` change some work."""
         key = await self._caller_key(user_id)
         async with self._transaction() as connection:

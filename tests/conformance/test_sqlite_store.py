@@ -255,7 +255,7 @@ def test_the_saved_index_is_encrypted_and_forgotten_with_the_caller(tmp_path: Pa
     path = tmp_path / "memory.sqlite3"
     store = SQLiteStore(path, cipher=PayloadCipher(Fernet.generate_key().decode(), enabled=True))
     _store_visits(store)
-    data = _saved_index_data(path, store._key(CALLER))
+    data = _saved_index_data(path, store.database.key(CALLER))
     assert b"daughter" not in data and b"chipped" not in data
     reader = SQLiteStore(path, cipher=store.cipher)
     assert asyncio.run(CallerIndexes(reader).search(CALLER, "daughter"))
@@ -323,17 +323,17 @@ def test_reads_the_loop_cannot_make_at_once_are_made_in_a_thread(
     holder.execute("CREATE TABLE held (x)")
     holder.execute("BEGIN EXCLUSIVE")
     busy = sqlite3.connect(tmp_path / "held.sqlite3", timeout=0, check_same_thread=False)
-    monkeypatch.setattr(store, "_reader", lambda: busy)
+    monkeypatch.setattr(store.database, "reader", lambda: busy)
     indexes = CallerIndexes(store)
     asyncio.run(indexes.search(CALLER, "daughter"))  # held: the next search asks the loop
     in_threads: list[object] = []
-    run_in_thread = store._run
+    run_in_thread = store.database.run
 
     async def counted(function: Callable[[], T]) -> T:
         in_threads.append(function)
         return await run_in_thread(function)
 
-    monkeypatch.setattr(store, "_run", counted)
+    monkeypatch.setattr(store.database, "run", counted)
 
     assert asyncio.run(store.get_caller_profile(CALLER)) == {"greeting": "Hi Maria"}
     found = asyncio.run(indexes.search(CALLER, "insurance crown"))
