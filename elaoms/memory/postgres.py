@@ -13,6 +13,7 @@ at construction: a replica starts, and queues deliveries on disk, while PostgreS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -191,12 +192,26 @@ class PostgresStore(MemoryStore):
             return pool
 
     @asynccontextmanager
-    async def _transaction(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
+    async def _transaction(
+        self, *, snapshot: bool = False, single: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
         """One transaction on a pooled connection, committed at the end (rolled back on an
-        error). `snapshot`: several reads that must agree (REPEATABLE READ, read only)."""
+        error). `snapshot`: several reads that must agree (REPEATABLE READ, read only).
+        `single`: one statement, run on its own (autocommit): the BEGIN and COMMIT round
+        trips saved are half of a client-data or search read's (measured with
+        bench/load.py, docs/scaling.md)."""
         pool = await self._ready()
         try:
             async with pool.connection() as connection:
+                if single:
+                    await connection.set_autocommit(True)
+                    try:
+                        yield connection
+                    finally:
+                        # The pool hands connections out in transaction mode.
+                        with contextlib.suppress(Exception):
+                            await connection.set_autocommit(False)
+                    return
                 if snapshot:
                     await connection.execute(
                         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
@@ -689,7 +704,7 @@ class PostgresStore(MemoryStore):
 
     # Search indexes (the store <-> search contract) ---------------------------------------
     async def index_state(self, user_id: str) -> IndexState:
-        async with self._transaction() as connection:
+        async with self._transaction(single=True) as connection:
             found = await connection.execute(
                 "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
                 " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
@@ -778,7 +793,7 @@ class PostgresStore(MemoryStore):
 
     async def is_forgotten(self, conversation_id: str) -> bool:
         await self._ready()
-        async with self._transaction() as connection:
+        async with self._transaction(single=True) as connection:
             found = await connection.execute(
                 "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
                 (self._conversation_key(conversation_id),),
@@ -787,7 +802,7 @@ class PostgresStore(MemoryStore):
 
     # Profiles ----------------------------------------------------------------------------
     async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
-        async with self._transaction() as connection:
+        async with self._transaction(single=True) as connection:
             found = await connection.execute(
                 "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
                 (_text(agent_id),),
@@ -814,7 +829,7 @@ class PostgresStore(MemoryStore):
 
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
         key = await self._caller_key(user_id)
-        async with self._transaction() as connection:
+        async with self._transaction(single=True) as connection:
             found = await connection.execute(
                 "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
             )
