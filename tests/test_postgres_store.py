@@ -291,6 +291,25 @@ def test_a_crash_of_postgresql_loses_no_committed_call(
         run(store.close())
 
 
+def test_call_path_reads_skip_the_liveness_round_trip_yet_survive_a_restart(
+    own_server: PostgresServer, run: Run[Any]
+) -> None:
+    """Client-data's and search's reads draw a connection unchecked (one round trip, not
+    two); one broken while idle by a restart is replaced and the read asked again."""
+    store = PostgresStore(own_server.create_database(), timeout=2.0)
+    try:
+        add(run, store, "conv_restart")
+        run(store.put_caller_profile(MARIA, {"name": "Maria"}))
+        assert run(store.get_caller_profile(MARIA)) == {"name": "Maria"}
+        own_server.stop(signal.SIGKILL)  # every pooled connection is now broken
+        own_server.start()
+        assert run(store.get_caller_profile(MARIA)) == {"name": "Maria"}
+        assert run(store.index_state(MARIA)).version.count > 0
+        assert run(store.is_forgotten("conv_restart")) is False
+    finally:
+        run(store.close())
+
+
 # The store <-> search contract -----------------------------------------------------------
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_saved_indexes_follow_the_caller_s_memory_version(

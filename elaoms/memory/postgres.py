@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -70,6 +71,19 @@ NEWEST_FIRST = "ORDER BY started_at DESC NULLS LAST, conversation_id DESC"
 # Advisory lock classes (the two-key form: a space of its own, apart from the schema lock).
 CALLER_LOCK = 1  # one caller's memories: their sequence numbers commit in order
 PROTECT_LOCK = 2  # the start-up encryption of rows left in clear
+# Set while a one-statement read draws its connection: the pool's liveness round trip is
+# skipped (the read is asked again on a checked connection if the first one was broken).
+UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
+
+
+async def _check_connection(connection: AsyncConnection) -> None:
+    """The pool's check before handing a connection out: a round trip, unless a
+    one-statement read (`PostgresStore._fetch_one`) is drawing it."""
+    if UNCHECKED.get():
+        return
+    from psycopg_pool import AsyncConnectionPool
+
+    await AsyncConnectionPool.check_connection(connection)
 
 
 def redacted(database_url: str) -> str:
@@ -173,7 +187,7 @@ class PostgresStore(MemoryStore):
                     open=False,
                     # A connection broken while idle (PostgreSQL restarted) is replaced
                     # before use instead of failing the request that drew it.
-                    check=AsyncConnectionPool.check_connection,
+                    check=_check_connection,
                     kwargs={"connect_timeout": max(1, round(self.timeout))},
                 )
                 await pool.open(wait=False)
@@ -226,6 +240,25 @@ class PostgresStore(MemoryStore):
                 self._pool = None
                 await pool.close(timeout=1.0)
             raise storage_error(error, self.database_url) from error
+
+    async def _fetch_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        """One statement's first row, on the call path (client-data, search): without
+        BEGIN and COMMIT, and on a connection not checked first, so one round trip
+        instead of four. A connection broken while idle (PostgreSQL restarted) fails it:
+        it is then asked once more on a checked connection."""
+        for checked in (False, True):
+            token = UNCHECKED.set(not checked)
+            try:
+                async with self._transaction(single=True) as connection:
+                    found = await connection.execute(query, params)
+                    return await found.fetchone()
+            except StoreUnavailableError as error:
+                # Asked again only for a broken connection: not after waiting for one.
+                if checked or _no_connection(error.__cause__):
+                    raise
+            finally:
+                UNCHECKED.reset(token)
+        return None  # not reached: the second attempt returns or raises
 
     async def _lock_caller(self, connection: AsyncConnection, key: str) -> None:
         """Writers of one caller's memories take turns: sequence numbers are drawn at insert
@@ -704,14 +737,13 @@ class PostgresStore(MemoryStore):
 
     # Search indexes (the store <-> search contract) ---------------------------------------
     async def index_state(self, user_id: str) -> IndexState:
-        async with self._transaction(single=True) as connection:
-            found = await connection.execute(
-                "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
-                " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
-                "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
-                (self._key(user_id), self._key(user_id)),
-            )
-            row = await found.fetchone()
+        key = await self._caller_key(user_id)
+        row = await self._fetch_one(
+            "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
+            " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
+            "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
+            (key, key),
+        )
         assert row is not None
         count, last, saved_count, saved_last, data = row
         saved = None
@@ -793,21 +825,18 @@ class PostgresStore(MemoryStore):
 
     async def is_forgotten(self, conversation_id: str) -> bool:
         await self._ready()
-        async with self._transaction(single=True) as connection:
-            found = await connection.execute(
-                "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
-                (self._conversation_key(conversation_id),),
-            )
-            return await found.fetchone() is not None
+        found = await self._fetch_one(
+            "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
+            (self._conversation_key(conversation_id),),
+        )
+        return found is not None
 
     # Profiles ----------------------------------------------------------------------------
     async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
-        async with self._transaction(single=True) as connection:
-            found = await connection.execute(
-                "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
-                (_text(agent_id),),
-            )
-            row = await found.fetchone()
+        row = await self._fetch_one(
+            "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
+            (_text(agent_id),),
+        )
         if row is None:
             return None
         profile: dict[str, Any] = decode(self.cipher.decrypt(bytes(row[0])))
@@ -829,11 +858,9 @@ class PostgresStore(MemoryStore):
 
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
         key = await self._caller_key(user_id)
-        async with self._transaction(single=True) as connection:
-            found = await connection.execute(
-                "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
-            )
-            row = await found.fetchone()
+        row = await self._fetch_one(
+            "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
+        )
         return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
@@ -996,7 +1023,7 @@ def _transient(error: BaseException) -> bool:
     )
 
 
-def _no_connection(error: BaseException) -> bool:
+def _no_connection(error: BaseException | None) -> bool:
     from psycopg_pool import PoolTimeout
 
     return isinstance(error, PoolTimeout)
