@@ -245,7 +245,19 @@ class PostgresStore(MemoryStore):
         """One statement's first row, on the call path (client-data, search): without
         BEGIN and COMMIT, and on a connection not checked first, so one round trip
         instead of four. A connection broken while idle (PostgreSQL restarted) fails it:
-        it is then asked once more on a checked connection."""
+        it is then asked once more on a checked connection.
+
+        Shielded from the caller's deadline: cancelled mid-query, psycopg would cancel
+        the query on the server, holding the connection for up to seconds and opening
+        another to send the cancel; under load the call path's deadlines then drained the
+        pool (every read waiting 5 s for a connection; docs/scaling.md). The read
+        finishes, in milliseconds, and gives its connection back; only the caller stops
+        waiting."""
+        read = asyncio.ensure_future(self._read_one(query, params))
+        read.add_done_callback(_retrieve)
+        return await asyncio.shield(read)
+
+    async def _read_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         for checked in (False, True):
             token = UNCHECKED.set(not checked)
             try:
@@ -1011,6 +1023,13 @@ class PostgresStore(MemoryStore):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    """A shielded read whose caller stopped waiting: its error is retrieved here (the
+    caller got its own), not reported as never retrieved."""
+    if not read.cancelled():
+        read.exception()
 
 
 def _transient(error: BaseException) -> bool:
