@@ -211,9 +211,8 @@ class PostgresStore(MemoryStore):
     ) -> AsyncIterator[AsyncConnection]:
         """One transaction on a pooled connection, committed at the end (rolled back on an
         error). `snapshot`: several reads that must agree (REPEATABLE READ, read only).
-        `single`: one statement, run on its own (autocommit): the BEGIN and COMMIT round
-        trips saved are half of a client-data or search read's (measured with
-        bench/load.py, docs/scaling.md)."""
+        `single`: one statement, run on its own (autocommit), without the BEGIN and
+        COMMIT round trips (see `_fetch_one`)."""
         pool = await self._ready()
         try:
             async with pool.connection() as connection:
