@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import copy
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -36,11 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
@@ -477,8 +480,9 @@ class Dataset:
     last_start: dict[str, int] = field(default_factory=dict)
 
 
-def settings_for(data_dir: Path) -> Settings:
-    return Settings(_env_file=None, **{k.lower(): v for k, v in service_env(data_dir).items()})
+def settings_for(data_dir: Path, backend_env: dict[str, str] | None = None) -> Settings:
+    values = {**service_env(data_dir), **(backend_env or {})}
+    return Settings(_env_file=None, **{k.lower(): v for k, v in values.items()})
 
 
 def service_env(data_dir: Path) -> dict[str, str]:
@@ -520,17 +524,32 @@ def build_dataset(callers: int, calls: int, seed: int) -> tuple[Dataset, Iterato
     return dataset, calls_of_everyone()
 
 
-async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dataset:
+def regenerated_dataset(callers: int, calls: int, seed: int) -> Dataset:
+    """The dataset's callers, topics and dates, without a store (for the requests)."""
+    dataset, stream = build_dataset(callers, calls, seed)
+    for _ in stream:
+        pass
+    return dataset
+
+
+async def seed_store(
+    data_dir: Path, callers: int, calls: int, seed: int, backend_env: dict[str, str] | None = None
+) -> Dataset:
     """Store every call with the ingestion's own functions, then prepare each caller's
     profile as the post-call hook does (once, after their last call: profiles are derived
     from all stored calls, so the result is the same as after each call) and save their
-    search index as the store's upkeep does."""
-    services = Services.build(settings_for(data_dir))
+    search index as the store's upkeep does. `backend_env`: MEMORY_BACKEND and its
+    settings (the embedded store when None)."""
+    services = Services.build(settings_for(data_dir, backend_env))
     store = services.store
     agent = json.loads((FIXTURES / "agent.json").read_text())
     await store.put_agent_profile(agent["agent_id"], agent, time.time())
     dataset, stream = build_dataset(callers, calls, seed)
     started = time.monotonic()
+    if store.name == "postgres":
+        await seed_concurrently(services, stream, callers * calls, started)
+        await services.close()
+        return dataset
     previous: str | None = None
     for done, (_, payload) in enumerate(stream, start=1):
         record = CallRecord.from_payload(payload)
@@ -547,19 +566,55 @@ async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dat
     if previous:
         await services.personalization.prepare_caller(previous)
     await services.close()
-    with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if not backend_env or backend_env.get("MEMORY_BACKEND", "sqlite") == "sqlite":
+        with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return dataset
 
 
+async def seed_concurrently(
+    services: Services, stream: Iterator[Any], total: int, started: float, callers_at_once: int = 8
+) -> None:
+    """As `seed_store`'s loop, several callers at a time: a PostgreSQL commit is a round
+    trip or more each, and one at a time the seeding waits on them (tens of calls per
+    second on a busy machine). Each caller's calls are stored in order, then their
+    profile is prepared and their index saved, as after their last call."""
+    by_caller = itertools.groupby(stream, key=lambda item: item[0].number)
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        # One generator shared by the workers: safe, as `next` never awaits.
+        for _, group in by_caller:
+            payloads = [payload for _, payload in group]
+            user_id = ""
+            for payload in payloads:
+                record = CallRecord.from_payload(payload)
+                user_id, memories = services.ingest._memories_of(payload, record)
+                await services.store.add_call(user_id, record, payload, memories)
+            await services.personalization.prepare_caller(user_id)
+            await services.indexes.save(user_id)
+            before, done = done, done + len(payloads)
+            if done // 5000 > before // 5000:
+                rate = done / (time.monotonic() - started)
+                print(f"  seeded {done:,}/{total:,} calls ({rate:,.0f}/s)", flush=True)
+
+    await asyncio.gather(*(worker() for _ in range(callers_at_once)))
+
+
 def store_format() -> str:
-    """What a cached store depends on besides the synthetic data: the schema and the saved
-    search index's format. A change in either seeds a new store."""
-    return hashlib.sha256(f"{SCHEMA}{INDEX_FORMAT}".encode()).hexdigest()[:8]
+    """What a cached store depends on besides the synthetic data: the schemas (SQLite's
+    and PostgreSQL's migrations) and the saved search index's format. A change in any
+    seeds a new store."""
+    migrations = REPO_ROOT / "elaoms" / "memory" / "migrations" / "versions"
+    schema = SCHEMA + "".join(
+        path.read_text() for path in sorted(migrations.glob("*.py")) if path.name != "__init__.py"
+    )
+    return hashlib.sha256(f"{schema}{INDEX_FORMAT}".encode()).hexdigest()[:8]
 
 
-def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> Dataset:
-    """Copy a cached seeded store into `run_dir` (seeding it first when not cached)."""
+def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> None:
+    """Copy a cached seeded SQLite store into `run_dir` (seeding it first when not cached)."""
     name = f"seed{SEED_FORMAT}-{store_format()}-{callers}x{calls}-s{args.seed}.sqlite3"
     cached = args.cache_dir / name
     if not cached.exists():
@@ -569,16 +624,107 @@ def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: 
             asyncio.run(seed_store(Path(scratch), callers, calls, args.seed))
             os.replace(Path(scratch) / "memory.sqlite3", cached)
             print(f"  seeded in {time.monotonic() - began:.0f} s -> {cached}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, run_dir / "memory.sqlite3")
     os.chmod(run_dir / "memory.sqlite3", 0o600)
     # On the disk before the service starts: the kernel writing back gigabytes of copy
     # during the run would slow every read the service makes (seconds at 100,000 calls).
     with open(run_dir / "memory.sqlite3", "rb") as copy:
         os.fsync(copy.fileno())
-    dataset, stream = build_dataset(callers, calls, args.seed)
-    for _ in stream:  # regenerate topics and dates cheaply (no store) for the requests
-        pass
-    return dataset
+
+
+# --------------------------------------------------------------------------------------
+# PostgreSQL: the tests' throw-away server (kept under --cache-dir with its seeded
+# databases), or a server of the user's (--database-url)
+# --------------------------------------------------------------------------------------
+class PostgresHost:
+    """Where the PostgreSQL runs' databases live. A seeded database is kept (the cache)
+    and each run gets a copy of it (`CREATE DATABASE ... TEMPLATE`), so a run never sees
+    another run's post-call deliveries."""
+
+    def __init__(self, admin_url: str, server: Any = None) -> None:
+        self.admin_url = admin_url
+        self.server = server  # the throw-away server, stopped by `close`
+
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> PostgresHost:
+        if args.database_url:
+            return cls(args.database_url)
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from postgres_server import PostgresServer
+
+        # Kept under the cache folder: 100,000 seeded calls take many minutes to write.
+        server = PostgresServer(root=args.cache_dir / "postgres").start()
+        return cls(server.admin_url, server)
+
+    def url(self, database: str) -> str:
+        parts = urlsplit(self.admin_url)
+        return urlunsplit(parts._replace(path="/" + database))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as connection:
+            cursor = connection.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def exists(self, database: str) -> bool:
+        return bool(self.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)))
+
+    def drop(self, database: str) -> None:
+        self.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+    def seeded(self, args: argparse.Namespace, callers: int, calls: int) -> str:
+        """The name of the seeded database of this size, seeding it when not kept yet."""
+        name = f"seed{SEED_FORMAT}_{store_format()}_{callers}x{calls}_s{args.seed}"
+        if self.exists(name):
+            return name
+        partial = name + "_partial"
+        self.drop(partial)
+        self.execute(f'CREATE DATABASE "{partial}"')
+        # Seeding needs no durability per commit (a crash seeds again): a commit then
+        # waits for no disk flush. The runs' copies are reset to the server's default.
+        self.execute(f'ALTER DATABASE "{partial}" SET synchronous_commit = off')
+        print(f"seeding PostgreSQL: {callers:,} callers x {calls} calls ...", flush=True)
+        began = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
+            env = {"MEMORY_BACKEND": "postgres", "DATABASE_URL": self.url(partial)}
+            asyncio.run(seed_store(Path(scratch), callers, calls, args.seed, env))
+        self.execute(f'ALTER DATABASE "{partial}" RESET synchronous_commit')
+        import psycopg
+
+        with psycopg.connect(self.url(partial), autocommit=True) as connection:
+            connection.execute("VACUUM (ANALYZE)")  # the planner's statistics, as autovacuum
+        self.execute(f'ALTER DATABASE "{partial}" RENAME TO "{name}"')
+        print(f"  seeded in {time.monotonic() - began:.0f} s -> database {name}", flush=True)
+        return name
+
+    def copy(self, template: str, name: str) -> str:
+        """A fresh copy of `template` named `name`; its URL."""
+        self.drop(name)
+        self.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.url(name)
+
+    def server_cpu_seconds(self) -> float:
+        """CPU used so far by the throw-away server's processes (0 for a server of the
+        user's, not on this machine as far as we know)."""
+        if self.server is None or self.server.process is None:
+            return 0.0
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            postmaster = self.server.process.pid
+            # The postmaster and its children (each in a session of its own: no group).
+            if int(fields[1]) == postmaster or stat.parent.name == str(postmaster):
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()  # a fast shutdown: kept for the next run
 
 
 # --------------------------------------------------------------------------------------
@@ -741,6 +887,7 @@ class Result:
     queued: int = 0
     sent: int = 0
     exhausted: bool = False
+    db_cpu: float = 0.0  # share of one core the throw-away PostgreSQL used during the run
 
 
 def run_wrk(
@@ -755,8 +902,11 @@ def run_wrk(
     key: str = "-",
     once: bool = False,
     duration: float | None = None,
+    connections: int | None = None,
+    profile: bool = True,
 ) -> Result:
-    """`wrk -t1 -c<concurrency> -d<duration>` over the prepared requests."""
+    """`wrk -t1 -c<connections> -d<duration>` over the prepared requests (connections:
+    --concurrency unless given)."""
     requests_file = work / f"{name}.requests"
     requests_file.write_text("\n".join(lines) + "\n")
     ids_file = work / f"{name}.ids" if once else None
@@ -766,7 +916,7 @@ def run_wrk(
     command = [
         args.wrk,
         "-t1",
-        f"-c{args.concurrency}",
+        f"-c{connections or args.concurrency}",
         f"-d{max(1, round(seconds))}s",
         "--timeout",
         "10s",
@@ -781,7 +931,7 @@ def run_wrk(
         str(ids_file or "-"),
     ]
     profiler = None
-    if args.py_spy and name not in ("warm", "post-warm"):
+    if args.py_spy and profile and name not in ("warm", "post-warm"):
         args.py_spy.mkdir(parents=True, exist_ok=True)
         output = args.py_spy / f"{args.size_label}-{name.replace(' ', '-')}.txt"
         profiler = subprocess.Popen(
@@ -884,12 +1034,77 @@ def post_call_lines(
 class Run:
     stored_calls: int
     callers: int
+    backend: str  # sqlite | postgres
+    replicas: int  # service replicas driven at once (each its own gunicorn and data folder)
     results: list[Result]
-    worker_hwm_mb: float
+    worker_hwm_mb: float  # the largest of the replicas' workers
     master_hwm_mb: float
     worker_rss_after_start_mb: float
     verified: str
     all_stored: bool
+
+    @property
+    def label(self) -> str:
+        return self.backend if self.replicas == 1 else f"{self.backend} x{self.replicas}"
+
+
+@dataclass
+class Replica:
+    url: str
+    worker: int
+    data_dir: Path
+
+
+class StoreProbe:
+    """Read-only questions about the store after a run: the embedded file, or the run's
+    PostgreSQL database."""
+
+    def __init__(self, *, sqlite_path: Path | None = None, database_url: str = "") -> None:
+        self.sqlite_path = sqlite_path
+        self.database_url = database_url
+
+    def _count(self, sqlite_query: str, postgres_query: str, ids: list[str]) -> int:
+        if self.sqlite_path is None:
+            import psycopg
+
+            with psycopg.connect(self.database_url, autocommit=True) as connection:
+                row = connection.execute(postgres_query, (ids,)).fetchone()
+            return int(row[0]) if row else 0
+        uri = f"file:{self.sqlite_path}?mode=ro"
+        with sqlite3.connect(uri, uri=True) as db:
+            db.execute("CREATE TEMP TABLE ids (id TEXT PRIMARY KEY)")
+            db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", [(i,) for i in ids])
+            db.commit()  # the query below then reads afresh, not this insert's snapshot
+            return int(db.execute(sqlite_query).fetchone()[0])
+
+    def callers_behind(self, conversation_ids: list[str]) -> int:
+        """Callers of `conversation_ids` whose saved search index misses some memory."""
+        touched = "SELECT DISTINCT user_id FROM calls WHERE conversation_id {}"
+        behind = """
+            WITH touched AS ({touched})
+            SELECT count(*) FROM touched LEFT JOIN caller_indexes USING (user_id)
+            WHERE coalesce(caller_indexes.memories, -1)
+                != (SELECT count(*) FROM memories WHERE memories.user_id = touched.user_id)
+        """
+        return self._count(
+            behind.format(touched=touched.format("IN (SELECT id FROM ids)")),
+            behind.format(touched=touched.format("= ANY(%s)")),
+            conversation_ids,
+        )
+
+    def calls_stored(self, conversation_ids: list[str]) -> int:
+        return self._count(
+            "SELECT count(*) FROM calls WHERE conversation_id IN (SELECT id FROM ids)",
+            "SELECT count(*) FROM calls WHERE conversation_id = ANY(%s)",
+            conversation_ids,
+        )
+
+    def memory_ids_found(self, memory_ids: list[str]) -> int:
+        return self._count(
+            "SELECT count(*) FROM calls WHERE memory_id IN (SELECT id FROM ids)",
+            "SELECT count(*) FROM calls WHERE memory_id = ANY(%s)",
+            memory_ids,
+        )
 
 
 def wait_for_pending(data_dir: Path, timeout: float = 120.0) -> int:
@@ -903,130 +1118,228 @@ def wait_for_pending(data_dir: Path, timeout: float = 120.0) -> int:
     return len(list(pending.iterdir()))
 
 
-def wait_for_indexes(data_dir: Path, conversation_ids: list[str], timeout: float = 60.0) -> int:
+def wait_for_indexes(probe: StoreProbe, conversation_ids: list[str], timeout: float = 60.0) -> int:
     """Wait until the saved search index of every caller of `conversation_ids` covers all
     their memories (the service saves them in the background); return how many do not."""
-    with sqlite3.connect(f"file:{data_dir / 'memory.sqlite3'}?mode=ro", uri=True) as db:
-        db.execute("CREATE TEMP TABLE sent (id TEXT PRIMARY KEY)")
-        db.executemany("INSERT INTO sent VALUES (?)", [(i,) for i in conversation_ids])
-        db.commit()  # each poll below then reads afresh, not the snapshot of this insert
-        query = """
-            WITH touched AS (
-                SELECT DISTINCT user_id FROM calls WHERE conversation_id IN (SELECT id FROM sent)
-            )
-            SELECT count(*) FROM touched LEFT JOIN caller_indexes USING (user_id)
-            WHERE coalesce(caller_indexes.memories, -1)
-                != (SELECT count(*) FROM memories WHERE memories.user_id = touched.user_id)
-        """
-        deadline = time.monotonic() + timeout
-        while (behind := db.execute(query).fetchone()[0]) and time.monotonic() < deadline:
-            time.sleep(0.25)
+    deadline = time.monotonic() + timeout
+    while (behind := probe.callers_behind(conversation_ids)) and time.monotonic() < deadline:
+        time.sleep(0.25)
     return behind
 
 
-def run_size(args: argparse.Namespace, callers: int, calls: int) -> Run:
-    args.size_label = f"{callers * calls}"
+def merged(results: list[Result]) -> Result:
+    """One endpoint's figures over the replicas driven at once: requests and rates add
+    up; each latency is the worst replica's (wrk reports percentiles, which do not merge,
+    so this is an upper bound)."""
+    if len(results) == 1:
+        return results[0]
+    statuses: dict[str, int] = {}
+    for result in results:
+        for code, count in result.statuses.items():
+            statuses[code] = statuses.get(code, 0) + count
+    return Result(
+        name=results[0].name,
+        rps=sum(r.rps for r in results),
+        p50=max(r.p50 for r in results),
+        p90=max(r.p90 for r in results),
+        p99=max(r.p99 for r in results),
+        max=max(r.max for r in results),
+        requests=sum(r.requests for r in results),
+        errors=sum(r.errors for r in results),
+        statuses=statuses,
+        server_cpu=sum(r.server_cpu for r in results),
+        accepted=sum(r.accepted for r in results),
+        received=sum(r.received for r in results),
+        queued=sum(r.queued for r in results),
+        sent=sum(r.sent for r in results),
+        exhausted=any(r.exhausted for r in results),
+    )
+
+
+class Driver:
+    """Drives every replica at once: replica i gets every n-th prepared request (from the
+    i-th) and 1/n of the connections, so the offered load is the single replica's, split
+    evenly. Each replica has its own wrk (one thread each)."""
+
+    def __init__(
+        self, args: argparse.Namespace, replicas: list[Replica], host: PostgresHost | None
+    ) -> None:
+        self.args = args
+        self.replicas = replicas
+        self.host = host
+
+    def run(
+        self, name: str, path: str, lines: list[str], *, key: str = "-", once: bool = False,
+        duration: float | None = None,
+    ) -> tuple[Result, list[list[int]], list[Result]]:  # fmt: skip
+        """The merged result, for each replica the indexes (into `lines`) it was given,
+        and each replica's own result."""
+        count = len(self.replicas)
+        shares = [list(range(i, len(lines), count)) for i in range(count)]
+        connections = max(1, self.args.concurrency // count)
+        db_before = self.host.server_cpu_seconds() if self.host else 0.0
+        began = time.monotonic()
+        with ThreadPoolExecutor(count) as pool:
+            futures = [
+                pool.submit(
+                    run_wrk, name, replica.url, path, [lines[j] for j in share],
+                    replica.data_dir, args=self.args, worker=replica.worker, key=key,
+                    once=once, duration=duration, connections=connections, profile=number == 0,
+                )
+                for number, (replica, share) in enumerate(zip(self.replicas, shares, strict=True))
+            ]  # fmt: skip
+            parts = [future.result() for future in futures]
+            result = merged(parts)
+        if self.host and self.host.server is not None:
+            result.db_cpu = (self.host.server_cpu_seconds() - db_before) / (
+                time.monotonic() - began
+            )
+        return result, shares, parts
+
+
+def run_size(
+    args: argparse.Namespace, callers: int, calls: int, host: PostgresHost | None
+) -> list[Run]:
+    """Every backend (and replica count) asked for, at one size, after the floor."""
     with tempfile.TemporaryDirectory(prefix="elaoms-load-", dir=args.work_dir) as scratch:
-        run_dir = Path(scratch)
-        dataset = prepared_store(args, callers, calls, run_dir)
-        rng = random.Random(f"{args.seed}:requests")
+        work = Path(scratch)
+        dataset = regenerated_dataset(callers, calls, args.seed)
+        rng = random.Random(f"{args.seed}:floor")
         numbers = [caller.number for caller in dataset.callers]
-        results: list[Result] = []
         ok = dict(args=args)
         warm = min(2.0, args.duration)
+        args.size_label = f"{callers * calls}"
 
         print(f"\n== {callers * calls:,} stored calls ({callers:,} callers x {calls})", flush=True)
         # The floor: same command, same client, same concurrency, same size of request.
         floor_lines = client_data_lines(rng, numbers, 2000)
+        floor_dir = work / "floor"
+        floor_dir.mkdir()
         with gunicorn(
-            "floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)}, run_dir / "floor.log"
+            "floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)}, floor_dir / "floor.log"
         ) as (url, worker):
-            run_wrk("warm", url, "/floor", floor_lines, run_dir, worker=worker, duration=warm, **ok)
-            results.append(
-                run_wrk("floor", url, "/floor", floor_lines, run_dir, worker=worker, **ok)
-            )
-            print_result(results[-1], None)
-
-        env = {**service_env(run_dir), "PYTHONPATH": str(REPO_ROOT), **dict(args.env)}
-        with gunicorn("main:app", run_dir, env, run_dir / "service.log") as (url, worker):
-            rss_start = proc_status(worker, "VmRSS") / 1024
-            known = client_data_lines(rng, numbers, 20000)
-            strangers = unknown_numbers(rng, set(numbers), 40000)
-            unknown = client_data_lines(rng, strangers[:30000], 30000, each_once=True)
-            searches = search_lines(rng, dataset, 20000)
             run_wrk(
-                "warm",
-                url,
-                "/webhooks/client-data",
-                known,
-                run_dir,
-                worker=worker,
-                key=API_KEY,
-                duration=warm,
-                **ok,
+                "warm", url, "/floor", floor_lines, floor_dir, worker=worker, duration=warm, **ok
             )
-            phases = [
-                ("client-data known", "/webhooks/client-data", known),
-                ("client-data unknown", "/webhooks/client-data", unknown),
-                ("search-data", "/webhooks/search-data", searches),
-            ]
-            phases = [phase for phase in phases if phase[1].rsplit("/", 1)[1] in args.only]
-            warm_lines = {
-                "client-data unknown": client_data_lines(
-                    rng, strangers[30000:], 10000, each_once=True
-                )
-            }
-            for name, path, lines in phases:
-                run_wrk(
-                    "warm",
-                    url,
-                    path,
-                    warm_lines.get(name, lines[::-1]),
-                    run_dir,
-                    worker=worker,
-                    key=API_KEY,
-                    duration=warm,
-                    **ok,
-                )
-                results.append(
-                    run_wrk(name, url, path, lines, run_dir, worker=worker, key=API_KEY, **ok)
-                )
-                print_result(results[-1], results[0])
-
-            if "post-call" in args.only:
-                post = drive_post_calls(args, dataset, rng, url, worker, run_dir, warm, results[0])
-                results.append(post.result)
-            hwm = proc_status(worker, "VmHWM") / 1024
-            master = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            master_hwm = proc_status(int(master), "VmHWM") / 1024
-
+            floor = run_wrk("floor", url, "/floor", floor_lines, floor_dir, worker=worker, **ok)
+            print_result(floor, None)
         args.log_dir.mkdir(parents=True, exist_ok=True)
-        for log in ("floor.log", "service.log"):
-            shutil.copyfile(run_dir / log, args.log_dir / f"{args.size_label}-{log}")
-        verified, all_stored = "not driven", True
-        if "post-call" in args.only:
-            verified, all_stored = verify_post_calls(
-                run_dir, post.result, post.sent_ids, post.left_pending
+        shutil.copyfile(floor_dir / "floor.log", args.log_dir / f"{args.size_label}-floor.log")
+
+        runs = []
+        for backend in args.backends:
+            for replicas in args.replica_counts if backend == "postgres" else [1]:
+                runs.append(
+                    run_backend(
+                        args, dataset, calls, floor, backend, replicas, work / f"{backend}-{replicas}", host
+                    )
+                )  # fmt: skip
+        return runs
+
+
+def run_backend(
+    args: argparse.Namespace,
+    dataset: Dataset,
+    calls: int,
+    floor: Result,
+    backend: str,
+    replicas: int,
+    work: Path,
+    host: PostgresHost | None,
+) -> Run:
+    callers = len(dataset.callers)
+    # The requests are the same for every backend of a size: the same seed.
+    rng = random.Random(f"{args.seed}:requests")
+    numbers = [caller.number for caller in dataset.callers]
+    warm = min(2.0, args.duration)
+    label = backend if replicas == 1 else f"{backend} x{replicas}"
+    args.size_label = f"{callers * calls}-{backend}" + ("" if replicas == 1 else f"-x{replicas}")
+    dirs = [work / f"replica-{number + 1}" for number in range(replicas)]
+    backend_env = {"MEMORY_BACKEND": backend}
+    if backend == "sqlite":
+        prepared_store(args, callers, calls, dirs[0])
+        probe = StoreProbe(sqlite_path=dirs[0] / "memory.sqlite3")
+    else:
+        assert host is not None
+        template = host.seeded(args, callers, calls)
+        database_url = host.copy(template, f"run_{callers}x{calls}")
+        backend_env["DATABASE_URL"] = database_url
+        probe = StoreProbe(database_url=database_url)
+    how = "" if replicas == 1 else ", each request to one replica in turn, connections split evenly"
+    print(f"\n  -- {label} ({replicas} service replica{'s' * (replicas > 1)}{how})", flush=True)
+    with ExitStack() as stack:
+        servers = []
+        for directory in dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+            env = {
+                **service_env(directory),
+                **backend_env,
+                "PYTHONPATH": str(REPO_ROOT),
+                **dict(args.env),
+            }
+            url, worker = stack.enter_context(
+                gunicorn("main:app", directory, env, directory / "service.log")
             )
-            print(f"  post-call check: {verified}", flush=True)
-            print(f"  index upkeep: {post.upkeep}", flush=True)
-        print(f"  server worker peak memory (VmHWM): {hwm:.0f} MB", flush=True)
-        return Run(
-            stored_calls=callers * calls,
-            callers=callers,
-            results=results,
-            worker_hwm_mb=hwm,
-            master_hwm_mb=master_hwm,
-            worker_rss_after_start_mb=rss_start,
-            verified=verified,
-            all_stored=all_stored,
+            servers.append(Replica(url, worker, directory))
+        driver = Driver(args, servers, host if backend == "postgres" else None)
+        rss_start = max(proc_status(s.worker, "VmRSS") for s in servers) / 1024
+        known = client_data_lines(rng, numbers, 20000)
+        strangers = unknown_numbers(rng, set(numbers), 40000)
+        unknown = client_data_lines(rng, strangers[:30000], 30000, each_once=True)
+        searches = search_lines(rng, dataset, 20000)
+        results = [floor]
+        driver.run("warm", "/webhooks/client-data", known, key=API_KEY, duration=warm)
+        phases = [
+            ("client-data known", "/webhooks/client-data", known),
+            ("client-data unknown", "/webhooks/client-data", unknown),
+            ("search-data", "/webhooks/search-data", searches),
+        ]
+        phases = [phase for phase in phases if phase[1].rsplit("/", 1)[1] in args.only]
+        warm_lines = {
+            "client-data unknown": client_data_lines(rng, strangers[30000:], 10000, each_once=True)
+        }
+        for name, path, lines in phases:
+            driver.run("warm", path, warm_lines.get(name, lines[::-1]), key=API_KEY, duration=warm)
+            results.append(driver.run(name, path, lines, key=API_KEY)[0])
+            print_result(results[-1], floor)
+
+        if "post-call" in args.only:
+            post = drive_post_calls(args, dataset, rng, driver, probe, warm, floor)
+            results.append(post.result)
+        hwm = max(proc_status(s.worker, "VmHWM") for s in servers) / 1024
+        master = Path(f"/proc/{servers[0].worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        master_hwm = proc_status(int(master), "VmHWM") / 1024
+
+    for number, directory in enumerate(dirs, start=1):
+        shutil.copyfile(
+            directory / "service.log", args.log_dir / f"{args.size_label}-{number}-service.log"
         )
+    verified, all_stored = "not driven", True
+    if "post-call" in args.only:
+        verified, all_stored = verify_post_calls(dirs, probe, post)
+        print(f"  post-call check: {verified}", flush=True)
+        print(f"  index upkeep: {post.upkeep}", flush=True)
+    print(f"  server worker peak memory (VmHWM): {hwm:.0f} MB", flush=True)
+    if backend == "postgres" and host is not None:
+        host.drop(f"run_{callers}x{calls}")
+    return Run(
+        stored_calls=callers * calls,
+        callers=callers,
+        backend=backend,
+        replicas=replicas,
+        results=results,
+        worker_hwm_mb=hwm,
+        master_hwm_mb=master_hwm,
+        worker_rss_after_start_mb=rss_start,
+        verified=verified,
+        all_stored=all_stored,
+    )
 
 
 @dataclass
 class PostCalls:
     result: Result
-    sent_ids: list[str]
+    attempted: list[str]  # conversation ids sent (each replica's share, up to what it sent)
     left_pending: int
     upkeep: str  # how soon every caller's search index was saved
 
@@ -1035,67 +1348,47 @@ def drive_post_calls(
     args: argparse.Namespace,
     dataset: Dataset,
     rng: random.Random,
-    url: str,
-    worker: int,
-    run_dir: Path,
+    driver: Driver,
+    probe: StoreProbe,
     warm: float,
     floor: Result,
 ) -> PostCalls:
     """Signed deliveries, each sent once, then how long the spool and the index upkeep
     take to catch up."""
-    ok = dict(args=args)
     warm_lines, _ = post_call_lines(rng, dataset, 300, "w")
     lines, sent_ids = post_call_lines(rng, dataset, int(args.post_call_max), "m")
-    run_wrk(
-        "post-warm",
-        url,
-        "/webhooks/post-call",
-        warm_lines,
-        run_dir,
-        worker=worker,
-        once=True,
-        duration=warm,
-        **ok,
-    )
-    post = run_wrk(
-        "post-call", url, "/webhooks/post-call", lines, run_dir, worker=worker, once=True, **ok
-    )
+    driver.run("post-warm", "/webhooks/post-call", warm_lines, once=True, duration=warm)
+    post, shares, parts = driver.run("post-call", "/webhooks/post-call", lines, once=True)
     print_result(post, floor)
     post_ended = time.monotonic()
-    left = wait_for_pending(run_dir)
-    behind = wait_for_indexes(run_dir, sent_ids[: post.sent])
+    left = sum(wait_for_pending(replica.data_dir) for replica in driver.replicas)
+    attempted: list[str] = []
+    for share, part in zip(shares, parts, strict=True):
+        attempted += [sent_ids[index] for index in share[: part.sent]]
+    behind = wait_for_indexes(probe, attempted)
     upkeep = (
         f"the search indexes of every caller called caught up"
         f" {time.monotonic() - post_ended:.1f} s after the last delivery"
         if behind == 0
         else f"{behind} callers' search indexes STILL BEHIND"
     )
-    return PostCalls(post, sent_ids, left, upkeep)
+    return PostCalls(post, attempted, left, upkeep)
 
 
-def verify_post_calls(
-    run_dir: Path, post: Result, sent_ids: list[str], pending_left: int
-) -> tuple[str, bool]:
+def verify_post_calls(dirs: list[Path], probe: StoreProbe, post: PostCalls) -> tuple[str, bool]:
     """Every delivery answered `received` has its memory id in the store, and at least as
     many of the sent conversations are stored as were accepted (`queued` ones included)."""
-    memory_ids = (run_dir / "post-call.ids").read_text().split()
-    attempted = sent_ids[: post.sent]
-    with sqlite3.connect(f"file:{run_dir / 'memory.sqlite3'}?mode=ro", uri=True) as db:
-        db.execute("CREATE TEMP TABLE sent (id TEXT PRIMARY KEY)")
-        db.executemany("INSERT INTO sent VALUES (?)", [(i,) for i in attempted])
-        stored = db.execute(
-            "SELECT count(*) FROM calls WHERE conversation_id IN (SELECT id FROM sent)"
-        ).fetchone()[0]
-        db.execute("CREATE TEMP TABLE answered (id TEXT PRIMARY KEY)")
-        db.executemany("INSERT OR IGNORE INTO answered VALUES (?)", [(i,) for i in memory_ids])
-        found = db.execute(
-            "SELECT count(*) FROM calls WHERE memory_id IN (SELECT id FROM answered)"
-        ).fetchone()[0]
-    all_stored = found == len(memory_ids) and stored >= post.accepted and pending_left == 0
+    memory_ids = sorted(
+        {i for directory in dirs for i in (directory / "post-call.ids").read_text().split()}
+    )
+    stored = probe.calls_stored(post.attempted)
+    found = probe.memory_ids_found(memory_ids)
+    result = post.result
+    all_stored = found == len(memory_ids) and stored >= result.accepted and post.left_pending == 0
     text = (
-        f"{post.accepted:,} accepted ({post.received:,} received, {post.queued:,} queued), "
-        f"{len(attempted):,} sent, {stored:,} of the sent calls in the store, "
-        f"{found:,}/{len(memory_ids):,} answered memory ids found, {pending_left} pending"
+        f"{result.accepted:,} accepted ({result.received:,} received, {result.queued:,} queued), "
+        f"{len(post.attempted):,} sent, {stored:,} of the sent calls in the store, "
+        f"{found:,}/{len(memory_ids):,} answered memory ids found, {post.left_pending} pending"
         f" -> {'every accepted delivery stored' if all_stored else 'MISSING DELIVERIES'}"
     )
     return text, all_stored
@@ -1106,7 +1399,7 @@ def verify_post_calls(
 # --------------------------------------------------------------------------------------
 HEADER = (
     f"  {'endpoint':<20} {'rps':>7} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}"
-    f" {'errors':>6} {'cpu':>5} {'p99/floor':>9} {'rps/floor':>9}"
+    f" {'errors':>6} {'cpu':>5} {'db cpu':>6} {'p99/floor':>9} {'rps/floor':>9}"
 )
 
 
@@ -1115,19 +1408,23 @@ def print_result(result: Result, floor: Result | None) -> None:
         print(HEADER)
     ratio_p99 = f"{result.p99 / floor.p99:.1f}x" if floor else "1.0x"
     ratio_rps = f"{result.rps / floor.rps:.2f}" if floor else "1.00"
+    db_cpu = f"{result.db_cpu:.0%}" if result.db_cpu else "-"
     print(
         f"  {result.name:<20} {result.rps:>7.0f} {result.p50:>6.1f}m {result.p90:>6.1f}m"
         f" {result.p99:>6.1f}m {result.max:>6.0f}m {result.errors:>6} {result.server_cpu:>4.0%}"
-        f" {ratio_p99:>9} {ratio_rps:>9}",
+        f" {db_cpu:>6} {ratio_p99:>9} {ratio_rps:>9}",
         flush=True,
     )
     if result.exhausted:
         print("    (every prepared request was sent before the end: raise --post-call-max)")
 
 
-def targets(run: Run) -> list[tuple[str, bool]]:
+def targets(run: Run, embedded: Run | None = None) -> list[tuple[str, bool]]:
+    """The issue's targets; for PostgreSQL, `embedded` (the SQLite run of the same size,
+    same invocation) gives the ratios."""
     by = {result.name: result for result in run.results}
     floor = by["floor"]
+    sqlite = {result.name: result for result in embedded.results} if embedded else {}
     checks = []
     if known := by.get("client-data known"):
         checks += [
@@ -1139,34 +1436,81 @@ def targets(run: Run) -> list[tuple[str, bool]]:
         ]
     if search := by.get("search-data"):
         checks.append((f"search p99 {search.p99:.1f} ms < 40 ms", search.p99 < 40))
+    for name in ("client-data known", "client-data unknown", "search-data"):
+        if name in by and name in sqlite:
+            ratio = by[name].p99 / sqlite[name].p99
+            checks.append((f"{name} p99 within 1.5x of SQLite's ({ratio:.2f}x)", ratio <= 1.5))
     if post := by.get("post-call"):
         checks += [
             (f"post-call {post.rps:.0f} accepted/s >= 300", post.rps >= 300),
             ("every accepted post-call delivery stored", run.all_stored),
         ]
-    if run.stored_calls >= 100_000:
+    if run.stored_calls >= 100_000 or embedded is not None:
         checks.append(
             (f"worker peak memory {run.worker_hwm_mb:.0f} MB < 400 MB", run.worker_hwm_mb < 400)
         )
     return checks
 
 
+def cpu_ms(result: Result) -> float:
+    """Milliseconds of the service workers' CPU per request (per accepted delivery)."""
+    return result.server_cpu * 1000 / result.rps if result.rps else 0.0
+
+
 def print_summary(runs: list[Run]) -> None:
     for run in runs:
-        print(f"\n{run.stored_calls:,} stored calls: targets")
-        for text, met in targets(run):
-            print(f"  [{'met' if met else 'NOT MET'}] {text}")
-    if len(runs) < 2:
-        return
-    first, last = runs[0], runs[-1]
-    print(f"\nhow each figure moves from {first.stored_calls:,} to {last.stored_calls:,} calls")
-    print(f"  {'endpoint':<20} {'rps':>16} {'p50 ms':>14} {'p99 ms':>14}")
-    for a, b in zip(first.results, last.results, strict=True):
-        print(
-            f"  {a.name:<20} {a.rps:>7.0f}->{b.rps:<7.0f} {a.p50:>6.1f}->{b.p50:<6.1f}"
-            f" {a.p99:>6.1f}->{b.p99:<6.1f}"
+        embedded = next(
+            (
+                other
+                for other in runs
+                if other.backend == "sqlite"
+                and other.stored_calls == run.stored_calls
+                and run.backend != "sqlite"
+            ),
+            None,
         )
-    print(f"  {'peak memory MB':<20} {first.worker_hwm_mb:>7.0f}->{last.worker_hwm_mb:<7.0f}")
+        print(f"\n{run.stored_calls:,} stored calls, {run.label}: targets")
+        for text, met in targets(run, embedded):
+            print(f"  [{'met' if met else 'NOT MET'}] {text}")
+    for size in sorted({run.stored_calls for run in runs}):
+        same = [run for run in runs if run.stored_calls == size]
+        base = next((run for run in same if run.backend == "sqlite"), None)
+        if base is None or len(same) < 2:
+            continue
+        print(f"\n{size:,} stored calls: each backend against SQLite (rps, p99 ms, ratio)")
+        for run in same:
+            if run is base:
+                continue
+            print(f"  {run.label}")
+            for a, b in zip(base.results[1:], run.results[1:], strict=True):
+                # CPU per request: what a busy machine changes least (latency and rate
+                # follow whatever else runs; the work each request costs does not).
+                print(
+                    f"    {a.name:<20} rps {a.rps:>7.0f} -> {b.rps:<7.0f} ({b.rps / a.rps:.2f}x)"
+                    f"   p99 {a.p99:>6.1f} -> {b.p99:<6.1f} ({b.p99 / a.p99:.2f}x)"
+                    f"   worker cpu ms/request {cpu_ms(a):.2f} -> {cpu_ms(b):.2f}"
+                    + (f" + db {b.db_cpu * 1000 / b.rps:.2f}" if b.db_cpu and b.rps else "")
+                )
+            print(
+                f"    {'peak memory MB':<20} {base.worker_hwm_mb:>11.0f} -> {run.worker_hwm_mb:.0f}"
+            )
+    labels = list(dict.fromkeys(run.label for run in runs))
+    for label in labels:
+        mine = [run for run in runs if run.label == label]
+        if len(mine) < 2:
+            continue
+        first, last = mine[0], mine[-1]
+        print(
+            f"\n{label}: how each figure moves from {first.stored_calls:,}"
+            f" to {last.stored_calls:,} calls"
+        )
+        print(f"  {'endpoint':<20} {'rps':>16} {'p50 ms':>14} {'p99 ms':>14}")
+        for a, b in zip(first.results, last.results, strict=True):
+            print(
+                f"  {a.name:<20} {a.rps:>7.0f}->{b.rps:<7.0f} {a.p50:>6.1f}->{b.p50:<6.1f}"
+                f" {a.p99:>6.1f}->{b.p99:<6.1f}"
+            )
+        print(f"  {'peak memory MB':<20} {first.worker_hwm_mb:>7.0f}->{last.worker_hwm_mb:<7.0f}")
 
 
 def machine() -> str:
@@ -1182,6 +1526,17 @@ def machine() -> str:
     )
 
 
+def comma_list(choices: Sequence[str]) -> Any:
+    def parse(value: str) -> list[str]:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        wrong = [item for item in items if item not in choices]
+        if wrong or not items:
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--callers", type=int, default=10_000)
@@ -1191,7 +1546,36 @@ def main() -> None:
         action="store_true",
         help="run 100 x 10 then 10,000 x 10 calls and show how figures move",
     )
+    parser.add_argument(
+        "--backend",
+        dest="backends",
+        type=comma_list(["sqlite", "postgres"]),
+        default=["sqlite"],
+        help="the memory store(s), measured one after the other in this run:"
+        " sqlite, postgres or sqlite,postgres (ratios to SQLite are printed)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="PostgreSQL: a server of yours, as the URL of a database to connect to; the"
+        " bench creates its own databases there (seeded ones kept as a cache, a copy per run)."
+        " Default: the tests' throw-away server, kept under --cache-dir",
+    )
+    parser.add_argument(
+        "--replicas",
+        dest="replica_counts",
+        type=comma_list(["1", "2"]),
+        default=["1"],
+        help="PostgreSQL: how many service replicas (own gunicorn, own data folder, one"
+        " database) are driven at once; 1,2 measures both",
+    )
     parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument(
+        "--seed-only",
+        action="store_true",
+        help="seed (and cache) the stores of every backend asked for, measure nothing:"
+        " two of these at once, one per backend, seed in parallel",
+    )
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
     parser.add_argument(
@@ -1235,15 +1619,34 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.only = args.only or ENDPOINTS
+    args.replica_counts = [int(count) for count in args.replica_counts]
     if not shutil.which(args.wrk):
         sys.exit("wrk is not installed: apt-get install wrk (see docs/performance.md)")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     sizes = [(100, 10), (10_000, 10)] if args.scale else [(args.callers, args.calls)]
     print(f"machine: {machine()}")
     print(f"client: wrk -t1 -c{args.concurrency}, {args.duration:g} s per endpoint")
+    print(f"backends: {', '.join(args.backends)}")
     if args.env:
         print("service settings: " + " ".join(f"{k}={v}" for k, v in args.env))
-    runs = [run_size(args, callers, calls) for callers, calls in sizes]
+    host = PostgresHost.start(args) if "postgres" in args.backends else None
+    if args.seed_only:
+        try:
+            for callers, calls in sizes:
+                if "sqlite" in args.backends:
+                    with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
+                        prepared_store(args, callers, calls, Path(scratch))
+                if host is not None:
+                    host.seeded(args, callers, calls)
+        finally:
+            if host is not None:
+                host.close()
+        return
+    try:
+        runs = [run for callers, calls in sizes for run in run_size(args, callers, calls, host)]
+    finally:
+        if host is not None:
+            host.close()
     print_summary(runs)
     if args.json:
         args.json.write_text(

@@ -55,13 +55,18 @@ def server_binaries() -> Path:
 
 class PostgresServer:
     """One cluster in a temporary directory; `start` and `stop` may be repeated (the data
-    stays until `remove`)."""
+    stays until `remove`). `root`: a directory of the caller's instead, kept after `stop`
+    and started again by the next `PostgresServer(root)` (the load benchmark keeps its
+    seeded databases there)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
         self.bin = server_binaries()
         # Under the system's temporary directory, not pytest's (mode 0700, owned by root,
         # which the server's own user could not enter); a short path for the unix socket.
-        self.root = Path(tempfile.mkdtemp(prefix="elaoms-pg-"))
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="elaoms-pg-"))
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
         self.data = self.root / "data"
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,7 +83,8 @@ class PostgresServer:
                 "--init-groups",
                 "--",
             ]
-        self._initdb()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
 
     def _initdb(self) -> None:
         # --no-sync: only initdb's own files (a crash during the tests loses the whole

@@ -291,6 +291,54 @@ def test_a_crash_of_postgresql_loses_no_committed_call(
         run(store.close())
 
 
+def test_call_path_reads_skip_the_liveness_round_trip_yet_survive_a_restart(
+    own_server: PostgresServer, run: Run[Any]
+) -> None:
+    """Client-data's and search's reads draw a connection unchecked (one round trip, not
+    two); one broken while idle by a restart is replaced and the read asked again."""
+    store = PostgresStore(own_server.create_database(), timeout=2.0)
+    try:
+        add(run, store, "conv_restart")
+        run(store.put_caller_profile(MARIA, {"name": "Maria"}))
+        assert run(store.get_caller_profile(MARIA)) == {"name": "Maria"}
+        own_server.stop(signal.SIGKILL)  # every pooled connection is now broken
+        own_server.start()
+        assert run(store.get_caller_profile(MARIA)) == {"name": "Maria"}
+        assert run(store.index_state(MARIA)).version.count > 0
+        assert run(store.is_forgotten("conv_restart")) is False
+    finally:
+        run(store.close())
+
+
+def test_a_call_path_read_past_its_caller_s_deadline_finishes_instead_of_being_cancelled(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    """A client-data or search deadline stops the caller waiting, not the read: cancelling
+    a query on the server costs a connection for up to seconds, which under load drained
+    the pool. The statement here shows whether the server ran it to its end."""
+    store = PostgresStore(postgres_url, pool_max_size=1, timeout=5.0)
+    slow_write = (
+        "INSERT INTO store_keys (name, value) SELECT 'deadline_probe', '\\x01'::bytea"
+        " FROM pg_sleep(0.5) RETURNING 1"
+    )
+
+    async def past_the_deadline() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store._fetch_one(slow_write, ()), 0.1)
+        # The one connection comes back once the read is done: the next read gets it.
+        assert await store._fetch_one("SELECT 1", ()) == (1,)
+
+    try:
+        run(past_the_deadline())
+        with psycopg.connect(postgres_url) as connection:
+            found = connection.execute(
+                "SELECT 1 FROM store_keys WHERE name = 'deadline_probe'"
+            ).fetchone()
+        assert found is not None  # not cancelled on the server
+    finally:
+        run(store.close())
+
+
 # The store <-> search contract -----------------------------------------------------------
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_saved_indexes_follow_the_caller_s_memory_version(

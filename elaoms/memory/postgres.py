@@ -13,12 +13,14 @@ at construction: a replica starts, and queues deliveries on disk, while PostgreS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,6 +71,19 @@ NEWEST_FIRST = "ORDER BY started_at DESC NULLS LAST, conversation_id DESC"
 # Advisory lock classes (the two-key form: a space of its own, apart from the schema lock).
 CALLER_LOCK = 1  # one caller's memories: their sequence numbers commit in order
 PROTECT_LOCK = 2  # the start-up encryption of rows left in clear
+# Set while a one-statement read draws its connection: the pool's liveness round trip is
+# skipped (the read is asked again on a checked connection if the first one was broken).
+UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
+
+
+async def _check_connection(connection: AsyncConnection) -> None:
+    """The pool's check before handing a connection out: a round trip, unless a
+    one-statement read (`PostgresStore._fetch_one`) is drawing it."""
+    if UNCHECKED.get():
+        return
+    from psycopg_pool import AsyncConnectionPool
+
+    await AsyncConnectionPool.check_connection(connection)
 
 
 def redacted(database_url: str) -> str:
@@ -172,7 +187,7 @@ class PostgresStore(MemoryStore):
                     open=False,
                     # A connection broken while idle (PostgreSQL restarted) is replaced
                     # before use instead of failing the request that drew it.
-                    check=AsyncConnectionPool.check_connection,
+                    check=_check_connection,
                     kwargs={"connect_timeout": max(1, round(self.timeout))},
                 )
                 await pool.open(wait=False)
@@ -191,12 +206,25 @@ class PostgresStore(MemoryStore):
             return pool
 
     @asynccontextmanager
-    async def _transaction(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
+    async def _transaction(
+        self, *, snapshot: bool = False, single: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
         """One transaction on a pooled connection, committed at the end (rolled back on an
-        error). `snapshot`: several reads that must agree (REPEATABLE READ, read only)."""
+        error). `snapshot`: several reads that must agree (REPEATABLE READ, read only).
+        `single`: one statement, run on its own (autocommit), without the BEGIN and
+        COMMIT round trips (see `_fetch_one`)."""
         pool = await self._ready()
         try:
             async with pool.connection() as connection:
+                if single:
+                    await connection.set_autocommit(True)
+                    try:
+                        yield connection
+                    finally:
+                        # The pool hands connections out in transaction mode.
+                        with contextlib.suppress(Exception):
+                            await connection.set_autocommit(False)
+                    return
                 if snapshot:
                     await connection.execute(
                         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
@@ -211,6 +239,37 @@ class PostgresStore(MemoryStore):
                 self._pool = None
                 await pool.close(timeout=1.0)
             raise storage_error(error, self.database_url) from error
+
+    async def _fetch_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        """One statement's first row, on the call path (client-data, search): without
+        BEGIN and COMMIT, and on a connection not checked first, so one round trip
+        instead of four. A connection broken while idle (PostgreSQL restarted) fails it:
+        it is then asked once more on a checked connection.
+
+        Shielded from the caller's deadline: cancelled mid-query, psycopg would cancel
+        the query on the server, holding the connection for up to seconds and opening
+        another to send the cancel; under load the call path's deadlines then drained the
+        pool (every read waiting 5 s for a connection; docs/scaling.md). The read
+        finishes, in milliseconds, and gives its connection back; only the caller stops
+        waiting."""
+        read = asyncio.ensure_future(self._read_one(query, params))
+        read.add_done_callback(_retrieve)
+        return await asyncio.shield(read)
+
+    async def _read_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        for checked in (False, True):
+            token = UNCHECKED.set(not checked)
+            try:
+                async with self._transaction(single=True) as connection:
+                    found = await connection.execute(query, params)
+                    return await found.fetchone()
+            except StoreUnavailableError as error:
+                # Asked again only for a broken connection: not after waiting for one.
+                if checked or _no_connection(error.__cause__):
+                    raise
+            finally:
+                UNCHECKED.reset(token)
+        return None  # not reached: the second attempt returns or raises
 
     async def _lock_caller(self, connection: AsyncConnection, key: str) -> None:
         """Writers of one caller's memories take turns: sequence numbers are drawn at insert
@@ -689,14 +748,13 @@ class PostgresStore(MemoryStore):
 
     # Search indexes (the store <-> search contract) ---------------------------------------
     async def index_state(self, user_id: str) -> IndexState:
-        async with self._transaction() as connection:
-            found = await connection.execute(
-                "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
-                " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
-                "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
-                (self._key(user_id), self._key(user_id)),
-            )
-            row = await found.fetchone()
+        key = await self._caller_key(user_id)
+        row = await self._fetch_one(
+            "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
+            " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
+            "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
+            (key, key),
+        )
         assert row is not None
         count, last, saved_count, saved_last, data = row
         saved = None
@@ -706,6 +764,15 @@ class PostgresStore(MemoryStore):
                 data=self.cipher.decrypt(bytes(data)),
             )
         return IndexState(version=MemoryVersion(count=count, last_seq=last), saved=saved)
+
+    async def memory_version(self, user_id: str) -> MemoryVersion:
+        # What a search of a held index needs: without the saved index's bytes.
+        key = await self._caller_key(user_id)
+        row = await self._fetch_one(
+            "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s", (key,)
+        )
+        assert row is not None
+        return MemoryVersion(count=row[0], last_seq=row[1])
 
     async def memories_after(
         self, user_id: str, after_seq: int
@@ -802,21 +869,18 @@ class PostgresStore(MemoryStore):
 
     async def is_forgotten(self, conversation_id: str) -> bool:
         await self._ready()
-        async with self._transaction() as connection:
-            found = await connection.execute(
-                "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
-                (self._conversation_key(conversation_id),),
-            )
-            return await found.fetchone() is not None
+        found = await self._fetch_one(
+            "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
+            (self._conversation_key(conversation_id),),
+        )
+        return found is not None
 
     # Profiles ----------------------------------------------------------------------------
     async def get_agent_profile(self, agent_id: str) -> dict[str, Any] | None:
-        async with self._transaction() as connection:
-            found = await connection.execute(
-                "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
-                (_text(agent_id),),
-            )
-            row = await found.fetchone()
+        row = await self._fetch_one(
+            "SELECT profile, fetched_at FROM agent_profiles WHERE agent_id = %s",
+            (_text(agent_id),),
+        )
         if row is None:
             return None
         profile: dict[str, Any] = decode(self.cipher.decrypt(bytes(row[0])))
@@ -838,11 +902,9 @@ class PostgresStore(MemoryStore):
 
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
         key = await self._caller_key(user_id)
-        async with self._transaction() as connection:
-            found = await connection.execute(
-                "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
-            )
-            row = await found.fetchone()
+        row = await self._fetch_one(
+            "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
+        )
         return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
@@ -995,6 +1057,13 @@ class PostgresStore(MemoryStore):
             await pool.close()
 
 
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    """A shielded read whose caller stopped waiting: its error is retrieved here (the
+    caller got its own), not reported as never retrieved."""
+    if not read.cancelled():
+        read.exception()
+
+
 def _transient(error: BaseException) -> bool:
     """A failure of the connection or the server, not of what was asked: worth retrying."""
     import psycopg
@@ -1005,7 +1074,7 @@ def _transient(error: BaseException) -> bool:
     )
 
 
-def _no_connection(error: BaseException) -> bool:
+def _no_connection(error: BaseException | None) -> bool:
     from psycopg_pool import PoolTimeout
 
     return isinstance(error, PoolTimeout)

@@ -388,9 +388,12 @@ def test_the_memory_version_changes_with_every_insert_and_delete(
     assert run(store.index_state(JAMES)).version == MemoryVersion(0, 0)
     now = store.index_version_now(MARIA)
     assert now is None or now == more  # the loop's answer, where the store has one
+    assert run(store.memory_version(MARIA)) == more  # the version alone says the same
+    assert run(store.memory_version(JAMES)) == MemoryVersion(0, 0)
 
     run(store.delete_user(MARIA))
     assert run(store.index_state(MARIA)).version == MemoryVersion(0, 0)
+    assert run(store.memory_version(MARIA)) == MemoryVersion(0, 0)
     run(store.add_memory(MARIA, "Prefers mornings."))
     again = run(store.index_state(MARIA)).version
     assert again.count == 1 and again != one  # never mistaken for the first one
