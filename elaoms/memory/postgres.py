@@ -46,10 +46,10 @@ from elaoms.memory.base import (
     StoreUnavailableError,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
+from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.payloads import decode, encode
-from elaoms.phone import normalize_caller_id
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -399,7 +399,7 @@ class PostgresStore(MemoryStore):
         """As `SQLiteDatabase.word_key`: a word the caller directory is searched by."""
         if not self.cipher.enabled:
             return _text(word)
-        return keyed_hash(self._hash_key, f"word:{word}")[len(KEYED_HASH_PREFIX) :][:20]
+        return keyed_word(self._hash_key, word)
 
     def _seal(self, text: str) -> bytes:
         return self.cipher.encrypt(text.encode())
@@ -932,24 +932,13 @@ class PostgresStore(MemoryStore):
             " last_started_at = excluded.last_started_at",
             (
                 self._key(user_id),
-                self._name_key(profile.get("name")),
+                name_key(profile.get("name"), self._word_key),
                 int(profile.get("call_count") or 0),
                 int(last) if isinstance(last, int | float) else None,
                 self._seal(user_id),
-                self._number_key(user_id),
+                number_key(user_id, self._word_key, encrypted=self.cipher.enabled),
             ),
         )
-
-    def _number_key(self, user_id: str) -> str:
-        if not self.cipher.enabled:
-            return ""  # a number search reads the caller key itself
-        digits = "".join(ch for ch in user_id if ch.isdigit())
-        return f" {self._word_key(user_id)} {self._word_key('#' + digits[-4:])} "
-
-    def _name_key(self, name: object) -> str:
-        words = str(name or "").casefold().split()
-        # Spaces around every word: a word search is then one strpos(' word ').
-        return f" {' '.join(self._word_key(word) for word in words)} " if words else ""
 
     async def list_callers(
         self,
@@ -960,26 +949,9 @@ class PostgresStore(MemoryStore):
         offset: int = 0,
     ) -> CallerPage:
         await self._ready()
-        clauses: list[str] = []
-        parameters: list[Any] = []
-        digits = "".join(ch for ch in number or "" if ch.isdigit())
-        if digits and self.cipher.enabled:
-            # Keyed hashes match a whole number or its last four digits (as names match
-            # whole words), not any run of digits.
-            whole = normalize_caller_id(number or "") if len(digits) > 4 else None
-            clauses.append("strpos(number_key, %s) > 0")
-            parameters.append(f" {self._word_key(whole or '#' + digits[-4:])} ")
-        elif digits:
-            clauses.append("strpos(user_id, %s) > 0")
-            parameters.append(digits)
-        words = (name or "").casefold().split()
-        if words and self.cipher.enabled:
-            for word in words:
-                clauses.append("strpos(name_key, %s) > 0")
-                parameters.append(f" {self._word_key(word)} ")
-        elif words:
-            clauses.append("strpos(name_key, %s) > 0")
-            parameters.append(_text(" ".join(words)))
+        matches = directory_matches(number, name, self._word_key, encrypted=self.cipher.enabled)
+        clauses = [f"strpos({match.column}, %s) > 0" for match in matches]
+        parameters: list[Any] = [_text(match.term) for match in matches]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         page = [max(0, limit), max(0, offset)]
         async with self._transaction(snapshot=True) as connection:

@@ -27,11 +27,11 @@ from elaoms.memory.base import (
     StoreUnavailableError,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
+from elaoms.memory.directory import directory_matches, name_key, number_key
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite_database import SQLiteDatabase, busy
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.payloads import decode, encode
-from elaoms.phone import normalize_caller_id
 
 CALL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -602,25 +602,13 @@ class CallTables:
             " last_started_at = excluded.last_started_at",
             (
                 self.database.key(user_id),
-                self._name_key(profile.get("name")),
+                name_key(profile.get("name"), self.database.word_key),
                 int(profile.get("call_count") or 0),
                 int(last) if isinstance(last, int | float) else None,
                 self.database.seal(user_id).encode(),
-                self._number_key(user_id),
+                number_key(user_id, self.database.word_key, encrypted=self.database.cipher.enabled),
             ),
         )
-
-    def _number_key(self, user_id: str) -> str:
-        if not self.database.cipher.enabled:
-            return ""  # a number search reads the caller key itself
-        digits = "".join(ch for ch in user_id if ch.isdigit())
-        word_key = self.database.word_key
-        return f" {word_key(user_id)} {word_key('#' + digits[-4:])} "
-
-    def _name_key(self, name: object) -> str:
-        words = str(name or "").casefold().split()
-        # Spaces around every word: a word search is then one LIKE '% word %'.
-        return f" {' '.join(self.database.word_key(word) for word in words)} " if words else ""
 
     async def list_callers(
         self,
@@ -631,28 +619,13 @@ class CallTables:
         offset: int = 0,
     ) -> CallerPage:
         database = self.database
-        clauses: list[str] = []
-        parameters: list[Any] = []
+        matches = directory_matches(
+            number, name, database.word_key, encrypted=database.cipher.enabled
+        )
         # instr, not LIKE '%...%': the same match on text already folded, several times
         # faster over 100,000 rows.
-        digits = "".join(ch for ch in number or "" if ch.isdigit())
-        if digits and database.cipher.enabled:
-            # Keyed hashes match a whole number or its last four digits (as names match
-            # whole words), not any run of digits.
-            whole = normalize_caller_id(number or "") if len(digits) > 4 else None
-            clauses.append("instr(number_key, ?) > 0")
-            parameters.append(f" {database.word_key(whole or '#' + digits[-4:])} ")
-        elif digits:
-            clauses.append("instr(user_id, ?) > 0")
-            parameters.append(digits)
-        words = (name or "").casefold().split()
-        if words and database.cipher.enabled:
-            for word in words:
-                clauses.append("instr(name_key, ?) > 0")
-                parameters.append(f" {database.word_key(word)} ")
-        elif words:
-            clauses.append("instr(name_key, ?) > 0")
-            parameters.append(" ".join(words))
+        clauses = [f"instr({match.column}, ?) > 0" for match in matches]
+        parameters: list[Any] = [match.term for match in matches]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         page = [max(0, limit), max(0, offset)]
 

@@ -24,6 +24,7 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_ex
 from elaoms.crypto import KEYED_HASH_PREFIX, PayloadCipher, keyed_hash, new_hash_key
 from elaoms.files import ensure_private_dir
 from elaoms.memory.base import StoreUnavailableError
+from elaoms.memory.directory import keyed_word
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class SQLiteDatabase:
         callers stay found; shortened, as the directory holds several per caller."""
         if not self.cipher.enabled:
             return word
-        return keyed_hash(self.hash_key, f"word:{word}")[len(KEYED_HASH_PREFIX) :][:20]
+        return keyed_word(self.hash_key, word)
 
     def seal(self, text: str) -> str:
         return self.cipher.encrypt(text.encode()).decode() if self.cipher.enabled else text
