@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,11 +260,20 @@ def postgres_server() -> Iterator[PostgresServer]:
     stopped and removed at the end; tests each take a database of their own."""
     from postgres_server import PostgresServer  # imports this module: imported when used
 
-    server = PostgresServer()
+    with PostgresServer() as server:
+        yield server
+
+
+@contextmanager
+def running(services: list[ServiceProcess]) -> Iterator[list[ServiceProcess]]:
+    """Start every service (replicas, say), and stop them all whatever happens."""
     try:
-        yield server.start()
+        for service in services:
+            service.start()
+        yield services
     finally:
-        server.remove()
+        for service in services:
+            service.stop()
 
 
 @pytest.fixture

@@ -205,6 +205,12 @@ class PostgresServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
 
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
     def remove(self, *, wait: bool = False) -> None:
         # SIGQUIT: immediate shutdown. A fast one would first write and fsync a checkpoint
         # of every test database (tens of seconds), all about to be deleted.

@@ -12,7 +12,14 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, signed_headers, transcription, wait_until
+from conftest import (
+    WORKSPACE_SECRET,
+    ServiceProcess,
+    running,
+    signed_headers,
+    transcription,
+    wait_until,
+)
 from postgres_server import PostgresServer
 from standins import ElevenLabsStandIn, ask, deliver_and_wait, first_message
 
@@ -56,13 +63,8 @@ def replicas(
     started = [
         replica(tmp_path_factory.mktemp(f"replica-{name}"), database, elevenlabs) for name in "ab"
     ]
-    try:
-        for service in started:
-            service.start()
+    with running(started):
         yield started
-    finally:
-        for service in started:
-            service.stop()
 
 
 def stored(database: str, conversation_id: str) -> list[tuple[Any, ...]]:

@@ -51,11 +51,8 @@ def own_server() -> Iterator[PostgresServer]:
     """A server of this module's own, for the tests that stop it: crash recovery replays
     the WAL of every database created since the last checkpoint (the shared server's
     hundreds), and the other tests' server keeps running."""
-    server = PostgresServer()
-    try:
-        yield server.start()
-    finally:
-        server.remove()
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture

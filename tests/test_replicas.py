@@ -25,7 +25,14 @@ import pytest
 
 from elaoms.memory.units import call_memories
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, signed_headers, transcription, wait_until
+from conftest import (
+    WORKSPACE_SECRET,
+    ServiceProcess,
+    running,
+    signed_headers,
+    transcription,
+    wait_until,
+)
 from postgres_server import PostgresServer
 from standins import ElevenLabsStandIn, ask
 
@@ -39,11 +46,8 @@ ALERT_THRESHOLD = 5
 def server() -> Iterator[PostgresServer]:
     """A PostgreSQL of this module's own: one test stops it, and the other modules' server
     keeps running."""
-    own = PostgresServer()
-    try:
-        yield own.start()
-    finally:
-        own.remove()
+    with PostgresServer() as own:
+        yield own
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +89,8 @@ def replicas(
         )
         for name in "abc"
     ]
-    try:
-        for service in started:
-            service.start()
+    with running(started):
         yield started
-    finally:
-        for service in started:
-            service.stop()
 
 
 _numbers = itertools.count(1)

@@ -7,6 +7,8 @@ A backend is one new file with a subclass of `MemoryStore`, plus a line in
 from __future__ import annotations
 
 import abc
+import time
+import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,17 @@ class Memory:
     content: str
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+
+    @classmethod
+    def new(cls, user_id: str, content: str, metadata: dict[str, Any] | None = None) -> Memory:
+        """A free-standing memory (`MemoryStore.add_memory`), made now with a new id."""
+        return cls(
+            id=f"mem_{uuid.uuid4().hex}",
+            user_id=user_id,
+            content=content,
+            metadata=dict(metadata or {}),
+            created_at=time.time(),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -692,13 +692,7 @@ class PostgresStore(MemoryStore):
     async def add_memory(
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None
     ) -> Memory:
-        memory = Memory(
-            id=f"mem_{uuid.uuid4().hex}",
-            user_id=user_id,
-            content=content,
-            metadata=dict(metadata or {}),
-            created_at=time.time(),
-        )
+        memory = Memory.new(user_id, content, metadata)
         async with self._transaction() as connection:
             await self._lock_caller(connection, self._key(user_id))
             await self._insert_memories(connection, [memory])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Collection, Coroutine
 from pathlib import Path
@@ -195,13 +194,7 @@ class SQLiteStore(MemoryStore):
     async def add_memory(
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None
     ) -> Memory:
-        memory = Memory(
-            id=f"mem_{uuid.uuid4().hex}",
-            user_id=user_id,
-            content=content,
-            metadata=dict(metadata or {}),
-            created_at=time.time(),
-        )
+        memory = Memory.new(user_id, content, metadata)
 
         def insert() -> None:
             with self.database.write() as connection:
