@@ -47,6 +47,7 @@ from elaoms.memory.base import (
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
+from elaoms.memory.postgres_copies import CHANNEL, EVERYONE, Absent, CallerCopies
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.payloads import decode, encode
@@ -120,6 +121,7 @@ class PostgresStore(MemoryStore):
         pool_max_size: int = 10,
         timeout: float = 5.0,
         upgrade_schema: bool = True,
+        caller_copies: int = 4096,
     ) -> None:
         if not database_url:
             raise StoreUnavailableError(
@@ -134,6 +136,7 @@ class PostgresStore(MemoryStore):
         self._pool: AsyncConnectionPool | None = None
         self._opening: asyncio.Lock | None = None
         self._hash_key = b""
+        self.copies = CallerCopies(caller_copies)
 
     @classmethod
     def from_settings(
@@ -203,6 +206,7 @@ class PostgresStore(MemoryStore):
             except Exception as error:
                 raise storage_error(error, self.database_url) from error
             self._pool = pool
+            self.copies.start(self.database_url, self.timeout)
             return pool
 
     @asynccontextmanager
@@ -271,13 +275,24 @@ class PostgresStore(MemoryStore):
                 UNCHECKED.reset(token)
         return None  # not reached: the second attempt returns or raises
 
-    async def _lock_caller(self, connection: AsyncConnection, key: str) -> None:
-        """Writers of one caller's memories take turns: sequence numbers are drawn at insert
-        time, so without this a reader could see seq 11 committed before seq 10 (a saved
-        index's `last_seq` would then skip 10). Other callers are not held up."""
-        await connection.execute(
-            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CALLER_LOCK, key)
-        )
+    @asynccontextmanager
+    async def _caller_transaction(self, key: str) -> AsyncIterator[AsyncConnection]:
+        """A transaction that changes one caller's memories or profile.
+
+        Writers of one caller take turns: sequence numbers are drawn at insert time, so
+        without the lock a reader could see seq 11 committed before seq 10 (a saved
+        index's `last_seq` would then skip 10). Other callers are not held up. The same
+        statement tells every process, at commit, to drop its copies of the caller
+        (`elaoms.memory.postgres_copies`); this one drops its own at once."""
+        try:
+            async with self._transaction() as connection:
+                await connection.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s)), pg_notify(%s, %s)",
+                    (CALLER_LOCK, key, CHANNEL, key),
+                )
+                yield connection
+        finally:
+            self.copies.changed(key)
 
     async def _load_hash_key(self, connection: AsyncConnection) -> bytes:
         """The store's keyed-hash secret, made by whichever replica comes first (the others
@@ -377,6 +392,8 @@ class PostgresStore(MemoryStore):
                 "INSERT INTO store_keys (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 (ALL_PROTECTED, b"1"),
             )
+            # Every caller's key changed: copies other processes keep are of no one now.
+            await connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, EVERYONE))
 
     async def _marked(self, connection: AsyncConnection) -> bool:
         found = await connection.execute(
@@ -414,8 +431,7 @@ class PostgresStore(MemoryStore):
         memory_id = f"mem_{uuid.uuid4().hex}"
         event_type, conversation_id = _text(call.event_type), _text(call.conversation_id)
         key = await self._caller_key(user_id)
-        async with self._transaction() as connection:
-            await self._lock_caller(connection, key)
+        async with self._caller_transaction(key) as connection:
             # The primary key decides: a copy stored meanwhile by another replica makes
             # this insert do nothing (it waits for that transaction, then sees its row).
             inserted = await connection.execute(
@@ -654,9 +670,8 @@ class PostgresStore(MemoryStore):
             assert row is not None
             if row[0] == row[1]:
                 return
-        async with self._transaction() as connection:
-            # Under the caller's lock: a caller forgotten meanwhile gets no digests back.
-            await self._lock_caller(connection, key)
+        # Under the caller's lock: a caller forgotten meanwhile gets no digests back.
+        async with self._caller_transaction(key) as connection:
             rows = await connection.execute(
                 "SELECT c.event_type, c.payload FROM calls c LEFT JOIN call_digests d"
                 " ON d.event_type = c.event_type AND d.conversation_id = c.conversation_id"
@@ -693,8 +708,7 @@ class PostgresStore(MemoryStore):
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None
     ) -> Memory:
         memory = Memory.new(user_id, content, metadata)
-        async with self._transaction() as connection:
-            await self._lock_caller(connection, self._key(user_id))
+        async with self._caller_transaction(await self._caller_key(user_id)) as connection:
             await self._insert_memories(connection, [memory])
         return memory
 
@@ -743,6 +757,7 @@ class PostgresStore(MemoryStore):
     # Search indexes (the store <-> search contract) ---------------------------------------
     async def index_state(self, user_id: str) -> IndexState:
         key = await self._caller_key(user_id)
+        token = self.copies.token()
         row = await self._fetch_one(
             "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
             " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
@@ -757,29 +772,44 @@ class PostgresStore(MemoryStore):
                 version=MemoryVersion(count=saved_count, last_seq=saved_last),
                 data=self.cipher.decrypt(bytes(data)),
             )
-        return IndexState(version=MemoryVersion(count=count, last_seq=last), saved=saved)
+        version = MemoryVersion(count=count, last_seq=last)
+        self.copies.keep_version(key, token, version)
+        return IndexState(version=version, saved=saved)
+
+    def index_version_now(self, user_id: str) -> MemoryVersion | None:
+        # The version copied here, while no process has said the caller changed since.
+        return self.copies.version(self._key(user_id)) if self._hash_key else None
 
     async def memory_version(self, user_id: str) -> MemoryVersion:
         # What a search of a held index needs: without the saved index's bytes.
         key = await self._caller_key(user_id)
+        if (copy := self.copies.version(key)) is not None:
+            return copy
+        token = self.copies.token()
         row = await self._fetch_one(
             "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s", (key,)
         )
         assert row is not None
-        return MemoryVersion(count=row[0], last_seq=row[1])
+        version = MemoryVersion(count=row[0], last_seq=row[1])
+        self.copies.keep_version(key, token, version)
+        return version
 
     async def memories_after(
         self, user_id: str, after_seq: int
     ) -> tuple[MemoryVersion, list[Memory]]:
+        key = await self._caller_key(user_id)
+        token = self.copies.token()
         async with self._transaction(snapshot=True) as connection:
             found = await connection.execute(
                 "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s",
-                (self._key(user_id),),
+                (key,),
             )
             row = await found.fetchone()
             assert row is not None
             memories = await self._memories(connection, user_id, after_seq=after_seq)
-        return MemoryVersion(count=row[0], last_seq=row[1]), memories
+        version = MemoryVersion(count=row[0], last_seq=row[1])
+        self.copies.keep_version(key, token, version)
+        return version, memories
 
     async def save_index(self, user_id: str, index: SavedIndex) -> bool:
         if index.version.count == 0:
@@ -832,8 +862,7 @@ class PostgresStore(MemoryStore):
 
     async def delete_user(self, user_id: str) -> int:
         key = await self._caller_key(user_id)
-        async with self._transaction() as connection:
-            await self._lock_caller(connection, key)
+        async with self._caller_transaction(key) as connection:
             deleted = 0
             for table in ("memories", "calls", "caller_profiles"):
                 removed = await connection.execute(
@@ -896,15 +925,21 @@ class PostgresStore(MemoryStore):
 
     async def get_caller_profile(self, user_id: str) -> dict[str, Any] | None:
         key = await self._caller_key(user_id)
+        copy = self.copies.profile(key)
+        if not isinstance(copy, Absent):
+            return copy
+        token = self.copies.token()
         row = await self._fetch_one(
             "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
         )
-        return decode(self.cipher.decrypt(bytes(row[0]))) if row else None
+        profile = decode(self.cipher.decrypt(bytes(row[0]))) if row else None
+        self.copies.keep_profile(key, token, profile)
+        return profile
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         blob = self.cipher.encrypt(encode(profile))
         key = await self._caller_key(user_id)
-        async with self._transaction() as connection:
+        async with self._caller_transaction(key) as connection:
             await connection.execute(
                 "INSERT INTO caller_profiles (user_id, profile, updated_at) VALUES (%s, %s, %s)"
                 " ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile,"
@@ -1018,6 +1053,7 @@ class PostgresStore(MemoryStore):
             await connection.execute("SELECT 1 FROM calls LIMIT 1")
 
     async def close(self) -> None:
+        await self.copies.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

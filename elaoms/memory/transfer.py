@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from elaoms.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.memory.postgres import ALL_PROTECTED, HASH_KEY, _text
+from elaoms.memory.postgres_copies import CHANNEL, EVERYONE
 
 if TYPE_CHECKING:
     import psycopg
@@ -366,6 +367,8 @@ class StoreMigration:
                         progress.start(table.name, totals[table.name])
                     copied[table.name] = self._copy(source, target, table, progress)
                 self._advance_sequence(source, target)
+                # Replicas already running on this database drop what they copied of it.
+                target.execute("SELECT pg_notify(%s, %s)", (CHANNEL, EVERYONE))
                 for table in TABLES:
                     report.counts.append(
                         TableCount(

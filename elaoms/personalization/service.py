@@ -82,12 +82,11 @@ class PersonalizationService:
         self.cache = cache
         self.agents = agents
         self.llm = llm
-        # A store other replicas write to (PostgreSQL) holds the only current profile: a
-        # copy kept here would greet a caller from before the call another replica just
-        # stored (read-your-writes across replicas). Its read is one primary-key lookup,
-        # and a process's copy only ever served a caller ringing twice within seconds.
+        # A store other replicas write to (PostgreSQL) keeps its own copies of callers'
+        # profiles, each dropped the moment any replica changes the caller: it is read
+        # every time, and no other copy is kept (one here or in Redis would greet a caller
+        # from before the call another replica just stored: read-your-writes).
         self._shared_store = not store.caller_profiles_on_loop
-        self._prepared_local_ttl = 0.0 if self._shared_store else CALLER_LOCAL_TTL
 
     # After a call ------------------------------------------------------------------------
     async def on_call_stored(
@@ -149,7 +148,8 @@ class PersonalizationService:
             "updated_at": time.time(),
         }
         await self.store.put_caller_profile(user_id, profile)
-        await self.cache.set(caller_key(user_id), profile, local_ttl=self._prepared_local_ttl)
+        if not self._shared_store:
+            await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
         if await self.store.is_forgotten(last.conversation_id):
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
             # kept would greet the caller by name again. Kept first, checked after: either
@@ -286,18 +286,18 @@ class PersonalizationService:
         )
 
     async def caller_profile(self, user_id: str) -> dict[str, Any] | None:
-        """The prepared profile: this process, then Redis, then one store lookup."""
+        """The prepared profile: this process, then Redis, then one store lookup (a
+        shared store: the store alone, see __init__)."""
+        if self._shared_store:
+            return await self.store.get_caller_profile(user_id)
         key = caller_key(user_id)
-        # On a shared store Redis (when set) is read every time, not copied here: another
-        # replica's newer profile replaces it there the moment it is prepared.
-        profile = await self.cache.get(key, local_ttl=0.0 if self._shared_store else None)
+        profile = await self.cache.get(key)
         if profile is None:
             profile = await self.store.get_caller_profile(user_id)
             if profile is not None:
                 # A store read on the loop is as fast as this process's copy: keeping one
-                # would only cost memory (about 8 kB a caller) and freshness; a shared
-                # store's copy would cost freshness across replicas (see __init__). Redis,
-                # when set, still gets it for the other workers and hosts.
+                # would only cost memory (about 8 kB a caller) and freshness. Redis, when
+                # set, still gets it for the other workers.
                 await self.cache.set(key, profile, local_ttl=0)
                 if (
                     self.cache.redis_enabled

@@ -1,0 +1,193 @@
+"""What one process keeps of its callers' PostgreSQL rows, dropped the moment they change.
+
+On a shared store any replica may change a caller at any moment, so a copy kept for a
+while (the embedded store's way) would greet a caller from before the call another
+replica just stored. Yet the two reads made while the phone rings or the agent waits (a
+caller's prepared profile, and the version of their memories that a held search index is
+checked against) would each cost a round trip to the database, twice the CPU of the
+embedded store's read.
+
+So every transaction that changes a caller's memories or profile also sends the caller's
+key on `CHANNEL` (PostgreSQL delivers it when, and only if, the transaction commits), and
+each process listens on one connection of its own and drops that caller's copies. While
+it is not listening (starting, or the connection lost) it keeps and serves nothing, so a
+notification missed can never leave a stale copy behind; a read that raced a change is
+not kept (`CopyToken`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+from elaoms.memory.base import MemoryVersion
+
+logger = logging.getLogger(__name__)
+
+CHANNEL: Final = "elaoms_callers"
+EVERYONE: Final = "*"  # every caller changed: keys rewritten, or a store copied in
+# Changes remembered to judge a read that was in flight meanwhile; a read older than
+# all of them is simply not kept.
+RECENT_CHANGES = 4096
+# An idle listening connection is checked this often: a peer gone without a word (a
+# network cut) is noticed within about this long, and copies stop being served.
+HEARTBEAT_SECONDS = 10.0
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How the listening connections show in pg_stat_activity.
+APPLICATION_NAME: Final = "elaoms-caller-copies"
+
+
+class Absent:
+    """No copy kept (as opposed to a kept "this caller has no profile")."""
+
+
+ABSENT: Final = Absent()
+
+
+@dataclass(frozen=True, slots=True)
+class CopyToken:
+    """When a read began: what it found is kept only if nothing it read changed since."""
+
+    session: int
+    changes: int
+
+
+class CallerCopies:
+    """Profiles and memory versions of the callers this process read last (at most `size`
+    each, the least recently used dropped first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._profiles: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._versions: OrderedDict[str, MemoryVersion] = OrderedDict()
+        self._session = 0  # listening sessions begun; 0 and odd numbers: not listening
+        self._changes = 0
+        self._recent: deque[tuple[int, str]] = deque(maxlen=RECENT_CHANGES)
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._session % 2 == 1
+
+    # Reading -----------------------------------------------------------------------------
+    def token(self) -> CopyToken:
+        return CopyToken(self._session, self._changes)
+
+    def profile(self, key: str) -> dict[str, Any] | Absent | None:
+        if not self.listening or key not in self._profiles:
+            return ABSENT
+        self._profiles.move_to_end(key)
+        profile = self._profiles[key]
+        # The caller's own dict: what they change must not change the copy.
+        return dict(profile) if profile is not None else None
+
+    def keep_profile(self, key: str, token: CopyToken, profile: dict[str, Any] | None) -> None:
+        if self._unchanged_since(key, token):
+            self._keep(self._profiles, key, dict(profile) if profile is not None else None)
+
+    def version(self, key: str) -> MemoryVersion | None:
+        if not self.listening or key not in self._versions:
+            return None
+        self._versions.move_to_end(key)
+        return self._versions[key]
+
+    def keep_version(self, key: str, token: CopyToken, version: MemoryVersion) -> None:
+        if self._unchanged_since(key, token):
+            self._keep(self._versions, key, version)
+
+    def _keep(self, copies: OrderedDict[str, Any], key: str, value: Any) -> None:
+        copies[key] = value
+        copies.move_to_end(key)
+        while len(copies) > self.size:
+            copies.popitem(last=False)
+
+    def _unchanged_since(self, key: str, token: CopyToken) -> bool:
+        if not self.listening or token.session != self._session:
+            return False
+        if token.changes == self._changes:
+            return True
+        if self._changes - token.changes > len(self._recent):
+            return False  # more changes since than remembered: one may have been this caller
+        return not any(
+            number > token.changes and changed in (key, EVERYONE)
+            for number, changed in reversed(self._recent)
+        )
+
+    # Changes -----------------------------------------------------------------------------
+    def changed(self, key: str) -> None:
+        """`key`'s caller changed (or everyone, for `EVERYONE`): its copies go."""
+        self._changes += 1
+        self._recent.append((self._changes, key))
+        if key == EVERYONE:
+            self._profiles.clear()
+            self._versions.clear()
+        else:
+            self._profiles.pop(key, None)
+            self._versions.pop(key, None)
+
+    def _begin_session(self) -> None:
+        self._session += 1 if not self.listening else 2
+
+    def _end_session(self) -> None:
+        if self.listening:
+            self._session += 1
+        self._profiles.clear()
+        self._versions.clear()
+
+    # Listening ---------------------------------------------------------------------------
+    def start(self, database_url: str, connect_timeout: float) -> None:
+        """Listen from now on (in the running event loop), reconnecting after a loss."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(
+                self._listen(database_url, connect_timeout), name="elaoms-caller-copies"
+            )
+
+    async def _listen(self, database_url: str, connect_timeout: float) -> None:
+        import psycopg
+
+        failures = 0
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    database_url,
+                    autocommit=True,
+                    connect_timeout=max(1, round(connect_timeout)),
+                    application_name=APPLICATION_NAME,
+                )
+                async with connection:
+                    await connection.execute(f"LISTEN {CHANNEL}")
+                    self._begin_session()
+                    if failures:
+                        logger.info("caller copies: listening again for changes")
+                    failures = 0
+                    while True:
+                        async for notification in connection.notifies(timeout=HEARTBEAT_SECONDS):
+                            self.changed(notification.payload)
+                        async with asyncio.timeout(max(connect_timeout, 1.0)):
+                            await connection.execute("SELECT 1")
+            except asyncio.CancelledError:
+                self._end_session()
+                raise
+            except Exception as error:
+                self._end_session()
+                if failures == 0:
+                    logger.warning(
+                        "caller copies: not listening for changes (%s); reading the store"
+                        " every time until back",
+                        type(error).__name__,
+                    )
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        self._end_session()

@@ -1,0 +1,222 @@
+"""A PostgreSQL store's copies of callers' rows: served only while they are current.
+
+Two stores on one database stand for two replicas: what one writes, the other stops
+serving from its copy as soon as PostgreSQL tells it (LISTEN/NOTIFY), and neither serves
+a copy while it cannot hear about changes."""
+
+# Fixtures shared with other modules are imported by name, which ruff reads as shadowing.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from test_postgres_store import MARIA, add_payload
+
+from elaoms.memory.base import MemoryVersion
+from elaoms.memory.postgres import PostgresStore
+from elaoms.memory.postgres_copies import (
+    ABSENT,
+    APPLICATION_NAME,
+    EVERYONE,
+    RECENT_CHANGES,
+    CallerCopies,
+)
+
+from conftest import transcription
+from openmemory_standin import Run, run  # noqa: F401 - fixture by name
+
+WAIT = 20.0  # seconds a condition may take on a loaded machine (met in milliseconds)
+
+
+async def until(condition: Callable[[], Any], what: str) -> None:
+    """Wait until `condition()` holds (the listener runs meanwhile, on this loop)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT:.0f} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def until_async(condition: Callable[[], Any], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT:.0f} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def replicas(postgres_url: str, run: Run[Any]) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+
+    async def listening() -> None:
+        for store in (first, second):
+            await store.check()  # opens the pool, which starts listening
+            await until(lambda store=store: store.copies.listening, "listening")
+
+    run(listening())
+    yield first, second
+    run(first.close())
+    run(second.close())
+
+
+def profile(greeting: str) -> dict[str, Any]:
+    return {"user_id": MARIA, "call_count": 1, "greeting": greeting}
+
+
+# One process's bookkeeping -------------------------------------------------------------
+def listening_copies(size: int = 8) -> CallerCopies:
+    copies = CallerCopies(size)
+    copies._begin_session()  # as the listener does once LISTEN is in place
+    return copies
+
+
+def test_a_read_that_raced_a_change_of_its_caller_is_not_kept() -> None:
+    copies = listening_copies()
+    token = copies.token()
+    copies.changed("maria")
+    copies.keep_profile("maria", token, profile("old"))
+    assert copies.profile("maria") is ABSENT
+    token = copies.token()
+    copies.changed("james")  # another caller's change leaves this read alone
+    copies.keep_profile("maria", token, profile("current"))
+    assert copies.profile("maria") == profile("current")
+
+
+def test_everyone_changing_or_too_many_changes_keep_nothing() -> None:
+    copies = listening_copies()
+    copies.keep_version("maria", copies.token(), MemoryVersion(3, 30))
+    copies.changed(EVERYONE)
+    assert copies.version("maria") is None
+    token = copies.token()
+    copies.changed(EVERYONE)
+    copies.keep_version("maria", token, MemoryVersion(3, 30))
+    assert copies.version("maria") is None
+    token = copies.token()
+    for number in range(RECENT_CHANGES + 1):
+        copies.changed(f"caller {number}")
+    copies.keep_version("maria", token, MemoryVersion(3, 30))
+    assert copies.version("maria") is None  # one forgotten change may have been Maria's
+
+
+def test_nothing_is_kept_or_served_unless_listening() -> None:
+    copies = CallerCopies(8)
+    copies.keep_profile("maria", copies.token(), profile("hello"))
+    assert copies.profile("maria") is ABSENT
+    copies._begin_session()
+    token = copies.token()
+    copies.keep_profile("maria", token, None)  # "no profile" is a copy too
+    assert copies.profile("maria") is None
+    copies._end_session()
+    assert copies.profile("maria") is ABSENT
+    copies._begin_session()
+    copies.keep_profile("maria", token, profile("from the last session"))
+    assert copies.profile("maria") is ABSENT
+
+
+def test_copies_are_bounded_and_their_owner_cannot_change_them() -> None:
+    copies = listening_copies(size=2)
+    for caller in ("maria", "james", "ana"):
+        copies.keep_profile(caller, copies.token(), profile(caller))
+    assert copies.profile("maria") is ABSENT
+    served = copies.profile("ana")
+    assert isinstance(served, dict)
+    served["greeting"] = "changed by its reader"
+    assert copies.profile("ana") == profile("ana")
+
+
+# Two replicas on one database ----------------------------------------------------------
+def test_a_profile_written_by_one_replica_replaces_the_others_copy(
+    replicas: tuple[PostgresStore, PostgresStore], run: Run[Any]
+) -> None:
+    first, second = replicas
+
+    async def scenario() -> None:
+        assert await second.get_caller_profile(MARIA) is None  # "none" kept as a copy
+        await first.put_caller_profile(MARIA, profile("Hello Maria"))
+        await until_async(
+            lambda: _greets(second, "Hello Maria"), "the other replica sees the profile"
+        )
+        await first.put_caller_profile(MARIA, profile("Welcome back Maria"))
+        # The writer's own copy goes at once, before any notification.
+        assert (await first.get_caller_profile(MARIA) or {})["greeting"] == "Welcome back Maria"
+        await until_async(
+            lambda: _greets(second, "Welcome back Maria"), "the other replica sees the change"
+        )
+        await first.delete_user(MARIA)
+        await until_async(lambda: _absent(second), "the other replica sees the caller forgotten")
+
+    run(scenario())
+
+
+async def _greets(store: PostgresStore, greeting: str) -> bool:
+    return ((await store.get_caller_profile(MARIA)) or {}).get("greeting") == greeting
+
+
+async def _copied(store: PostgresStore, greeting: str) -> bool:
+    """Read (a read the last change's notification overtook is not kept), then look at
+    the copy itself."""
+    await store.get_caller_profile(MARIA)
+    copy = store.copies.profile(store._key(MARIA))
+    return isinstance(copy, dict) and copy["greeting"] == greeting
+
+
+async def _absent(store: PostgresStore) -> bool:
+    return await store.get_caller_profile(MARIA) is None
+
+
+def test_a_call_stored_by_one_replica_is_searched_on_the_other(
+    replicas: tuple[PostgresStore, PostgresStore], run: Run[Any]
+) -> None:
+    first, second = replicas
+
+    async def scenario() -> None:
+        await add_payload(first, transcription("conv_copies_1", caller=MARIA))
+        version = await second.memory_version(MARIA)
+
+        async def copied() -> bool:
+            # A read the change's notification overtook is not kept: read again.
+            await second.memory_version(MARIA)
+            return second.index_version_now(MARIA) == version  # held: no round trip
+
+        await until_async(copied, "the version copied")
+        await add_payload(first, transcription("conv_copies_2", caller=MARIA))
+        await until(
+            lambda: second.index_version_now(MARIA) is None, "the other replica's copy goes"
+        )
+        newer = await second.memory_version(MARIA)
+        assert newer.count > version.count and newer.last_seq > version.last_seq
+
+    run(scenario())
+
+
+def test_no_copy_is_served_while_not_listening(
+    replicas: tuple[PostgresStore, PostgresStore], postgres_url: str, run: Run[Any]
+) -> None:
+    first, second = replicas
+
+    async def scenario() -> None:
+        await first.put_caller_profile(MARIA, profile("Hello Maria"))
+        await until_async(lambda: _copied(second, "Hello Maria"), "copied")
+        # The listening connections dropped (as by a network cut or a restart): whatever
+        # changes until they are back would go unheard, so nothing is served meanwhile.
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (APPLICATION_NAME,),
+            )
+        await until(lambda: not second.copies.listening, "the loss noticed")
+        assert second.copies.profile(second._key(MARIA)) is ABSENT
+        await first.put_caller_profile(MARIA, profile("Changed while deaf"))
+        assert await _greets(second, "Changed while deaf")  # read from the database
+        await until(lambda: second.copies.listening, "listening again")
+        await until_async(lambda: _copied(second, "Changed while deaf"), "copied again")
+
+    run(scenario())
