@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import copy
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -480,8 +479,8 @@ class Dataset:
     last_start: dict[str, int] = field(default_factory=dict)
 
 
-def settings_for(data_dir: Path, backend_env: dict[str, str] | None = None) -> Settings:
-    values = {**service_env(data_dir), **(backend_env or {})}
+def settings_for(data_dir: Path) -> Settings:
+    values = service_env(data_dir)
     return Settings(_env_file=None, **{k.lower(): v for k, v in values.items()})
 
 
@@ -532,24 +531,18 @@ def regenerated_dataset(callers: int, calls: int, seed: int) -> Dataset:
     return dataset
 
 
-async def seed_store(
-    data_dir: Path, callers: int, calls: int, seed: int, backend_env: dict[str, str] | None = None
-) -> Dataset:
+async def seed_store(data_dir: Path, callers: int, calls: int, seed: int) -> Dataset:
     """Store every call with the ingestion's own functions, then prepare each caller's
     profile as the post-call hook does (once, after their last call: profiles are derived
     from all stored calls, so the result is the same as after each call) and save their
-    search index as the store's upkeep does. `backend_env`: MEMORY_BACKEND and its
-    settings (the embedded store when None)."""
-    services = Services.build(settings_for(data_dir, backend_env))
+    search index as the store's upkeep does (the embedded store: PostgreSQL gets a copy
+    of it, `PostgresHost.seeded`)."""
+    services = Services.build(settings_for(data_dir))
     store = services.store
     agent = json.loads((FIXTURES / "agent.json").read_text())
     await store.put_agent_profile(agent["agent_id"], agent, time.time())
     dataset, stream = build_dataset(callers, calls, seed)
     started = time.monotonic()
-    if store.name == "postgres":
-        await seed_concurrently(services, stream, callers * calls, started)
-        await services.close()
-        return dataset
     previous: str | None = None
     for done, (_, payload) in enumerate(stream, start=1):
         record = CallRecord.from_payload(payload)
@@ -566,40 +559,9 @@ async def seed_store(
     if previous:
         await services.personalization.prepare_caller(previous)
     await services.close()
-    if not backend_env or backend_env.get("MEMORY_BACKEND", "sqlite") == "sqlite":
-        with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return dataset
-
-
-async def seed_concurrently(
-    services: Services, stream: Iterator[Any], total: int, started: float, callers_at_once: int = 8
-) -> None:
-    """As `seed_store`'s loop, several callers at a time: a PostgreSQL commit is a round
-    trip or more each, and one at a time the seeding waits on them (tens of calls per
-    second on a busy machine). Each caller's calls are stored in order, then their
-    profile is prepared and their index saved, as after their last call."""
-    by_caller = itertools.groupby(stream, key=lambda item: item[0].number)
-    done = 0
-
-    async def worker() -> None:
-        nonlocal done
-        # One generator shared by the workers: safe, as `next` never awaits.
-        for _, group in by_caller:
-            payloads = [payload for _, payload in group]
-            user_id = ""
-            for payload in payloads:
-                record = CallRecord.from_payload(payload)
-                user_id, memories = services.ingest._memories_of(payload, record)
-                await services.store.add_call(user_id, record, payload, memories)
-            await services.personalization.prepare_caller(user_id)
-            await services.indexes.save(user_id)
-            before, done = done, done + len(payloads)
-            if done // 5000 > before // 5000:
-                rate = done / (time.monotonic() - started)
-                print(f"  seeded {done:,}/{total:,} calls ({rate:,.0f}/s)", flush=True)
-
-    await asyncio.gather(*(worker() for _ in range(callers_at_once)))
 
 
 def store_format() -> str:
@@ -613,10 +575,10 @@ def store_format() -> str:
     return hashlib.sha256(f"{schema}{INDEX_FORMAT}".encode()).hexdigest()[:8]
 
 
-def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> None:
-    """Copy a cached seeded SQLite store into `run_dir` (seeding it first when not cached)."""
+def cached_seed(args: argparse.Namespace, callers: int, calls: int) -> Path:
+    """The cached seeded SQLite store of this size, seeded first when not cached."""
     name = f"seed{SEED_FORMAT}-{store_format()}-{callers}x{calls}-s{args.seed}.sqlite3"
-    cached = args.cache_dir / name
+    cached: Path = args.cache_dir / name
     if not cached.exists():
         print(f"seeding {callers:,} callers x {calls} calls (seed {args.seed}) ...", flush=True)
         with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
@@ -624,6 +586,12 @@ def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: 
             asyncio.run(seed_store(Path(scratch), callers, calls, args.seed))
             os.replace(Path(scratch) / "memory.sqlite3", cached)
             print(f"  seeded in {time.monotonic() - began:.0f} s -> {cached}", flush=True)
+    return cached
+
+
+def prepared_store(args: argparse.Namespace, callers: int, calls: int, run_dir: Path) -> None:
+    """Copy a cached seeded SQLite store into `run_dir` (seeding it first when not cached)."""
+    cached = cached_seed(args, callers, calls)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, run_dir / "memory.sqlite3")
     os.chmod(run_dir / "memory.sqlite3", 0o600)
@@ -685,11 +653,18 @@ class PostgresHost:
         # Seeding needs no durability per commit (a crash seeds again): a commit then
         # waits for no disk flush. The runs' copies are reset to the server's default.
         self.execute(f'ALTER DATABASE "{partial}" SET synchronous_commit = off')
-        print(f"seeding PostgreSQL: {callers:,} callers x {calls} calls ...", flush=True)
+        # Copied from the seeded SQLite store by `elaoms migrate --to postgres`'s own code
+        # (minutes at 100,000 calls, where storing each call anew took an hour): the way
+        # a user of the embedded store moves, and the same calls, profiles and indexes.
+        source = cached_seed(args, callers, calls)
+        print(f"copying {source.name} into PostgreSQL ...", flush=True)
         began = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
-            env = {"MEMORY_BACKEND": "postgres", "DATABASE_URL": self.url(partial)}
-            asyncio.run(seed_store(Path(scratch), callers, calls, args.seed, env))
+        from elaoms.crypto import PayloadCipher
+        from elaoms.memory.transfer import StoreMigration
+
+        report = StoreMigration(source, self.url(partial), PayloadCipher()).run()
+        if not report.verified:
+            raise SystemExit(f"the copy into PostgreSQL does not match: {report.as_dict()}")
         self.execute(f'ALTER DATABASE "{partial}" RESET synchronous_commit')
         import psycopg
 
