@@ -1609,8 +1609,7 @@ def main() -> None:
         try:
             for callers, calls in sizes:
                 if "sqlite" in args.backends:
-                    with tempfile.TemporaryDirectory(dir=args.cache_dir) as scratch:
-                        prepared_store(args, callers, calls, Path(scratch))
+                    cached_seed(args, callers, calls)
                 if host is not None:
                     host.seeded(args, callers, calls)
         finally:
