@@ -178,3 +178,57 @@ def test_a_call_delivered_while_postgresql_is_down_is_queued_then_stored(
     finally:
         service.stop()
         server.remove()
+
+
+def caller_files(service: ServiceProcess) -> list[Path]:
+    webhooks = service.data_dir / "webhooks"
+    return sorted(
+        path for folder in webhooks.glob("c_*") for path in folder.iterdir() if path.is_file()
+    )
+
+
+def forgets_applied(service: ServiceProcess) -> str:
+    cursor = service.data_dir / "webhooks" / ".forgets-applied"
+    return cursor.read_text() if cursor.exists() else ""
+
+
+def test_a_forget_on_one_replica_deletes_the_callers_files_on_every_replica(
+    tmp_path: Path, postgres_server: PostgresServer, elevenlabs: ElevenLabsStandIn
+) -> None:
+    database = postgres_server.create_database("forget")
+    services = []
+    for name in "ab":
+        service = replica(tmp_path / f"replica-{name}", database, elevenlabs)
+        service.env.update({"ADMIN_API_KEY": "admin-key", "PENDING_SWEEP_INTERVAL_SECONDS": "0.3"})
+        services.append(service)
+    with running(services):
+        first, second = services
+        # Each replica keeps the files of the deliveries it received.
+        with second.client() as client:
+            deliver_and_wait(client, transcription("conv_forget_b", MARIA), MARIA)
+        with first.client() as client:
+            deliver_and_wait(client, transcription("conv_forget_a", MARIA), MARIA, calls=2)
+        assert caller_files(first) and caller_files(second)
+
+        with first.client() as client:
+            report = client.delete(
+                f"/admin/callers/{MARIA}", headers={"X-Admin-Key": "admin-key"}
+            ).json()
+        assert report["store_items_deleted"] > 0 and caller_files(first) == []
+        # The other replica deletes its own at its next maintenance pass.
+        wait_until(lambda: caller_files(second) == [])
+        assert stored(database, "conv_forget_b") == []
+
+        # A call after the forget is new memory, on either replica: it stays.
+        with second.client() as client:
+            deliver_and_wait(client, transcription("conv_after_forget", MARIA), MARIA)
+        kept = caller_files(second)
+        assert kept
+        with psycopg.connect(database) as connection:
+            forgets = connection.execute("SELECT count(*) FROM forget_requests").fetchone()
+        assert forgets == (1,)
+        # Applied once: the replica's later passes leave the new call's files alone.
+        wait_until(lambda: (second.data_dir / "webhooks" / ".forgets-applied").read_text() == "1")
+        with second.client() as client:
+            assert ask(client, MARIA)[0]["dynamic_variables"]["call_count"] == 1
+        assert caller_files(second) == kept

@@ -43,6 +43,7 @@ TABLES = {
     "forgotten_conversations",
     "agent_profiles",
     "caller_directory",
+    "forget_requests",
 }
 
 
@@ -399,12 +400,30 @@ def test_with_encryption_no_number_or_word_is_kept_in_clear(
         run(add_payload(store, payload))
         run(store.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
         run(store.put_agent_profile("agent_x", {"name": "Ava"}, fetched_at=1.0))
+        run(store.share_forget(JAMES, ["conv_of_james"], keep_for=3600))
         dump = raw_dump(postgres_url)
-        for secret in (b"4155550123", b"molar", b"Maria", b"Lopez"):
+        for secret in (b"4155550123", b"4155550188", b"conv_of_james", b"molar", b"Maria"):
             assert secret not in dump, secret
         assert [c.user_id for c in run(store.list_callers(name="lopez")).callers] == [MARIA]
+        (forget,) = run(store.forgets_after(0))
+        assert (forget.user_id, forget.conversation_ids) == (JAMES, ("conv_of_james",))
     finally:
         run(store.close())
+
+
+def test_forgets_are_read_in_order_after_a_number_and_kept_for_a_while(
+    store: PostgresStore, run: Run[Any]
+) -> None:
+    run(store.share_forget(MARIA, ["conv_b", "conv_a"], keep_for=3600))
+    run(store.share_forget(JAMES, [], keep_for=3600))
+    first, second = run(store.forgets_after(0))
+    assert (first.user_id, first.conversation_ids) == (MARIA, ("conv_a", "conv_b"))
+    assert second.user_id == JAMES and second.seq > first.seq
+    assert run(store.forgets_after(first.seq)) == [second]
+    assert run(store.forgets_after(second.seq)) == []
+    # Past their time (every file they concern is past retention), they go.
+    run(store.share_forget(MARIA, [], keep_for=0.0))
+    assert [forget.seq for forget in run(store.forgets_after(0))] == [second.seq + 1]
 
 
 def test_turning_encryption_on_seals_what_was_kept_in_clear(

@@ -101,6 +101,17 @@ class CallerPage:
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetRequest:
+    """A forget made on one machine, for the others that keep files of their own: the
+    caller, their conversations, and when (files written after it are a new call's)."""
+
+    seq: int
+    user_id: str
+    conversation_ids: tuple[str, ...]
+    requested_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class CallReceipt:
     memory_id: str
     created: bool  # False when the same call was already stored (a duplicate delivery)
@@ -303,6 +314,19 @@ class MemoryStore(abc.ABC):
     async def is_forgotten(self, conversation_id: str) -> bool:
         """Whether `forget_conversations` was told about this conversation."""
         return False
+
+    # Forgets for the other machines' disks ---------------------------------------------------
+    async def share_forget(
+        self, user_id: str, conversation_ids: Collection[str], *, keep_for: float
+    ) -> None:
+        """Tell every process on this store, on whichever machine, that `user_id` was
+        forgotten, so each deletes the files it keeps of them (`forgets_after`); requests
+        older than `keep_for` seconds go. Nothing by default: a store only one machine
+        uses has no other disk to tell."""
+
+    async def forgets_after(self, seq: int) -> list[ForgetRequest]:
+        """The requests `share_forget` made after `seq`, oldest first."""
+        return []
 
     # Counters shared by replicas -----------------------------------------------------------
     async def shared_increment(self, name: str, ttl: float) -> int | None:

@@ -37,6 +37,7 @@ from elaoms.memory.base import (
     CallerSummary,
     CallHistory,
     CallReceipt,
+    ForgetRequest,
     IndexState,
     Memory,
     MemoryStore,
@@ -72,6 +73,7 @@ NEWEST_FIRST = "ORDER BY started_at DESC NULLS LAST, conversation_id DESC"
 # Advisory lock classes (the two-key form: a space of its own, apart from the schema lock).
 CALLER_LOCK = 1  # one caller's memories: their sequence numbers commit in order
 PROTECT_LOCK = 2  # the start-up encryption of rows left in clear
+FORGET_LOCK = 3  # forget requests commit in the order of their numbers
 # Set while a one-statement read draws its connection: the pool's liveness round trip is
 # skipped (the read is asked again on a checked connection if the first one was broken).
 UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
@@ -889,6 +891,44 @@ class PostgresStore(MemoryStore):
                 " VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 rows,
             )
+
+    async def share_forget(
+        self, user_id: str, conversation_ids: Collection[str], *, keep_for: float
+    ) -> None:
+        now = time.time()
+        async with self._transaction() as connection:
+            # One forget at a time (they are rare): numbers then commit in order, so a
+            # replica reading after the last number it applied never skips one.
+            await connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (FORGET_LOCK,))
+            await connection.execute(
+                "INSERT INTO forget_requests (caller, conversations, requested_at)"
+                " VALUES (%s, %s, %s)",
+                (
+                    self.cipher.encrypt(user_id.encode()),
+                    self.cipher.encrypt(encode(sorted(conversation_ids))),
+                    now,
+                ),
+            )
+            await connection.execute(
+                "DELETE FROM forget_requests WHERE requested_at < %s", (now - keep_for,)
+            )
+
+    async def forgets_after(self, seq: int) -> list[ForgetRequest]:
+        async with self._transaction() as connection:
+            rows = await connection.execute(
+                "SELECT seq, caller, conversations, requested_at FROM forget_requests"
+                " WHERE seq > %s ORDER BY seq",
+                (seq,),
+            )
+            return [
+                ForgetRequest(
+                    seq=number,
+                    user_id=self._open(caller),
+                    conversation_ids=tuple(decode(self.cipher.decrypt(bytes(conversations)))),
+                    requested_at=requested_at,
+                )
+                for number, caller, conversations, requested_at in await rows.fetchall()
+            ]
 
     async def is_forgotten(self, conversation_id: str) -> bool:
         await self._ready()

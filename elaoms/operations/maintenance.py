@@ -1,6 +1,7 @@
 """The periodic background work of a running service.
 
-Pending deliveries are retried at start-up and every PENDING_SWEEP_INTERVAL_SECONDS;
+Pending deliveries are retried, and forgets made on other replicas applied to this one's
+files, at start-up and every PENDING_SWEEP_INTERVAL_SECONDS;
 unclaimed audio and expired webhook files are purged on their own, slower clocks. The
 store's own upkeep and the saving of callers' search indexes run every second.
 """
@@ -12,6 +13,7 @@ import logging
 import time
 
 from elaoms.operations.metrics import PENDING_DELIVERIES
+from elaoms.operations.privacy import apply_shared_forgets
 from elaoms.operations.retention import purge_expired
 from elaoms.services import Services
 
@@ -30,6 +32,8 @@ async def run_maintenance(services: Services) -> None:
         try:
             await services.ingest.sweep()
             PENDING_DELIVERIES.set(len(services.storage.pending()))
+            # Forgets made on other replicas (a store they share): this disk's files too.
+            await apply_shared_forgets(services)
             # Claimed first: audio that came after its stored transcription is the call's.
             claims_began = time.time()
             undecided = await services.ingest.claim_stored_audio()

@@ -28,6 +28,7 @@ from urllib.parse import unquote_plus
 
 import phonenumbers
 
+from elaoms.files import atomic_write
 from elaoms.phone import default_region, mask
 from elaoms.webhooks.storage import caller_dir_name, safe_name
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "elaoms.caller-export/1"
+# In the data folder: the number of the last forget made on another replica applied here.
+FORGETS_APPLIED = ".forgets-applied"
 
 
 @dataclass
@@ -66,23 +69,17 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
     """Delete everything about `user_id` in every store in use and say what went.
 
     Files go first: a pending delivery left on disk would put the caller back in the store
-    at the next sweep.
+    at the next sweep. Other replicas delete the files they keep at their next maintenance
+    pass (`apply_shared_forgets`).
     """
-    storage = services.storage
     report = ForgetReport(user_id=user_id)
     report.conversations = await _conversations_of(services, user_id)
     # First: a delivery of these conversations arriving meanwhile is no longer stored.
     await services.store.forget_conversations(report.conversations)
-    removed = await asyncio.to_thread(storage.forget, user_id)
-    report.files_deleted = [str(path) for path in removed]
-    for conversation_id in report.conversations:
-        audio = storage.unclaimed_audio_path(conversation_id)
-        if audio.exists():
-            audio.unlink(missing_ok=True)
-            report.unclaimed_audio_deleted.append(str(audio))
-    report.quarantined_deleted = [
-        str(path) for path in await asyncio.to_thread(_forget_quarantined, services, user_id)
-    ]
+    await services.store.share_forget(
+        user_id, report.conversations, keep_for=_shared_forget_lifetime(services)
+    )
+    await _forget_files(services, report)
     report.store_items_deleted = await services.store.delete_user(user_id)
     services.indexes.forget(user_id)  # this process's copy of their search index
     await services.ingest.forget_receipts(report.conversations)
@@ -94,6 +91,61 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
         len(report.files_deleted) + len(report.unclaimed_audio_deleted),
     )
     return report
+
+
+async def apply_shared_forgets(services: Services) -> int:
+    """Forgets made on any replica sharing this store, applied to this replica's own files
+    (deliveries, pending links, unclaimed audio, quarantine) and caches; how many were
+    read. Only files written before each forget go: a later call is new memory. The
+    number of the last one applied is kept in the data folder, so a replica that was down
+    catches up when it starts again."""
+    storage = services.storage
+    cursor = storage.root / FORGETS_APPLIED
+    try:
+        applied = int(cursor.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        applied = 0
+    requests = await services.store.forgets_after(applied)
+    for request in requests:
+        report = ForgetReport(user_id=request.user_id, conversations=list(request.conversation_ids))
+        await _forget_files(services, report, before=request.requested_at)
+        services.indexes.forget(request.user_id)
+        await services.ingest.forget_receipts(report.conversations)
+        if report.found_anything:
+            logger.info(
+                "applied the forget of caller %s: %d files",
+                mask(request.user_id),
+                len(report.files_deleted)
+                + len(report.unclaimed_audio_deleted)
+                + len(report.quarantined_deleted),
+            )
+        atomic_write(cursor, str(request.seq).encode(), storage.file_mode, storage.dir_mode)
+    return len(requests)
+
+
+def _shared_forget_lifetime(services: Services) -> float:
+    """How long a forget is kept for the other replicas: until retention has removed, on
+    every replica, each file it concerns. (A replica down longer than that finds none.)"""
+    return max(services.settings.webhook_retention_days, 1) * 86400.0
+
+
+async def _forget_files(
+    services: Services, report: ForgetReport, *, before: float | None = None
+) -> None:
+    """This replica's files of `report`'s caller and conversations (written before
+    `before`, when given)."""
+    storage = services.storage
+    removed = await asyncio.to_thread(storage.forget, report.user_id, before=before)
+    report.files_deleted = [str(path) for path in removed]
+    for conversation_id in report.conversations:
+        audio = storage.unclaimed_audio_path(conversation_id)
+        if audio.exists():
+            audio.unlink(missing_ok=True)
+            report.unclaimed_audio_deleted.append(str(audio))
+    report.quarantined_deleted = [
+        str(path)
+        for path in await asyncio.to_thread(_forget_quarantined, services, report.user_id, before)
+    ]
 
 
 async def export_caller(
@@ -189,16 +241,20 @@ def _read_json(services: Services, path: Path) -> Any:
         return None
 
 
-def _forget_quarantined(services: Services, user_id: str) -> list[Path]:
+def _forget_quarantined(
+    services: Services, user_id: str, before: float | None = None
+) -> list[Path]:
     """Quarantined bodies that mention the caller (they never reached a caller directory),
     in any spelling of the number: each body is decrypted and every phone number in it is
-    compared in E.164."""
+    compared in E.164. `before`: only bodies quarantined before then."""
     root = services.storage.quarantine_root
     if not root.exists():
         return []
     removed: list[Path] = []
     for body_path in sorted(root.glob("*.body")):
         try:
+            if before is not None and body_path.stat().st_mtime > before:
+                continue
             body = services.storage.read(body_path)
         except (OSError, ValueError):
             continue

@@ -67,6 +67,15 @@ def caller_dir_name(user_id: str, key: bytes | None = None) -> str:
     return "c_" + hashlib.sha256(user_id.encode()).hexdigest()[:24]
 
 
+def _written_before(path: Path, before: float | None) -> bool:
+    if before is None:
+        return True
+    try:
+        return path.stat().st_mtime <= before
+    except FileNotFoundError:
+        return False
+
+
 def safe_name(value: str) -> str:
     cleaned = _SAFE_NAME.sub("_", value)[:120]
     if cleaned != value:
@@ -378,18 +387,22 @@ class WebhookStorage:
             for path in directory.iterdir()
         )
 
-    def forget(self, user_id: str) -> list[Path]:
-        """Delete every file kept for a caller, and their pending links."""
+    def forget(self, user_id: str, *, before: float | None = None) -> list[Path]:
+        """Delete every file kept for a caller, and their pending links. `before`: only
+        what was written before that time (what came later is a new call's)."""
         removed: list[Path] = []
         for directory in self.caller_dirs(user_id):
             if self.pending_root.exists():
                 for link in self.pending_root.glob(f"{directory.name}__*"):
-                    self.done(PendingDelivery(link))
+                    if _written_before(link, before):
+                        self.done(PendingDelivery(link))
             if directory.exists():
                 for path in sorted(directory.iterdir()):
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-                directory.rmdir()
+                    if _written_before(path, before):
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+                if not any(directory.iterdir()):
+                    directory.rmdir()
         return removed
 
     # Quarantine --------------------------------------------------------------------------
