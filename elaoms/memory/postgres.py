@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -83,13 +84,27 @@ UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=Fa
 
 
 async def _check_connection(connection: AsyncConnection) -> None:
-    """The pool's check before handing a connection out: a round trip, unless a
-    one-statement read (`PostgresStore._fetch_one`) is drawing it."""
-    if UNCHECKED.get():
+    """The pool's check before handing a connection out. A round trip (about a tenth of a
+    delivery's CPU, several per delivery) only when the server said something to the
+    idle connection: a server that stopped, restarted or ended the session closes its
+    socket or sends the reason, which makes it readable. One that said nothing is used
+    as it is, as a round trip would find it; a one-statement read (`_fetch_one`) is not
+    checked at all."""
+    if UNCHECKED.get() or not _heard_from_server(connection):
         return
     from psycopg_pool import AsyncConnectionPool
 
     await AsyncConnectionPool.check_connection(connection)
+
+
+def _heard_from_server(connection: AsyncConnection) -> bool:
+    """Whether anything (or the end of the stream) waits unread on an idle connection."""
+    try:
+        poller = select.poll()
+        poller.register(connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except Exception:  # closed (psycopg raises), or no socket to look at
+        return True  # the round trip decides
 
 
 def redacted(database_url: str) -> str:
@@ -235,9 +250,9 @@ class PostgresStore(MemoryStore):
                             await connection.set_autocommit(False)
                     return
                 if snapshot:
-                    await connection.execute(
-                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-                    )
+                    async with _snapshot(connection):
+                        yield connection
+                    return
                 yield connection
         except Exception as error:
             if not _transient(error):
@@ -565,16 +580,40 @@ class PostgresStore(MemoryStore):
     async def call_history(
         self, user_id: str, *, recent: int, marks: Collection[str] = ()
     ) -> CallHistory:
-        await self._complete_digests(user_id)
+        key = await self._caller_key(user_id)
+        history = await self._call_history(key, user_id, recent, marks, digests_checked=False)
+        if history is None:  # digests missing or out of date: made, then read again
+            await self._complete_digests(user_id)
+            history = await self._call_history(key, user_id, recent, marks, digests_checked=True)
+        assert history is not None
+        return history
+
+    async def _call_history(
+        self,
+        key: str,
+        user_id: str,
+        recent: int,
+        marks: Collection[str],
+        *,
+        digests_checked: bool,
+    ) -> CallHistory | None:
+        """The history from one snapshot; None when the caller's digests do not match
+        their calls (`_complete_digests`' check, made in the same query)."""
         async with self._transaction(snapshot=True) as connection:
             found = await connection.execute(
-                "SELECT count(*), min(started_at), max(started_at) FROM call_digests"
-                " WHERE user_id = %s AND event_type = %s",
-                (self._key(user_id), TRANSCRIPTION),
+                "SELECT count(*) FILTER (WHERE event_type = %s),"
+                " min(started_at) FILTER (WHERE event_type = %s),"
+                " max(started_at) FILTER (WHERE event_type = %s),"
+                " count(*) FILTER (WHERE version = %s),"
+                " (SELECT count(*) FROM calls WHERE user_id = %s)"
+                " FROM call_digests WHERE user_id = %s",
+                (TRANSCRIPTION, TRANSCRIPTION, TRANSCRIPTION, DIGEST_VERSION, key, key),
             )
             row = await found.fetchone()
             assert row is not None
-            count, first, last = row
+            count, first, last, current, calls = row
+            if not digests_checked and current != calls:
+                return None
             newest = await self._digests(connection, user_id, limit=recent)
             newest_marked: dict[str, CallDigest] = {}
             for mark in marks:
@@ -1100,6 +1139,27 @@ class PostgresStore(MemoryStore):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+@asynccontextmanager
+async def _snapshot(connection: AsyncConnection) -> AsyncIterator[None]:
+    """A REPEATABLE READ, READ ONLY transaction, said in its BEGIN (psycopg adds it from
+    the connection's settings): no round trip of its own. The settings are the pool's
+    defaults again after it; a connection whose settings cannot be restored is closed,
+    so that the pool never hands it out read-only."""
+    from psycopg import IsolationLevel
+
+    await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+    await connection.set_read_only(True)
+    try:
+        async with connection.transaction():
+            yield
+    finally:
+        try:
+            await connection.set_isolation_level(None)
+            await connection.set_read_only(None)
+        except Exception:
+            await connection.close()
 
 
 def _retrieve(read: asyncio.Future[Any]) -> None:
