@@ -479,3 +479,30 @@ def test_a_shared_counter_gives_each_increment_of_any_replica_its_own_count(
     finally:
         for replica in replicas:
             run(replica.close())
+
+
+def test_a_pooled_connection_is_checked_only_once_the_server_said_something(
+    postgres_url: str,
+) -> None:
+    """The liveness round trip before each transaction is skipped for a connection the
+    server has been silent on; one the server ended (a restart, a terminated backend)
+    has the reason or the end of its stream waiting, and is checked (then replaced)."""
+    from elaoms.memory.postgres import _heard_from_server
+
+    async def scenario() -> None:
+        connection = await psycopg.AsyncConnection.connect(postgres_url)
+        try:
+            await connection.execute("SELECT 1")
+            await connection.commit()
+            assert not _heard_from_server(connection)
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (connection.info.backend_pid,))
+            deadline = asyncio.get_running_loop().time() + 20
+            while not _heard_from_server(connection):
+                assert asyncio.get_running_loop().time() < deadline, "the end never arrived"
+                await asyncio.sleep(0.01)
+        finally:
+            await connection.close()
+        assert _heard_from_server(connection)  # closed: the round trip decides
+
+    asyncio.run(scenario())
