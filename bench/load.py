@@ -45,6 +45,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The user's environment, as it was before anything here ran: the tests' helpers (the
+# throw-away PostgreSQL) set their own defaults in os.environ when imported, such as
+# SEARCH_EMBEDDINGS=off, which must not reach the services measured.
+USER_ENVIRONMENT = dict(os.environ)
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -725,7 +729,7 @@ def gunicorn(app: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[tu
         "-b",
         f"127.0.0.1:{port}",
     ]
-    full_env = {**os.environ, **env}
+    full_env = {**USER_ENVIRONMENT, **env}
     with open(log, "ab") as output:
         process = subprocess.Popen(
             command,

@@ -11,6 +11,7 @@ with the search latency seen by the client. The data and the measure: bench/READ
     SEARCH_EMBEDDINGS=off .venv/bin/python bench/recall.py --data DIR  # BM25 alone
     .venv/bin/python bench/recall.py --data DIR --backend openmemory  # the OpenMemory stand-in
     .venv/bin/python bench/recall.py --data DIR --backend postgres    # a throw-away PostgreSQL
+    .venv/bin/python bench/recall.py --data DIR --backend sqlite,postgres  # both, compared
     .venv/bin/python bench/recall.py --data DIR --leave-one-out       # in process, see recall_loo.py
 
 With the `embeddings` extra, each stored call's turns are embedded in the background;
@@ -36,12 +37,17 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The user's environment, as it was before anything here ran: the tests' helpers (the
+# throw-away PostgreSQL) set their own defaults in os.environ when imported, such as
+# SEARCH_EMBEDDINGS=off, which must not reach the services measured.
+USER_ENVIRONMENT = dict(os.environ)
 sys.path.insert(0, str(REPO_ROOT))
 
 from elaoms.webhooks.signature import SIGNATURE_HEADER, sign  # noqa: E402
@@ -103,7 +109,7 @@ def running_service(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {
-        **os.environ,
+        **USER_ENVIRONMENT,
         "PYTHONPATH": str(REPO_ROOT),
         "ELEVENLABS_POST_CALL_HMAC_KEY": hmac_key,
         "ELEVENLABS_CLIENT_DATA_WORKSPACE_SECRET": api_key,
@@ -155,6 +161,88 @@ def embedding_backlog(client: httpx.Client) -> float:
     return 0.0
 
 
+@dataclass
+class RecallRun:
+    """One backend's answers to every question, and what they cost."""
+
+    backend: str
+    paths: list[Path]
+    found: dict[int, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    latencies: list[float] = field(default_factory=list)
+    first_search: list[float] = field(default_factory=list)
+    timed_out: int = 0
+    contexts: list[str] = field(default_factory=list)
+
+
+def measure(args: argparse.Namespace, backend: str, paths: list[Path]) -> RecallRun:
+    """Every call of `paths` through a fresh service on `backend`, then every question."""
+    hmac_key, api_key = secrets.token_hex(16), secrets.token_hex(16)
+    run = RecallRun(backend, paths)
+    with (
+        tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
+        backend_env(backend, Path(tmp), args.openmemory_url, args.database_url) as extra_env,
+        running_service(Path(tmp), hmac_key, api_key, extra_env) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        for path in paths:
+            bench = json.loads(path.read_text())
+            ingest(client, bench, hmac_key)
+            if args.warm:
+                # As in production, each stored call queued its turns for embedding; wait
+                # until that backlog is empty (it is 0 at once without the extra).
+                started = time.perf_counter()
+                while embedding_backlog(client) > 0:
+                    time.sleep(0.2)
+                client.post(
+                    "/webhooks/search-data",
+                    json={"query": "hello", "user_id": bench["caller_id"]},
+                    headers={"X-Api-Key": api_key},
+                ).raise_for_status()
+                run.first_search.append((time.perf_counter() - started) * 1000)
+            for number, question in enumerate(bench["questions"]):
+                body: dict[str, Any] = {
+                    "query": question["question"],
+                    "user_id": bench["caller_id"],
+                }
+                if args.limit:
+                    body["limit"] = args.limit
+                started = time.perf_counter()
+                response = client.post(
+                    "/webhooks/search-data", json=body, headers={"X-Api-Key": api_key}
+                )
+                elapsed = (time.perf_counter() - started) * 1000
+                response.raise_for_status()
+                # The first search of a caller builds their index; count it apart.
+                (run.first_search if number == 0 and not args.warm else run.latencies).append(
+                    elapsed
+                )
+                run.timed_out += bool(response.json().get("timed_out"))
+                context = normalize(response.json()["context"][: args.chars])
+                run.contexts.append(context)
+                for evidence in question["evidence"]:
+                    run.found[question["category"]].append(normalize(evidence["text"]) in context)
+    return run
+
+
+def report(run: RecallRun, args: argparse.Namespace) -> None:
+    every = [hit for hits in run.found.values() for hit in hits]
+    print(f"backend: {run.backend}; files: {', '.join(path.name for path in run.paths)}")
+    print(f"evidence recall@{args.chars} chars: {sum(every) / len(every):.3f} ({len(every)} turns)")
+    for category in sorted(run.found):
+        hits = run.found[category]
+        name = CATEGORIES.get(category, str(category))
+        print(f"  {category} {name:<12} {sum(hits) / len(hits):.3f} ({len(hits)} turns)")
+    latencies = sorted(run.latencies)
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    print(
+        f"search latency over {len(latencies)} searches: p50 {statistics.median(latencies):.1f} ms,"
+        f" p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms"
+    )
+    what = "embedding backlog + first search" if args.warm else "first search, index build"
+    print(f"warm-up per caller ({what}): max {max(run.first_search):.1f} ms")
+    print(f"searches past the deadline (answered empty): {run.timed_out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="bench files (default: all in --data)")
@@ -176,7 +264,9 @@ def main() -> None:
     parser.add_argument(
         "--backend",
         default="sqlite",
-        help="memory store the service runs on: sqlite (default), postgres or openmemory",
+        help="memory store the service runs on: sqlite (default), postgres or openmemory;"
+        " several, comma-separated (sqlite,postgres), are measured one after the other and"
+        " their answers compared",
     )
     parser.add_argument(
         "--database-url",
@@ -215,68 +305,15 @@ def main() -> None:
         run(paths, args.chars, default_cache(), args.vary.split(",") if args.vary else None)
         return
 
-    hmac_key, api_key = secrets.token_hex(16), secrets.token_hex(16)
-    found: dict[int, list[bool]] = defaultdict(list)
-    latencies: list[float] = []
-    first_search: list[float] = []
-    timed_out = 0
-    with (
-        tempfile.TemporaryDirectory(prefix="elaoms-recall-") as tmp,
-        backend_env(args.backend, Path(tmp), args.openmemory_url, args.database_url) as extra_env,
-        running_service(Path(tmp), hmac_key, api_key, extra_env) as url,
-        httpx.Client(base_url=url, timeout=30) as client,
-    ):
-        for path in paths:
-            bench = json.loads(path.read_text())
-            ingest(client, bench, hmac_key)
-            if args.warm:
-                # As in production, each stored call queued its turns for embedding; wait
-                # until that backlog is empty (it is 0 at once without the extra).
-                started = time.perf_counter()
-                while embedding_backlog(client) > 0:
-                    time.sleep(0.2)
-                client.post(
-                    "/webhooks/search-data",
-                    json={"query": "hello", "user_id": bench["caller_id"]},
-                    headers={"X-Api-Key": api_key},
-                ).raise_for_status()
-                first_search.append((time.perf_counter() - started) * 1000)
-            for number, question in enumerate(bench["questions"]):
-                body: dict[str, Any] = {
-                    "query": question["question"],
-                    "user_id": bench["caller_id"],
-                }
-                if args.limit:
-                    body["limit"] = args.limit
-                started = time.perf_counter()
-                response = client.post(
-                    "/webhooks/search-data", json=body, headers={"X-Api-Key": api_key}
-                )
-                elapsed = (time.perf_counter() - started) * 1000
-                response.raise_for_status()
-                # The first search of a caller builds their index; count it apart.
-                (first_search if number == 0 and not args.warm else latencies).append(elapsed)
-                timed_out += bool(response.json().get("timed_out"))
-                context = normalize(response.json()["context"][: args.chars])
-                for evidence in question["evidence"]:
-                    found[question["category"]].append(normalize(evidence["text"]) in context)
-
-    every = [hit for hits in found.values() for hit in hits]
-    print(f"backend: {args.backend}; files: {', '.join(path.name for path in paths)}")
-    print(f"evidence recall@{args.chars} chars: {sum(every) / len(every):.3f} ({len(every)} turns)")
-    for category in sorted(found):
-        hits = found[category]
-        name = CATEGORIES.get(category, str(category))
-        print(f"  {category} {name:<12} {sum(hits) / len(hits):.3f} ({len(hits)} turns)")
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    print(
-        f"search latency over {len(latencies)} searches: p50 {statistics.median(latencies):.1f} ms,"
-        f" p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms"
-    )
-    what = "embedding backlog + first search" if args.warm else "first search, index build"
-    print(f"warm-up per caller ({what}): max {max(first_search):.1f} ms")
-    print(f"searches past the deadline (answered empty): {timed_out}")
+    runs = [measure(args, backend, paths) for backend in args.backend.split(",")]
+    for measured in runs:
+        report(measured, args)
+    for other in runs[1:]:
+        same = sum(a == b for a, b in zip(runs[0].contexts, other.contexts, strict=True))
+        print(
+            f"{other.backend} vs {runs[0].backend}: {same} of {len(other.contexts)} answers"
+            " identical (same memories, same order)"
+        )
 
 
 if __name__ == "__main__":
