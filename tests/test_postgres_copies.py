@@ -23,9 +23,11 @@ from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.postgres_copies import (
     ABSENT,
     APPLICATION_NAME,
+    CHANNEL,
     EVERYONE,
     RECENT_CHANGES,
     CallerCopies,
+    DeafListenerError,
 )
 from elaoms.payloads import decode, encode
 
@@ -222,3 +224,24 @@ def test_no_copy_is_served_while_not_listening(
         await until_async(lambda: _copied(second, "Changed while deaf"), "copied again")
 
     run(scenario())
+
+
+def test_a_listener_that_hears_nothing_is_not_trusted(postgres_url: str) -> None:
+    """Through a pooler in transaction mode LISTEN is accepted and nothing is heard: the
+    listener sends itself a notification first, and without it keeps (and serves) nothing.
+    A connection that never listened stands for one."""
+
+    async def scenario() -> None:
+        copies = CallerCopies(8)
+        deaf = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+        hearing = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+        try:
+            with pytest.raises(DeafListenerError):
+                await copies._hear_own_probe(deaf, timeout=1.0)
+            await hearing.execute(f"LISTEN {CHANNEL}")
+            await copies._hear_own_probe(hearing, timeout=WAIT)
+        finally:
+            await deaf.close()
+            await hearing.close()
+
+    asyncio.run(scenario())

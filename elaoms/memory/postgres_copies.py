@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,8 +38,15 @@ RECENT_CHANGES = 4096
 # network cut) is noticed within about this long, and copies stop being served.
 HEARTBEAT_SECONDS = 10.0
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+# A notification each listener sends itself at start: not a caller key (those are ids or
+# keyed hashes), so other processes drop nothing for it.
+PROBE_PREFIX: Final = "probe:"
 # How the listening connections show in pg_stat_activity.
 APPLICATION_NAME: Final = "elaoms-caller-copies"
+
+
+class DeafListenerError(Exception):
+    """The listening connection does not hear notifications."""
 
 
 class Absent:
@@ -161,6 +169,7 @@ class CallerCopies:
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
+                    await self._hear_own_probe(connection, connect_timeout)
                     self._begin_session()
                     if failures:
                         logger.info("caller copies: listening again for changes")
@@ -176,14 +185,30 @@ class CallerCopies:
             except Exception as error:
                 self._end_session()
                 if failures == 0:
+                    reason = str(error) if isinstance(error, DeafListenerError) else ""
                     logger.warning(
                         "caller copies: not listening for changes (%s); reading the store"
                         " every time until back",
-                        type(error).__name__,
+                        reason or type(error).__name__,
                     )
                 delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
                 failures += 1
                 await asyncio.sleep(delay)
+
+    async def _hear_own_probe(self, connection: Any, timeout: float) -> None:
+        """Send a notification and wait for it on the listening connection: through a
+        pooler in transaction mode (pgbouncer) LISTEN is accepted but nothing is heard,
+        and copies kept then would never be dropped."""
+        probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+        await connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
+        async for notification in connection.notifies(timeout=max(timeout, 1.0)):
+            if notification.payload == probe:
+                return
+            self.changed(notification.payload)
+        raise DeafListenerError(
+            "a notification sent on the listening connection never came back: connect it"
+            " to PostgreSQL itself, not through a pooler in transaction mode"
+        )
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
