@@ -72,7 +72,7 @@ class CallerCopies:
         self.size = size
         self._profiles: OrderedDict[str, bytes | None] = OrderedDict()
         self._versions: OrderedDict[str, MemoryVersion] = OrderedDict()
-        self._session = 0  # listening sessions begun; 0 and odd numbers: not listening
+        self._session = 0  # odd while listening; each start and end adds one
         self._changes = 0
         self._recent: deque[tuple[int, str]] = deque(maxlen=RECENT_CHANGES)
         self._listener: asyncio.Task[None] | None = None
