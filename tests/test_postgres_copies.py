@@ -99,10 +99,10 @@ def test_a_read_that_raced_a_change_of_its_caller_is_not_kept() -> None:
 def test_everyone_changing_or_too_many_changes_keep_nothing() -> None:
     copies = listening_copies()
     copies.keep_version("maria", copies.token(), MemoryVersion(3, 30))
-    copies.changed(EVERYONE)
+    copies.notified(EVERYONE)
     assert copies.version("maria") is None
     token = copies.token()
-    copies.changed(EVERYONE)
+    copies.notified(EVERYONE)
     copies.keep_version("maria", token, MemoryVersion(3, 30))
     assert copies.version("maria") is None
     token = copies.token()
@@ -227,21 +227,27 @@ def test_no_copy_is_served_while_not_listening(
 
 
 def test_a_listener_that_hears_nothing_is_not_trusted(postgres_url: str) -> None:
-    """Through a pooler in transaction mode LISTEN is accepted and nothing is heard: the
-    listener sends itself a notification first, and without it keeps (and serves) nothing.
-    A connection that never listened stands for one."""
+    """Through a pooler in transaction mode LISTEN is accepted and nothing another session
+    sends is heard: the listener has a notification sent from another connection first
+    (and again whenever it has been quiet), and without it keeps and serves nothing. A
+    connection that never listened stands for one."""
 
     async def scenario() -> None:
         copies = CallerCopies(8)
+        sender = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
         deaf = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
         hearing = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+
+        async def send(channel: str, payload: str) -> None:
+            await sender.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
         try:
             with pytest.raises(DeafListenerError):
-                await copies._hear_own_probe(deaf, timeout=1.0)
+                await copies._hear_probe(deaf, 1.0, send)
             await hearing.execute(f"LISTEN {CHANNEL}")
-            await copies._hear_own_probe(hearing, timeout=WAIT)
+            await copies._hear_probe(hearing, WAIT, send)
         finally:
-            await deaf.close()
-            await hearing.close()
+            for connection in (sender, deaf, hearing):
+                await connection.close()
 
     asyncio.run(scenario())

@@ -49,7 +49,14 @@ from elaoms.memory.base import (
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
-from elaoms.memory.postgres_copies import CHANNEL, EVERYONE, Absent, CallerCopies
+from elaoms.memory.postgres_copies import (
+    CHANNEL,
+    EVERYONE,
+    KEEPALIVES,
+    Absent,
+    CallerCopies,
+    copy_key,
+)
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.payloads import decode, encode
@@ -211,7 +218,7 @@ class PostgresStore(MemoryStore):
                     # A connection broken while idle (PostgreSQL restarted) is replaced
                     # before use instead of failing the request that drew it.
                     check=_check_connection,
-                    kwargs={"connect_timeout": max(1, round(self.timeout))},
+                    kwargs={"connect_timeout": max(1, round(self.timeout)), **KEEPALIVES},
                 )
                 await pool.open(wait=False)
                 try:
@@ -226,7 +233,7 @@ class PostgresStore(MemoryStore):
             except Exception as error:
                 raise storage_error(error, self.database_url) from error
             self._pool = pool
-            self.copies.start(self.database_url, self.timeout)
+            self.copies.start(self.database_url, self.timeout, self._notify)
             return pool
 
     @asynccontextmanager
@@ -296,23 +303,38 @@ class PostgresStore(MemoryStore):
         return None  # not reached: the second attempt returns or raises
 
     @asynccontextmanager
-    async def _caller_transaction(self, key: str) -> AsyncIterator[AsyncConnection]:
-        """A transaction that changes one caller's memories or profile.
+    async def _caller_transaction(
+        self, key: str, *, changes: bool = True
+    ) -> AsyncIterator[AsyncConnection]:
+        """A transaction on one caller's rows.
 
         Writers of one caller take turns: sequence numbers are drawn at insert time, so
         without the lock a reader could see seq 11 committed before seq 10 (a saved
-        index's `last_seq` would then skip 10). Other callers are not held up. The same
-        statement tells every process, at commit, to drop its copies of the caller
-        (`elaoms.memory.postgres_copies`); this one drops its own at once."""
+        index's `last_seq` would then skip 10). Other callers are not held up. When it
+        `changes` the caller's memories or profile, the same statement tells every
+        process, at commit, to drop its copies of the caller
+        (`elaoms.memory.postgres_copies`); this one drops its own at once. (PostgreSQL
+        commits notifying transactions one at a time: docs/scaling.md.)"""
+        notice = copy_key(key)
         try:
             async with self._transaction() as connection:
-                await connection.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s)), pg_notify(%s, %s)",
-                    (CALLER_LOCK, key, CHANNEL, key),
-                )
+                if changes:
+                    await connection.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s)), pg_notify(%s, %s)",
+                        (CALLER_LOCK, key, CHANNEL, notice),
+                    )
+                else:
+                    await connection.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CALLER_LOCK, key)
+                    )
                 yield connection
         finally:
-            self.copies.changed(key)
+            if changes:
+                self.copies.changed(key)
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        async with self._transaction(single=True) as connection:
+            await connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     async def _load_hash_key(self, connection: AsyncConnection) -> bytes:
         """The store's keyed-hash secret, made by whichever replica comes first (the others
@@ -715,7 +737,8 @@ class PostgresStore(MemoryStore):
             if row[0] == row[1]:
                 return
         # Under the caller's lock: a caller forgotten meanwhile gets no digests back.
-        async with self._caller_transaction(key) as connection:
+        # Digests are neither memories nor the profile: no copy to drop.
+        async with self._caller_transaction(key, changes=False) as connection:
             rows = await connection.execute(
                 "SELECT c.event_type, c.payload FROM calls c LEFT JOIN call_digests d"
                 " ON d.event_type = c.event_type AND d.conversation_id = c.conversation_id"
@@ -1149,9 +1172,9 @@ async def _snapshot(connection: AsyncConnection) -> AsyncIterator[None]:
     so that the pool never hands it out read-only."""
     from psycopg import IsolationLevel
 
-    await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
-    await connection.set_read_only(True)
     try:
+        await connection.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+        await connection.set_read_only(True)
         async with connection.transaction():
             yield
     finally:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -34,15 +36,29 @@ EVERYONE: Final = "*"  # every caller changed: keys rewritten, or a store copied
 # Changes remembered to judge a read that was in flight meanwhile; a read older than
 # all of them is simply not kept.
 RECENT_CHANGES = 4096
-# An idle listening connection is checked this often: a peer gone without a word (a
-# network cut) is noticed within about this long, and copies stop being served.
+# A quiet listening connection is checked this often (a notification sent from another
+# connection must arrive): one that stopped hearing stops serving copies within it.
 HEARTBEAT_SECONDS = 10.0
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
-# A notification each listener sends itself at start: not a caller key (those are ids or
-# keyed hashes), so other processes drop nothing for it.
+# A listener that hears nothing (a pooler in the way) is a setup to fix, not an outage:
+# tried again rarely (each try is a notification every process receives).
+DEAF_DELAYS = (5.0, 30.0, 60.0)
+# A peer gone without a word (a network cut, a NAT that forgot the connection) makes the
+# socket fail within about a minute instead of never.
+KEEPALIVES: Final[dict[str, Any]] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+# The notifications a listener sends to check that it hears: never a caller's key
+# (`copy_key`), and ignored by the other processes.
 PROBE_PREFIX: Final = "probe:"
 # How the listening connections show in pg_stat_activity.
 APPLICATION_NAME: Final = "elaoms-caller-copies"
+
+
+ProbeSender = Callable[[str, str], Awaitable[None]]
 
 
 class DeafListenerError(Exception):
@@ -54,6 +70,13 @@ class Absent:
 
 
 ABSENT: Final = Absent()
+
+
+def copy_key(caller_key: str) -> str:
+    """What copies are kept under and notifications name: a short hash of the store's
+    caller key, so a notification never carries a phone number (the key is the number
+    itself when encryption is off) and stays far below NOTIFY's 8,000-byte limit."""
+    return hashlib.blake2b(caller_key.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,26 +108,30 @@ class CallerCopies:
     def token(self) -> CopyToken:
         return CopyToken(self._session, self._changes)
 
-    def profile(self, key: str) -> bytes | Absent | None:
+    def profile(self, caller_key: str) -> bytes | Absent | None:
         """The caller's profile as stored (JSON, unsealed), None for "no profile", or
         ABSENT. Bytes, not the dict: a third of the memory, and every reader decodes a
         dict of its own (tens of microseconds)."""
+        key = copy_key(caller_key)
         if not self.listening or key not in self._profiles:
             return ABSENT
         self._profiles.move_to_end(key)
         return self._profiles[key]
 
-    def keep_profile(self, key: str, token: CopyToken, profile: bytes | None) -> None:
+    def keep_profile(self, caller_key: str, token: CopyToken, profile: bytes | None) -> None:
+        key = copy_key(caller_key)
         if self._unchanged_since(key, token):
             self._keep(self._profiles, key, profile)
 
-    def version(self, key: str) -> MemoryVersion | None:
+    def version(self, caller_key: str) -> MemoryVersion | None:
+        key = copy_key(caller_key)
         if not self.listening or key not in self._versions:
             return None
         self._versions.move_to_end(key)
         return self._versions[key]
 
-    def keep_version(self, key: str, token: CopyToken, version: MemoryVersion) -> None:
+    def keep_version(self, caller_key: str, token: CopyToken, version: MemoryVersion) -> None:
+        key = copy_key(caller_key)
         if self._unchanged_since(key, token):
             self._keep(self._versions, key, version)
 
@@ -121,14 +148,22 @@ class CallerCopies:
             return True
         if self._changes - token.changes > len(self._recent):
             return False  # more changes since than remembered: one may have been this caller
-        return not any(
-            number > token.changes and changed in (key, EVERYONE)
-            for number, changed in reversed(self._recent)
-        )
+        for number, changed in reversed(self._recent):
+            if number <= token.changes:
+                return True  # newest first: the rest came before the read began
+            if changed in (key, EVERYONE):
+                return False
+        return True
 
     # Changes -----------------------------------------------------------------------------
-    def changed(self, key: str) -> None:
-        """`key`'s caller changed (or everyone, for `EVERYONE`): its copies go."""
+    def changed(self, caller_key: str) -> None:
+        """The caller under the store's `caller_key` changed: their copies go."""
+        self.notified(copy_key(caller_key))
+
+    def notified(self, key: str) -> None:
+        """A notification: a caller's `copy_key` (or `EVERYONE`) changed."""
+        if key.startswith(PROBE_PREFIX):
+            return  # some process checking that it hears: nobody changed
         self._changes += 1
         self._recent.append((self._changes, key))
         if key == EVERYONE:
@@ -148,14 +183,16 @@ class CallerCopies:
         self._versions.clear()
 
     # Listening ---------------------------------------------------------------------------
-    def start(self, database_url: str, connect_timeout: float) -> None:
-        """Listen from now on (in the running event loop), reconnecting after a loss."""
+    def start(self, database_url: str, connect_timeout: float, send: ProbeSender) -> None:
+        """Listen from now on (in the running event loop), reconnecting after a loss.
+        `send(channel, payload)` notifies from another connection than the listening one
+        (the store's pool)."""
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(
-                self._listen(database_url, connect_timeout), name="elaoms-caller-copies"
+                self._listen(database_url, connect_timeout, send), name="elaoms-caller-copies"
             )
 
-    async def _listen(self, database_url: str, connect_timeout: float) -> None:
+    async def _listen(self, database_url: str, connect_timeout: float, send: ProbeSender) -> None:
         import psycopg
 
         failures = 0
@@ -166,48 +203,57 @@ class CallerCopies:
                     autocommit=True,
                     connect_timeout=max(1, round(connect_timeout)),
                     application_name=APPLICATION_NAME,
+                    **KEEPALIVES,
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    await self._hear_own_probe(connection, connect_timeout)
+                    await self._hear_probe(connection, connect_timeout, send)
                     self._begin_session()
                     if failures:
                         logger.info("caller copies: listening again for changes")
                     failures = 0
                     while True:
-                        async for notification in connection.notifies(timeout=HEARTBEAT_SECONDS):
-                            self.changed(notification.payload)
-                        async with asyncio.timeout(max(connect_timeout, 1.0)):
-                            await connection.execute("SELECT 1")
+                        async with contextlib.aclosing(
+                            connection.notifies(timeout=HEARTBEAT_SECONDS)
+                        ) as notifications:
+                            async for notification in notifications:
+                                self.notified(notification.payload)
+                        # Quiet for a while: still heard? (A connection a pooler gave
+                        # another server, or a network cut, says nothing by itself.)
+                        await self._hear_probe(connection, connect_timeout, send)
             except asyncio.CancelledError:
                 self._end_session()
                 raise
             except Exception as error:
                 self._end_session()
+                deaf = isinstance(error, DeafListenerError)
                 if failures == 0:
-                    reason = str(error) if isinstance(error, DeafListenerError) else ""
                     logger.warning(
                         "caller copies: not listening for changes (%s); reading the store"
                         " every time until back",
-                        reason or type(error).__name__,
+                        str(error) if deaf else type(error).__name__,
                     )
-                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                delays = DEAF_DELAYS if deaf else RECONNECT_DELAYS
+                delay = delays[min(failures, len(delays) - 1)]
                 failures += 1
                 await asyncio.sleep(delay)
 
-    async def _hear_own_probe(self, connection: Any, timeout: float) -> None:
-        """Send a notification and wait for it on the listening connection: through a
-        pooler in transaction mode (pgbouncer) LISTEN is accepted but nothing is heard,
-        and copies kept then would never be dropped."""
+    async def _hear_probe(self, connection: Any, timeout: float, send: ProbeSender) -> None:
+        """Notify from another connection and wait for it on the listening one. Through a
+        pooler in transaction mode (pgbouncer) LISTEN is accepted but nothing another
+        session sends is heard, and copies kept then would never be dropped."""
         probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
-        await connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
-        async for notification in connection.notifies(timeout=max(timeout, 1.0)):
-            if notification.payload == probe:
-                return
-            self.changed(notification.payload)
+        await send(CHANNEL, probe)
+        async with contextlib.aclosing(
+            connection.notifies(timeout=max(timeout, 1.0))
+        ) as notifications:
+            async for notification in notifications:
+                if notification.payload == probe:
+                    return
+                self.notified(notification.payload)
         raise DeafListenerError(
-            "a notification sent on the listening connection never came back: connect it"
-            " to PostgreSQL itself, not through a pooler in transaction mode"
+            "a notification sent to the listening connection never came: connect it to"
+            " PostgreSQL itself, not through a pooler in transaction mode"
         )
 
     async def close(self) -> None:

@@ -401,8 +401,10 @@ class WebhookStorage:
                     if _written_before(path, before):
                         path.unlink(missing_ok=True)
                         removed.append(path)
-                if not any(directory.iterdir()):
-                    directory.rmdir()
+                # Another worker applying the same forget, or a new delivery, may be here.
+                with contextlib.suppress(OSError):
+                    if not any(directory.iterdir()):
+                        directory.rmdir()
         return removed
 
     # Quarantine --------------------------------------------------------------------------
