@@ -4,6 +4,7 @@ with its own data folder (replicas in miniature), on one throw-away PostgreSQL."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,10 @@ def test_a_forget_on_one_replica_deletes_the_callers_files_on_every_replica(
         assert stored(database, "conv_forget_b") == []
 
         # A call after the forget is new memory, on either replica: it stays.
+        after = transcription("conv_after_forget", MARIA)
+        after["event_timestamp"] = int(time.time()) + 1
         with second.client() as client:
-            deliver_and_wait(client, transcription("conv_after_forget", MARIA), MARIA)
+            deliver_and_wait(client, after, MARIA)
         kept = caller_files(second)
         assert kept
         with psycopg.connect(database) as connection:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -426,6 +427,31 @@ def test_forgets_are_read_in_order_after_a_number_and_kept_for_a_while(
     assert [forget.seq for forget in run(store.forgets_after(0))] == [second.seq + 1]
 
 
+def test_a_call_its_caller_made_before_being_forgotten_is_refused(
+    store: PostgresStore, run: Run[Any]
+) -> None:
+    """A delivery kept on some replica's disk while the forget ran (PostgreSQL was down
+    there) is not its caller's new memory: its call was made before the forget."""
+    before = transcription("conv_before_forget", caller=MARIA)
+    run(store.share_forget(MARIA, [], keep_for=3600))
+    after = transcription("conv_after_forget", caller=MARIA)
+    after["event_timestamp"] = int(time.time()) + 5
+    assert run(add_payload(store, before)).forgotten
+    assert run(add_payload(store, after)).created
+    assert [c.conversation_id for c in run(store.list_calls(MARIA))] == ["conv_after_forget"]
+    # Another caller's calls are not held up.
+    assert run(add_payload(store, transcription("conv_james", caller=JAMES), JAMES)).created
+
+
+def test_a_replica_whose_cursor_is_past_every_forget_reads_them_all(
+    store: PostgresStore, run: Run[Any]
+) -> None:
+    """A number past every kept one is another database's (the store was moved): every
+    forget here is new to that replica."""
+    run(store.share_forget(MARIA, [], keep_for=3600))
+    assert [forget.user_id for forget in run(store.forgets_after(1000))] == [MARIA]
+
+
 def test_turning_encryption_on_seals_what_was_kept_in_clear(
     postgres_url: str, run: Run[Any]
 ) -> None:
@@ -433,15 +459,19 @@ def test_turning_encryption_on_seals_what_was_kept_in_clear(
     payload = transcription("conv_clear", caller=MARIA, turns=[("user", "My molar aches.")])
     run(add_payload(plain, payload))
     run(plain.put_caller_profile(MARIA, {"name": "Maria Lopez", "call_count": 1}))
+    run(plain.share_forget(JAMES, ["conv_of_james"], keep_for=3600))
     run(plain.close())
     assert b"4155550123" in raw_dump(postgres_url)
+    assert b"4155550188" in raw_dump(postgres_url)
 
     sealed = PostgresStore(postgres_url, cipher=PayloadCipher(generate_key(), enabled=True))
     try:
         run(sealed.check())
         dump = raw_dump(postgres_url)
-        for secret in (b"4155550123", b"molar", b"Lopez"):
+        for secret in (b"4155550123", b"4155550188", b"conv_of_james", b"molar", b"Lopez"):
             assert secret not in dump, secret
+        (forget,) = run(sealed.forgets_after(0))
+        assert (forget.user_id, forget.conversation_ids) == (JAMES, ("conv_of_james",))
         assert [c.conversation_id for c in run(sealed.list_calls(MARIA))] == ["conv_clear"]
         assert run(sealed.get_caller_profile(MARIA)) == {"name": "Maria Lopez", "call_count": 1}
         assert [c.user_id for c in run(sealed.list_callers(name="maria")).callers] == [MARIA]

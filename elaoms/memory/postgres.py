@@ -430,6 +430,21 @@ class PostgresStore(MemoryStore):
                         conversation_id,
                     ),
                 )
+            rows = await connection.execute(
+                f"SELECT seq, caller, conversations FROM forget_requests WHERE caller_key {plain}"
+            )
+            for seq, caller, conversations in await rows.fetchall():
+                plain_caller = self.cipher.decrypt(bytes(caller))
+                await connection.execute(
+                    "UPDATE forget_requests SET caller_key = %s, caller = %s, conversations = %s"
+                    " WHERE seq = %s",
+                    (
+                        self._key(plain_caller.decode()),
+                        seal(plain_caller),
+                        seal(self.cipher.decrypt(bytes(conversations))),
+                        seq,
+                    ),
+                )
             await connection.execute(
                 "INSERT INTO store_keys (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 (ALL_PROTECTED, b"1"),
@@ -476,10 +491,14 @@ class PostgresStore(MemoryStore):
         async with self._caller_transaction(key) as connection:
             # The primary key decides: a copy stored meanwhile by another replica makes
             # this insert do nothing (it waits for that transaction, then sees its row).
+            # Refused: a forgotten conversation, or a call its caller made before they
+            # were forgotten (kept on some replica's disk while the forget ran).
             inserted = await connection.execute(
                 f"INSERT INTO calls ({CALL_COLUMNS})"
                 " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s WHERE NOT EXISTS"
                 " (SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s)"
+                " AND NOT EXISTS (SELECT 1 FROM forget_requests WHERE caller_key = %s"
+                " AND requested_at > %s)"
                 " ON CONFLICT (event_type, conversation_id) DO NOTHING RETURNING memory_id",
                 (
                     event_type,
@@ -493,6 +512,8 @@ class PostgresStore(MemoryStore):
                     time.time(),
                     self.cipher.encrypt(user_id.encode()) if self.cipher.enabled else None,
                     self._conversation_key(call.conversation_id),
+                    key,
+                    call.event_timestamp if call.event_timestamp is not None else call.started_at,
                 ),
             )
             if await inserted.fetchone() is None:
@@ -960,15 +981,17 @@ class PostgresStore(MemoryStore):
     async def share_forget(
         self, user_id: str, conversation_ids: Collection[str], *, keep_for: float
     ) -> None:
+        await self._ready()
         now = time.time()
         async with self._transaction() as connection:
             # One forget at a time (they are rare): numbers then commit in order, so a
             # replica reading after the last number it applied never skips one.
             await connection.execute("SELECT pg_advisory_xact_lock(%s, 0)", (FORGET_LOCK,))
             await connection.execute(
-                "INSERT INTO forget_requests (caller, conversations, requested_at)"
-                " VALUES (%s, %s, %s)",
+                "INSERT INTO forget_requests (caller_key, caller, conversations, requested_at)"
+                " VALUES (%s, %s, %s, %s)",
                 (
+                    self._key(user_id),
                     self.cipher.encrypt(user_id.encode()),
                     self.cipher.encrypt(encode(sorted(conversation_ids))),
                     now,
@@ -981,19 +1004,25 @@ class PostgresStore(MemoryStore):
     async def forgets_after(self, seq: int) -> list[ForgetRequest]:
         async with self._transaction() as connection:
             rows = await connection.execute(
+                # A number past every one kept is another database's (moved, recreated):
+                # then everything here is new to the asker.
                 "SELECT seq, caller, conversations, requested_at FROM forget_requests"
-                " WHERE seq > %s ORDER BY seq",
-                (seq,),
+                " WHERE seq > CASE WHEN %(seq)s > (SELECT coalesce(max(seq), 0)"
+                " FROM forget_requests) THEN 0 ELSE %(seq)s END ORDER BY seq",
+                {"seq": seq},
             )
-            return [
-                ForgetRequest(
-                    seq=number,
-                    user_id=self._open(caller),
-                    conversation_ids=tuple(decode(self.cipher.decrypt(bytes(conversations)))),
-                    requested_at=requested_at,
-                )
-                for number, caller, conversations, requested_at in await rows.fetchall()
-            ]
+            found = await rows.fetchall()
+        requests = []
+        for number, caller, conversations, requested_at in found:
+            try:
+                user_id = self._open(caller)
+                conversation_ids = tuple(decode(self.cipher.decrypt(bytes(conversations))))
+            except Exception as error:
+                # Sealed with a key no longer given: it must not hold up every later one.
+                logger.error("forget request %d not readable (%s): skipped", number, error)
+                continue
+            requests.append(ForgetRequest(number, user_id, conversation_ids, requested_at))
+        return requests
 
     async def is_forgotten(self, conversation_id: str) -> bool:
         await self._ready()

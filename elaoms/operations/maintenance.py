@@ -30,10 +30,14 @@ async def run_maintenance(services: Services) -> None:
     last_purge = float("-inf")
     while True:
         try:
+            # Forgets made on other replicas (a store they share) first: this disk's files
+            # of a forgotten caller must not be swept into the store again.
+            try:
+                await apply_shared_forgets(services)
+            except Exception as error:  # the store down: the rest of the pass still runs
+                logger.warning("forgets made on other replicas not applied yet: %s", error)
             await services.ingest.sweep()
             PENDING_DELIVERIES.set(len(services.storage.pending()))
-            # Forgets made on other replicas (a store they share): this disk's files too.
-            await apply_shared_forgets(services)
             # Claimed first: audio that came after its stored transcription is the call's.
             claims_began = time.time()
             undecided = await services.ingest.claim_stored_audio()

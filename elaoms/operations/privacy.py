@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT = "elaoms.caller-export/1"
 # In the data folder: the number of the last forget made on another replica applied here.
 FORGETS_APPLIED = ".forgets-applied"
+SHARED_FORGET_MIN_DAYS = 30
 
 
 @dataclass
@@ -76,11 +77,12 @@ async def forget_caller(services: Services, user_id: str) -> ForgetReport:
     report.conversations = await _conversations_of(services, user_id)
     # First: a delivery of these conversations arriving meanwhile is no longer stored.
     await services.store.forget_conversations(report.conversations)
+    await _forget_files(services, report)
+    report.store_items_deleted = await services.store.delete_user(user_id)
+    # Once all is gone here: its time then covers every call the deletion removed.
     await services.store.share_forget(
         user_id, report.conversations, keep_for=_shared_forget_lifetime(services)
     )
-    await _forget_files(services, report)
-    report.store_items_deleted = await services.store.delete_user(user_id)
     services.indexes.forget(user_id)  # this process's copy of their search index
     await services.ingest.forget_receipts(report.conversations)
     report.cache_invalidated = await _invalidate_cache(services, user_id)
@@ -124,9 +126,11 @@ async def apply_shared_forgets(services: Services) -> int:
 
 
 def _shared_forget_lifetime(services: Services) -> float:
-    """How long a forget is kept for the other replicas: until retention has removed, on
-    every replica, each file it concerns. (A replica down longer than that finds none.)"""
-    return max(services.settings.webhook_retention_days, 1) * 86400.0
+    """How long a forget is kept for the other replicas: until retention has removed each
+    file it concerns, and at least SHARED_FORGET_MIN_DAYS (replicas may keep files longer,
+    quarantine is not purged by retention, and a replica may be down for a while)."""
+    days = max(services.settings.webhook_retention_days, SHARED_FORGET_MIN_DAYS)
+    return days * 86400.0
 
 
 async def _forget_files(

@@ -27,12 +27,15 @@ def upgrade() -> None:
         """
         CREATE TABLE forget_requests (
             seq bigserial PRIMARY KEY,
+            caller_key text COLLATE "C" NOT NULL,  -- as calls.user_id (keyed hash if sealed)
             caller bytea NOT NULL,  -- the caller id, sealed when encryption is on
             conversations bytea NOT NULL,  -- their conversation ids (JSON), sealed too
             requested_at double precision NOT NULL  -- epoch seconds
         )
         """
     )
+    # A delivery of a call made before its caller was forgotten is refused (`add_call`).
+    op.execute("CREATE INDEX forget_requests_by_caller ON forget_requests (caller_key)")
 
 
 def downgrade() -> None:
