@@ -22,7 +22,7 @@ from conftest import (
     wait_until,
 )
 from postgres_server import PostgresServer
-from standins import ElevenLabsStandIn, ask, deliver_and_wait, first_message
+from standins import ElevenLabsStandIn, RedisServer, ask, deliver_and_wait, first_message
 
 MARIA = "+14155550123"
 AUTH = {"X-Api-Key": WORKSPACE_SECRET}
@@ -235,3 +235,29 @@ def test_a_forget_on_one_replica_deletes_the_callers_files_on_every_replica(
         with second.client() as client:
             assert ask(client, MARIA)[0]["dynamic_variables"]["call_count"] == 1
         assert caller_files(second) == kept
+
+
+def test_while_postgresql_is_down_a_known_caller_is_greeted_from_redis(
+    tmp_path: Path, elevenlabs: ElevenLabsStandIn, redis_server: RedisServer
+) -> None:
+    """On a shared store no replica keeps a profile of its own, so without Redis an outage
+    greets every caller as new; with Redis, the last profile any replica prepared is used
+    while PostgreSQL is unreachable (and only then)."""
+    server = PostgresServer().start()
+    service = replica(tmp_path / "replica", server.create_database("redis"), elevenlabs)
+    service.env.update(
+        {
+            "REDIS_URL": redis_server.url,
+            "REDIS_TIMEOUT_MS": "1000",
+            "DATABASE_TIMEOUT_SECONDS": "1",
+        }
+    )
+    try:
+        with running([service]), service.client() as client:
+            deliver_and_wait(client, transcription("conv_pg_redis", MARIA), MARIA)
+            server.stop()
+            answer, _ = ask(client, MARIA)
+            assert answer["dynamic_variables"]["call_count"] == 1
+            assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
+    finally:
+        server.remove()

@@ -20,7 +20,13 @@ from pydantic import ValidationError
 
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
-from elaoms.memory.base import CallDigest, CallHistory, CallReceipt, MemoryStore
+from elaoms.memory.base import (
+    CallDigest,
+    CallHistory,
+    CallReceipt,
+    MemoryStore,
+    StoreUnavailableError,
+)
 from elaoms.memory.digest import clean_value, vocabulary
 from elaoms.memory.records import clamp_timestamp
 from elaoms.memory.units import TRANSCRIPTION
@@ -84,8 +90,9 @@ class PersonalizationService:
         self.llm = llm
         # A store other replicas write to (PostgreSQL) keeps its own copies of callers'
         # profiles, each dropped the moment any replica changes the caller: it is read
-        # every time, and no other copy is kept (one here or in Redis would greet a caller
-        # from before the call another replica just stored: read-your-writes).
+        # every time, and no copy is kept here (it would greet a caller from before the
+        # call another replica just stored: read-your-writes). Redis, when set, gets each
+        # profile prepared, and is read only while the store is unreachable.
         self._shared_store = not store.caller_profiles_on_loop
 
     # After a call ------------------------------------------------------------------------
@@ -148,8 +155,9 @@ class PersonalizationService:
             "updated_at": time.time(),
         }
         await self.store.put_caller_profile(user_id, profile)
-        if not self._shared_store:
-            await self.cache.set(caller_key(user_id), profile, local_ttl=CALLER_LOCAL_TTL)
+        await self.cache.set(
+            caller_key(user_id), profile, local_ttl=0.0 if self._shared_store else CALLER_LOCAL_TTL
+        )
         if await self.store.is_forgotten(last.conversation_id):
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
             # kept would greet the caller by name again. Kept first, checked after: either
@@ -289,7 +297,13 @@ class PersonalizationService:
         """The prepared profile: this process, then Redis, then one store lookup (a
         shared store: the store alone, see __init__)."""
         if self._shared_store:
-            return await self.store.get_caller_profile(user_id)
+            try:
+                return await self.store.get_caller_profile(user_id)
+            except StoreUnavailableError:
+                if not self.cache.redis_enabled:
+                    raise
+                # The last profile any replica prepared: better than a stranger's welcome.
+                return await self.cache.get(caller_key(user_id), local_ttl=0.0)
         key = caller_key(user_id)
         profile = await self.cache.get(key)
         if profile is None:
