@@ -241,8 +241,8 @@ def test_while_postgresql_is_down_a_known_caller_is_greeted_from_redis(
     tmp_path: Path, elevenlabs: ElevenLabsStandIn, redis_server: RedisServer
 ) -> None:
     """On a shared store no replica keeps a profile of its own, so without Redis an outage
-    greets every caller as new; with Redis, the last profile any replica prepared is used
-    while PostgreSQL is unreachable (and only then)."""
+    greets every caller as new; with Redis, which holds the last profile any replica
+    prepared, the caller is still known."""
     server = PostgresServer().start()
     service = replica(tmp_path / "replica", server.create_database("redis"), elevenlabs)
     service.env.update(

@@ -20,13 +20,7 @@ from pydantic import ValidationError
 
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
-from elaoms.memory.base import (
-    CallDigest,
-    CallHistory,
-    CallReceipt,
-    MemoryStore,
-    StoreUnavailableError,
-)
+from elaoms.memory.base import CallDigest, CallHistory, CallReceipt, MemoryStore
 from elaoms.memory.digest import clean_value, vocabulary
 from elaoms.memory.records import clamp_timestamp
 from elaoms.memory.units import TRANSCRIPTION
@@ -89,10 +83,9 @@ class PersonalizationService:
         self.agents = agents
         self.llm = llm
         # A store other replicas write to (PostgreSQL) keeps its own copies of callers'
-        # profiles, each dropped the moment any replica changes the caller: it is read
-        # every time, and no copy is kept here (it would greet a caller from before the
-        # call another replica just stored: read-your-writes). Redis, when set, gets each
-        # profile prepared, and is read only while the store is unreachable.
+        # profiles, each dropped the moment any replica changes the caller; no copy is
+        # kept here (it would greet a caller from before the call another replica just
+        # stored: read-your-writes). Redis, when set, gets each profile prepared.
         self._shared_store = not store.caller_profiles_on_loop
 
     # After a call ------------------------------------------------------------------------
@@ -297,13 +290,14 @@ class PersonalizationService:
         """The prepared profile: this process, then Redis, then one store lookup (a
         shared store: the store alone, see __init__)."""
         if self._shared_store:
-            try:
-                return await self.store.get_caller_profile(user_id)
-            except StoreUnavailableError:
-                if not self.cache.redis_enabled:
-                    raise
-                # The last profile any replica prepared: better than a stranger's welcome.
-                return await self.cache.get(caller_key(user_id), local_ttl=0.0)
+            # Redis, when set, holds the profile the last replica to prepare it wrote (a
+            # store read is never copied there: it could replace a newer one), and answers
+            # while PostgreSQL is down; else the store, whose copies are kept current.
+            if self.cache.redis_enabled and (
+                prepared := await self.cache.get(caller_key(user_id), local_ttl=0.0)
+            ):
+                return dict(prepared)
+            return await self.store.get_caller_profile(user_id)
         key = caller_key(user_id)
         profile = await self.cache.get(key)
         if profile is None:
