@@ -40,6 +40,7 @@ RECENT_CHANGES = 4096
 # connection must arrive): one that stopped hearing stops serving copies within it.
 HEARTBEAT_SECONDS = 10.0
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+CLOSE_WAIT_SECONDS = 2.0
 # A listener that hears nothing (a pooler in the way) is a setup to fix, not an outage:
 # tried again rarely (each try is a notification every process receives).
 DEAF_DELAYS = (5.0, 30.0, 60.0)
@@ -198,13 +199,14 @@ class CallerCopies:
         failures = 0
         while True:
             try:
-                connection = await psycopg.AsyncConnection.connect(
-                    database_url,
-                    autocommit=True,
-                    connect_timeout=max(1, round(connect_timeout)),
-                    application_name=APPLICATION_NAME,
-                    **KEEPALIVES,
-                )
+                async with asyncio.timeout(max(connect_timeout, 1.0) + 1.0):
+                    connection = await psycopg.AsyncConnection.connect(
+                        database_url,
+                        autocommit=True,
+                        connect_timeout=max(1, round(connect_timeout)),
+                        application_name=APPLICATION_NAME,
+                        **KEEPALIVES,
+                    )
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
                     await self._hear_probe(connection, connect_timeout, send)
@@ -243,7 +245,8 @@ class CallerCopies:
         pooler in transaction mode (pgbouncer) LISTEN is accepted but nothing another
         session sends is heard, and copies kept then would never be dropped."""
         probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
-        await send(CHANNEL, probe)
+        async with asyncio.timeout(max(timeout, 1.0)):
+            await send(CHANNEL, probe)
         async with contextlib.aclosing(
             connection.notifies(timeout=max(timeout, 1.0))
         ) as notifications:
@@ -260,6 +263,8 @@ class CallerCopies:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            # Bounded: a listener stuck on a dead network must not hold up a shutdown.
+            await asyncio.wait({listener}, timeout=CLOSE_WAIT_SECONDS)
+            if listener.done() and not listener.cancelled():
+                listener.exception()  # retrieved: it ended on its own (logged there)
         self._end_session()
