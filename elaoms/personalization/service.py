@@ -288,7 +288,7 @@ class PersonalizationService:
 
     async def caller_profile(self, user_id: str) -> dict[str, Any] | None:
         """The prepared profile: this process, then Redis, then one store lookup (a
-        shared store: the store alone, see __init__)."""
+        shared store: Redis, then the store's current copy or row)."""
         if self._shared_store:
             # Redis, when set, holds the profile the last replica to prepare it wrote (a
             # store read is never copied there: it could replace a newer one), and answers
