@@ -313,6 +313,29 @@ def client(server: ServiceProcess) -> Iterator[httpx.Client]:
         yield http
 
 
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 2 * WAIT_BOUND
+) -> subprocess.CompletedProcess[str]:
+    """`elaoms ARGS` in its own process, as a shell runs it. The bound only reports a hang:
+    then SIGABRT makes faulthandler print every thread's stack into the failure."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elaoms.cli", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(REPO_ROOT), "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stacks = process.communicate()
+        command = " ".join(args)
+        raise AssertionError(f"elaoms {command}: no exit in {timeout:.0f} s:\n{stacks}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = WAIT_BOUND, interval: float = 0.05
 ) -> Any:

@@ -33,6 +33,7 @@ from conftest import (
     base_env,
     free_port,
     load_fixture,
+    run_cli,
     transcription,
 )
 from openmemory_standin import fresh_standin, standin  # noqa: F401 - fixtures by name
@@ -210,11 +211,7 @@ def test_calls_keeps_ids_whole_and_shows_agent_and_title_at_any_width(
     payload = transcription(long_id, "+14155550188")
     payload["data"]["agent_id"] = "agent_7201kb3x9tq8f5sv2m0d4hnp6e"
     deliver(callers, payload)
-    shown = subprocess.run(
-        [sys.executable, "-m", "elaoms.cli", "calls"],
-        env={**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    shown = run_cli("calls", env={**os.environ, "COLUMNS": str(columns)})
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     for whole in (long_id, "conv_maria_2", "+14155550188", "+14155550123"):
@@ -393,15 +390,7 @@ def test_forget_deletes_the_caller_everywhere_and_only_the_caller(callers: Setti
 # errors ------------------------------------------------------------------------------------
 def cli_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The command in its own process, as a shell runs it."""
-    environment = {**os.environ, **base_env(tmp_path / "data"), **env, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "elaoms.cli", *args],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env={**os.environ, **base_env(tmp_path / "data"), **env}, cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
