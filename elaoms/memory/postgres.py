@@ -46,6 +46,7 @@ from elaoms.memory.base import (
     SavedIndex,
     StoredCall,
     StoreUnavailableError,
+    marked_among,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
@@ -658,14 +659,10 @@ class PostgresStore(MemoryStore):
             if not digests_checked and current != calls:
                 return None
             newest = await self._digests(connection, user_id, limit=recent)
-            newest_marked: dict[str, CallDigest] = {}
-            for mark in marks:
-                match = next((digest for digest in newest if mark in digest.marks), None)
-                if match is None and count > len(newest):
-                    older = await self._digests(connection, user_id, limit=1, mark=mark)
-                    match = next(iter(older), None)
-                if match is not None:
-                    newest_marked[mark] = match
+            newest_marked, missing = marked_among(newest, marks)
+            for mark in missing if count > len(newest) else ():
+                if older := await self._digests(connection, user_id, limit=1, mark=mark):
+                    newest_marked[mark] = older[0]
         return CallHistory(
             count=count,
             first_started_at=first,
