@@ -293,10 +293,12 @@ class PersonalizationService:
             # Redis, when set, holds the profile the last replica to prepare it wrote (a
             # store read is never copied there: it could replace a newer one), and answers
             # while PostgreSQL is down; else the store, whose copies are kept current.
-            if self.cache.redis_enabled and (
-                prepared := await self.cache.get(caller_key(user_id), local_ttl=0.0)
-            ):
-                return dict(prepared)
+            if self.cache.redis_enabled:
+                prepared: dict[str, Any] | None = await self.cache.get(
+                    caller_key(user_id), local_ttl=0.0
+                )
+                if prepared:
+                    return prepared
             return await self.store.get_caller_profile(user_id)
         key = caller_key(user_id)
         profile = await self.cache.get(key)
