@@ -46,7 +46,6 @@ from elaoms.memory.base import (
     SavedIndex,
     StoredCall,
     StoreUnavailableError,
-    marked_among,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
@@ -96,7 +95,7 @@ async def _check_connection(connection: AsyncConnection) -> None:
     delivery's CPU, several per delivery) only when the server said something to the
     idle connection: a server that stopped, restarted or ended the session closes its
     socket or sends the reason, which makes it readable. One that said nothing is used
-    as it is, as a round trip would find it; a one-statement read (`_fetch_one`) is not
+    as it is, as a round trip would find it; a one-statement read (`_fetch_all`) is not
     checked at all."""
     if UNCHECKED.get() or not _heard_from_server(connection):
         return
@@ -244,7 +243,7 @@ class PostgresStore(MemoryStore):
         """One transaction on a pooled connection, committed at the end (rolled back on an
         error). `snapshot`: several reads that must agree (REPEATABLE READ, read only).
         `single`: one statement, run on its own (autocommit), without the BEGIN and
-        COMMIT round trips (see `_fetch_one`)."""
+        COMMIT round trips (see `_fetch_all`)."""
         pool = await self._ready()
         try:
             async with pool.connection() as connection:
@@ -273,10 +272,15 @@ class PostgresStore(MemoryStore):
             raise storage_error(error, self.database_url) from error
 
     async def _fetch_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
-        """One statement's first row, on the call path (client-data, search): without
-        BEGIN and COMMIT, and on a connection not checked first, so one round trip
-        instead of four. A connection broken while idle (PostgreSQL restarted) fails it:
-        it is then asked once more on a checked connection.
+        """One statement's first row (see `_fetch_all`)."""
+        rows = await self._fetch_all(query, params)
+        return tuple(rows[0]) if rows else None
+
+    async def _fetch_all(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """One statement's rows, as on the call path (client-data, search): without BEGIN
+        and COMMIT, and on a connection not checked first, so one round trip instead of
+        four. A connection broken while idle (PostgreSQL restarted) fails it: it is then
+        asked once more on a checked connection.
 
         Shielded from the caller's deadline: cancelled mid-query, psycopg would cancel
         the query on the server, holding the connection for up to seconds and opening
@@ -284,24 +288,24 @@ class PostgresStore(MemoryStore):
         pool (every read waiting 5 s for a connection; docs/scaling.md). The read
         finishes, in milliseconds, and gives its connection back; only the caller stops
         waiting."""
-        read = asyncio.ensure_future(self._read_one(query, params))
+        read = asyncio.ensure_future(self._read_rows(query, params))
         read.add_done_callback(_retrieve)
         return await asyncio.shield(read)
 
-    async def _read_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+    async def _read_rows(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         for checked in (False, True):
             token = UNCHECKED.set(not checked)
             try:
                 async with self._transaction(single=True) as connection:
                     found = await connection.execute(query, params)
-                    return await found.fetchone()
+                    return await found.fetchall()
             except StoreUnavailableError as error:
                 # Asked again only for a broken connection: not after waiting for one.
                 if checked or _no_connection(error.__cause__):
                     raise
             finally:
                 UNCHECKED.reset(token)
-        return None  # not reached: the second attempt returns or raises
+        return []  # not reached: the second attempt returns or raises
 
     @asynccontextmanager
     async def _caller_transaction(
@@ -534,12 +538,17 @@ class PostgresStore(MemoryStore):
     async def _insert_memories(self, connection: AsyncConnection, memories: list[Memory]) -> None:
         if not memories:
             return
-        async with connection.cursor() as cursor:
-            await cursor.executemany(
-                "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                [self._memory_row(memory) for memory in memories],
-            )
+        # One statement for the call's memories (a dozen rows each), not one per row;
+        # ordered, so their sequence numbers follow the call.
+        columns = list(zip(*(self._memory_row(memory) for memory in memories), strict=True))
+        await connection.execute(
+            "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+            " SELECT id, user_id, kind, content, metadata, created_at FROM unnest("
+            "%s::text[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::float8[])"
+            " WITH ORDINALITY AS row (id, user_id, kind, content, metadata, created_at, n)"
+            " ORDER BY n ON CONFLICT (id) DO NOTHING",
+            [list(column) for column in columns],
+        )
 
     async def get_call(
         self, conversation_id: str, event_type: str = TRANSCRIPTION
@@ -641,28 +650,52 @@ class PostgresStore(MemoryStore):
         *,
         digests_checked: bool,
     ) -> CallHistory | None:
-        """The history from one snapshot; None when the caller's digests do not match
-        their calls (`_complete_digests`' check, made in the same query)."""
-        async with self._transaction(snapshot=True) as connection:
-            found = await connection.execute(
-                "SELECT count(*) FILTER (WHERE event_type = %s),"
-                " min(started_at) FILTER (WHERE event_type = %s),"
-                " max(started_at) FILTER (WHERE event_type = %s),"
-                " count(*) FILTER (WHERE version = %s),"
-                " (SELECT count(*) FROM calls WHERE user_id = %s)"
-                " FROM call_digests WHERE user_id = %s",
-                (TRANSCRIPTION, TRANSCRIPTION, TRANSCRIPTION, DIGEST_VERSION, key, key),
+        """The history in one statement (one snapshot, one round trip: it is read twice
+        per delivery); None when the caller's digests do not match their calls
+        (`_complete_digests`' check, made in the same statement).
+
+        Rows: first the counts, then the newest digests, then per mark the newest digest
+        carrying it (found among the recent ones, or older)."""
+        digest = "conversation_id, agent_id, started_at, marks, facts"
+        branches = [
+            "SELECT '' AS slot, 0::bigint AS n,"
+            " count(*) FILTER (WHERE event_type = %s) AS count,"
+            " min(started_at) FILTER (WHERE event_type = %s) AS first,"
+            " max(started_at) FILTER (WHERE event_type = %s) AS last,"
+            " count(*) FILTER (WHERE version = %s) AS current,"
+            " (SELECT count(*) FROM calls WHERE user_id = %s) AS calls,"
+            " NULL::text AS conversation_id, NULL::text AS agent_id,"
+            " NULL::bigint AS started_at, NULL::text AS marks, NULL::bytea AS facts"
+            " FROM call_digests WHERE user_id = %s"
+        ]
+        parameters: list[Any] = [TRANSCRIPTION, TRANSCRIPTION, TRANSCRIPTION, DIGEST_VERSION]
+        parameters += [key, key]
+        empty = "NULL, NULL, NULL, NULL, NULL"
+        for slot, mark, limit in [("recent", None, recent), *((m, m, 1) for m in marks)]:
+            branch = (
+                f"SELECT %s, row_number() OVER ({NEWEST_FIRST}), {empty}, {digest}"
+                " FROM call_digests WHERE user_id = %s AND event_type = %s"
             )
-            row = await found.fetchone()
-            assert row is not None
-            count, first, last, current, calls = row
-            if not digests_checked and current != calls:
-                return None
-            newest = await self._digests(connection, user_id, limit=recent)
-            newest_marked, missing = marked_among(newest, marks)
-            for mark in missing if count > len(newest) else ():
-                if older := await self._digests(connection, user_id, limit=1, mark=mark):
-                    newest_marked[mark] = older[0]
+            parameters += [f"mark {slot}" if mark else slot, key, TRANSCRIPTION]
+            if mark is not None:
+                branch += " AND strpos(' ' || marks || ' ', %s) > 0"
+                parameters.append(f" {mark} ")
+            branches.append(f"({branch} {NEWEST_FIRST} LIMIT %s)")
+            parameters.append(limit)
+        found = await self._fetch_all(" UNION ALL ".join(branches), parameters)
+        counts = next(row for row in found if row[0] == "")
+        _, _, count, first, last, current, calls = counts[:7]
+        if not digests_checked and current != calls:
+            return None
+        # Branches of a UNION ALL come in order in practice, not by promise: sorted here.
+        rows = sorted((row for row in found if row[0] != ""), key=lambda row: (row[0], row[1]))
+        newest = [self._digest(row[7:]) for row in rows if row[0] == "recent"]
+        by_id = {digest.conversation_id: digest for digest in newest}
+        newest_marked = {
+            row[0].removeprefix("mark "): by_id.get(row[7]) or self._digest(row[7:])
+            for row in rows
+            if row[0].startswith("mark ")
+        }
         return CallHistory(
             count=count,
             first_started_at=first,
