@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -133,6 +134,24 @@ def _text(value: str) -> str:
     """A value for a text column: PostgreSQL's text refuses the NUL character, which a
     signed payload may still carry in an id (the raw payload keeps it whole)."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+@dataclass(frozen=True, slots=True)
+class CallOwner:
+    """The attempt that stored a call: its row carries the `memory_id` that attempt drew.
+    Rows sent in the same round trip as the call's insert (digest, memories) apply only
+    if that row is there, i.e. if this attempt, not an earlier one, stored the call."""
+
+    event_type: str
+    conversation_id: str
+    memory_id: str
+
+    def condition(self) -> tuple[str, list[Any]]:
+        return (
+            "WHERE EXISTS (SELECT 1 FROM calls WHERE event_type = %s"
+            " AND conversation_id = %s AND memory_id = %s)",
+            [self.event_type, self.conversation_id, self.memory_id],
+        )
 
 
 class PostgresStore(MemoryStore):
@@ -309,7 +328,7 @@ class PostgresStore(MemoryStore):
 
     @asynccontextmanager
     async def _caller_transaction(
-        self, key: str, *, changes: bool = True
+        self, key: str, *, changes: bool = True, pipeline: bool = False
     ) -> AsyncIterator[AsyncConnection]:
         """A transaction on one caller's rows.
 
@@ -319,10 +338,14 @@ class PostgresStore(MemoryStore):
         `changes` the caller's memories or profile, the same statement tells every
         process, at commit, to drop its copies of the caller
         (`elaoms.memory.postgres_copies`); this one drops its own at once. (PostgreSQL
-        commits notifying transactions one at a time: docs/scaling.md.)"""
+        commits notifying transactions one at a time: docs/scaling.md.)
+
+        `pipeline`: statements are sent without waiting for each answer, and the server
+        runs them in order (psycopg's pipeline mode); a result is waited for only when
+        read."""
         notice = copy_key(key)
         try:
-            async with self._transaction() as connection:
+            async with self._transaction() as connection, _pipelined(connection, pipeline):
                 if changes:
                     await connection.execute(
                         "SELECT pg_advisory_xact_lock(%s, hashtext(%s)), pg_notify(%s, %s)",
@@ -493,7 +516,7 @@ class PostgresStore(MemoryStore):
         memory_id = f"mem_{uuid.uuid4().hex}"
         event_type, conversation_id = _text(call.event_type), _text(call.conversation_id)
         key = await self._caller_key(user_id)
-        async with self._caller_transaction(key) as connection:
+        async with self._caller_transaction(key, pipeline=True) as connection:
             # The primary key decides: a copy stored meanwhile by another replica makes
             # this insert do nothing (it waits for that transaction, then sees its row).
             # Refused: a forgotten conversation, or a call its caller made before they
@@ -521,6 +544,11 @@ class PostgresStore(MemoryStore):
                     call.event_timestamp if call.event_timestamp is not None else call.started_at,
                 ),
             )
+            # Sent with the insert, not after its answer (one round trip, not four): each
+            # applies only if the row holding this attempt's own `memory_id` is there.
+            ours = CallOwner(event_type, conversation_id, memory_id)
+            await self._put_digest(connection, user_id, event_type, digest_record(call), ours)
+            await self._insert_memories(connection, memories, ours)
             if await inserted.fetchone() is None:
                 existing = await (
                     await connection.execute(
@@ -531,23 +559,25 @@ class PostgresStore(MemoryStore):
                 if existing is not None:
                     return CallReceipt(memory_id=existing[0], created=False)
                 return CallReceipt(memory_id="", created=False, forgotten=True)
-            await self._put_digest(connection, user_id, event_type, digest_record(call))
-            await self._insert_memories(connection, memories)
         return CallReceipt(memory_id=memory_id, created=True)
 
-    async def _insert_memories(self, connection: AsyncConnection, memories: list[Memory]) -> None:
+    async def _insert_memories(
+        self, connection: AsyncConnection, memories: list[Memory], owner: CallOwner | None = None
+    ) -> None:
+        """One statement for the call's memories (a dozen rows each), not one per row;
+        ordered, so their sequence numbers follow the call. With `owner`, only if that
+        attempt stored the call."""
         if not memories:
             return
-        # One statement for the call's memories (a dozen rows each), not one per row;
-        # ordered, so their sequence numbers follow the call.
-        columns = list(zip(*(self._memory_row(memory) for memory in memories), strict=True))
+        columns = [list(column) for column in zip(*map(self._memory_row, memories), strict=True)]
+        condition, parameters = owner.condition() if owner else ("", [])
         await connection.execute(
             "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
             " SELECT id, user_id, kind, content, metadata, created_at FROM unnest("
             "%s::text[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::float8[])"
-            " WITH ORDINALITY AS row (id, user_id, kind, content, metadata, created_at, n)"
-            " ORDER BY n ON CONFLICT (id) DO NOTHING",
-            [list(column) for column in columns],
+            f" WITH ORDINALITY AS row (id, user_id, kind, content, metadata, created_at, n)"
+            f" {condition} ORDER BY n ON CONFLICT (id) DO NOTHING",
+            [*columns, *parameters],
         )
 
     async def get_call(
@@ -748,14 +778,21 @@ class PostgresStore(MemoryStore):
         )
 
     async def _put_digest(
-        self, connection: AsyncConnection, user_id: str, event_type: str, digest: CallDigest
+        self,
+        connection: AsyncConnection,
+        user_id: str,
+        event_type: str,
+        digest: CallDigest,
+        owner: CallOwner | None = None,
     ) -> None:
         """Keep `digest` beside its call, in the writer's transaction; encrypted like the
-        payload (names, summaries and words are personal data)."""
+        payload (names, summaries and words are personal data). With `owner`, only if
+        that attempt stored the call."""
+        condition, parameters = owner.condition() if owner else ("", [])
         await connection.execute(
             "INSERT INTO call_digests (event_type, conversation_id, user_id, agent_id,"
             " started_at, version, marks, facts, words)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f" SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s {condition}"
             " ON CONFLICT (event_type, conversation_id) DO UPDATE SET"
             " user_id = excluded.user_id, agent_id = excluded.agent_id,"
             " started_at = excluded.started_at, version = excluded.version,"
@@ -770,6 +807,7 @@ class PostgresStore(MemoryStore):
                 " ".join(sorted(digest.marks)),
                 self.cipher.encrypt(encode(digest.facts)),
                 self.cipher.encrypt(" ".join(digest.words or ()).encode()),
+                *parameters,
             ),
         )
 
@@ -1221,6 +1259,15 @@ class PostgresStore(MemoryStore):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+@asynccontextmanager
+async def _pipelined(connection: AsyncConnection, pipeline: bool) -> AsyncIterator[None]:
+    if not pipeline:
+        yield
+        return
+    async with connection.pipeline():
+        yield
 
 
 @asynccontextmanager
