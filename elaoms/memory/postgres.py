@@ -1141,7 +1141,7 @@ class PostgresStore(MemoryStore):
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         blob = self.cipher.encrypt(encode(profile))
         key = await self._caller_key(user_id)
-        async with self._caller_transaction(key) as connection:
+        async with self._caller_transaction(key, pipeline=True) as connection:
             await connection.execute(
                 "INSERT INTO caller_profiles (user_id, profile, updated_at) VALUES (%s, %s, %s)"
                 " ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile,"
