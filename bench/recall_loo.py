@@ -6,7 +6,8 @@ grid of the ranker's generic knobs, below) is measured on the other four, the be
 there is measured on the held-out file, and the mean and worst of those five figures are
 what to expect on conversations the settings were not chosen on. For each signal, the
 same is done with that signal switched off: the difference is what the signal buys on
-left-out files. With the embeddings extra, only the summary and embedding weights vary.
+left-out files. With the embeddings extra, only the summary weight, the counting boost and
+the embedding's weight, feedback and power vary.
 
 It runs the search path without HTTP: the memories ingestion makes of each call, the
 caller's `CallerIndex`, its `search` with the service's budget and default limit, and the
@@ -41,10 +42,14 @@ SIGNALS: dict[str, list[Any]] = {
     "date_boost": [0.0, 1.0],
     "number_boost": [0.0, 1.0],
 }
-DENSE_SIGNAL = {"dense_weight": [0.0, 0.5, 1.0]}
+DENSE_SIGNAL = {"dense_weight": [0.0, 0.5, 1.0], "dense_feedback": [0.0, 0.6]}
 # Knobs with no "off" (`--vary k1,b`): chosen per fold like the signals, never reported as
 # bought.
-KNOBS: dict[str, list[Any]] = {"k1": [0.9, 1.2, 1.6], "b": [0.75, 0.9, 1.0]}
+KNOBS: dict[str, list[Any]] = {
+    "k1": [0.9, 1.2, 1.6],
+    "b": [0.75, 0.9, 1.0],
+    "dense_power": [2.0, 3.0],
+}
 # The signals of the latest round: the grid without them is the ranker before it, so one
 # run gives the before and after figures side by side.
 LATEST_ROUND = ("number_boost",)
@@ -117,16 +122,16 @@ def leave_one_out(
 
 def run(paths: Sequence[Path], chars: int, vectors: Any, vary: Sequence[str] | None = None) -> None:
     """`vary`: the signals whose values the grid tries (default: all of `SIGNALS`, or
-    with embeddings the summary, the latest round's and the embedding weight); the others
+    with embeddings the summary, counting and the embedding's settings); the others
     stay at their shipped values."""
     # With embeddings every search also runs the model's scoring: the whole grid times
     # the embedding weight takes too long on two cores, so by default only the fields
-    # that carry meaning and the latest round's signals vary there.
+    # that carry meaning, the latest round's signals and the embedding's settings vary.
     every_signal = SIGNALS | KNOBS | (DENSE_SIGNAL if vectors is not None else {})
     if vary is None:
         vary = list(SIGNALS)
         if vectors is not None:
-            vary = ["summary_weight", *LATEST_ROUND, *DENSE_SIGNAL]
+            vary = ["summary_weight", *LATEST_ROUND, *DENSE_SIGNAL, "dense_power"]
     unknown = [name for name in vary if name not in every_signal]
     if unknown:
         raise SystemExit(f"no such signal: {', '.join(unknown)} (known: {', '.join(every_signal)})")

@@ -94,6 +94,22 @@ def test_unrelated_query_gets_no_semantic_credit_below_the_floor() -> None:
     assert index.rank("tax forms") == []
 
 
+def test_feedback_credits_turns_like_the_best_ones() -> None:
+    # Turn 1 is far from the query (cosine 0, below the floor) but like turn 0, the query's
+    # best: with feedback the query vector moves toward turn 0 and turn 1 gains credit.
+    index = CallerIndex(HISTORY, vectors=None)
+    index.vectors = np.array(
+        [[1, 0, 0], [0.6, 0.8, 0], *[[0, 0, 1]] * (len(HISTORY) - 2)], dtype=np.float32
+    )
+    query = np.array([0.8, -0.6, 0], dtype=np.float32)
+    index.dense_feedback_turns = 1
+    index.dense_feedback = 0.0
+    assert set(index._fuse({}, query)) == {0}
+    index.dense_feedback = 0.6
+    fused = index._fuse({}, query)
+    assert set(fused) == {0, 1} and 0 < fused[1] < fused[0]
+
+
 def test_vectors_are_embedded_once_and_a_rebuild_embeds_only_new_turns() -> None:
     embedder = ConceptEmbedder()
     cache = VectorCache(embedder)

@@ -291,6 +291,11 @@ class CallerIndex:
     dense_weight = 1.0  # embedding similarity next to BM25 (normalised to 1 at best turn)
     dense_floor = 0.2  # cosine below which a turn gets no semantic credit
     dense_power = 2.0
+    # Pseudo-relevance feedback in the model's space (`_fuse`), off: +0.004 on left-out
+    # files, within noise (docs/search.md, fifth round). `bench/recall.py --leave-one-out`
+    # tries it at 0.6 over 8 turns (with `dense_power` 3, where it was best).
+    dense_feedback = 0.0  # the query vector moves this far toward its best turns' mean ...
+    dense_feedback_turns = 8  # ... of this many turns, best by the first fused score
     summary_weight = 0.3  # a summary sentence's words, credited to the turn it recounts
     number_boost = 1.0  # x2 for turns stating a number, when the query asks "how many"
     excerpt_header_chars = 25  # what the context adds per excerpt ("[Call on ...]")
@@ -773,7 +778,23 @@ class CallerIndex:
 
     def _fuse(self, turn_scores: dict[int, float], query_vector: Any) -> dict[int, float]:
         """BM25 scaled to 1 at the best turn, plus `dense_weight` x the cosine similarity
-        scaled from `dense_floor` (0) to the best turn's (1), raised to `dense_power`."""
+        scaled from `dense_floor` (0) to the best turn's (1), raised to `dense_power`.
+
+        Then once more with the query vector moved toward the mean vector of the
+        `dense_feedback_turns` best turns of that first sum (pseudo-relevance feedback, in
+        the model's space: "What activities does Melanie partake in?" then also finds the
+        turns that are like the pottery and camping ones it found first). No second model
+        call: one more product of the turns' vectors with one vector."""
+        fused = self._fuse_with(turn_scores, query_vector)
+        if not self.dense_feedback or not fused:
+            return fused
+        best = heapq.nlargest(self.dense_feedback_turns, fused.items(), key=itemgetter(1))
+        centroid = self.vectors[[index for index, _ in best]].mean(axis=0)
+        moved = query_vector + self.dense_feedback * centroid
+        norm = float((moved @ moved) ** 0.5)
+        return self._fuse_with(turn_scores, moved / norm) if norm else fused
+
+    def _fuse_with(self, turn_scores: dict[int, float], query_vector: Any) -> dict[int, float]:
         similarity = self.vectors @ query_vector
         best_similarity = float(similarity.max())
         best = max(turn_scores.values(), default=0.0)
