@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from test_postgres_store import MARIA, add_payload
 
+from elaoms.memory import postgres
 from elaoms.memory.base import MemoryVersion
 from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.postgres_copies import (
@@ -222,6 +223,42 @@ def test_no_copy_is_served_while_not_listening(
         assert await _greets(second, "Changed while deaf")  # read from the database
         await until(lambda: second.copies.listening, "listening again")
         await until_async(lambda: _copied(second, "Changed while deaf"), "copied again")
+
+    run(scenario())
+
+
+def test_a_replica_that_starts_listening_copies_the_callers_who_called_last(
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker just started (a deploy) answers the callers of the last hours without a
+    read: their profiles are copied as soon as it listens, newest callers first."""
+    monkeypatch.setattr(postgres, "WARM_COPIES", 2)
+    callers = ["+14155550181", "+14155550182", "+14155550183"]  # the last called last
+
+    async def scenario() -> None:
+        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
+        try:
+            for number, caller in enumerate(callers):
+                await writer.put_caller_profile(
+                    caller,
+                    {
+                        "user_id": caller,
+                        "call_count": 1,
+                        "last_call_at": 1_000 + number,
+                        "greeting": f"Hello {number}",
+                    },
+                )
+            await reader.check()  # opens the pool, which starts listening
+
+            def copied(caller: str) -> bool:
+                return isinstance(reader.copies.profile(reader._key(caller)), bytes)
+
+            await until(lambda: copied(callers[2]) and copied(callers[1]), "the newest copied")
+            assert reader.copies.profile(reader._key(callers[0])) is ABSENT  # bounded
+            assert (await reader.get_caller_profile(callers[2]) or {})["greeting"] == "Hello 2"
+        finally:
+            await writer.close()
+            await reader.close()
 
     run(scenario())
 

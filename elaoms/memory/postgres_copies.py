@@ -60,6 +60,8 @@ APPLICATION_NAME: Final = "elaoms-caller-copies"
 
 
 ProbeSender = Callable[[str, str], Awaitable[None]]
+# Reads what is worth copying before anyone asks (`CallerCopies.start`).
+Warmer = Callable[[], Awaitable[None]]
 
 
 class DeafListenerError(Exception):
@@ -100,6 +102,7 @@ class CallerCopies:
         self._changes = 0
         self._recent: deque[tuple[int, str]] = deque(maxlen=RECENT_CHANGES)
         self._listener: asyncio.Task[None] | None = None
+        self._warming: asyncio.Task[None] | None = None
 
     @property
     def listening(self) -> bool:
@@ -182,18 +185,43 @@ class CallerCopies:
             self._session += 1
         self._profiles.clear()
         self._versions.clear()
+        if self._warming is not None:
+            self._warming.cancel()
+
+    def _warm(self, warm: Warmer | None) -> None:
+        """Run `warm` beside the listening loop (notifications keep coming meanwhile, and
+        what it reads is kept only if its caller did not change: `CopyToken`)."""
+        if warm is None:
+            return
+
+        async def run() -> None:
+            try:
+                await warm()
+            except Exception as error:  # copies are then made as callers are read
+                logger.info("caller copies: not warmed (%s)", type(error).__name__)
+
+        self._warming = asyncio.create_task(run(), name="elaoms-caller-copies-warm")
 
     # Listening ---------------------------------------------------------------------------
-    def start(self, database_url: str, connect_timeout: float, send: ProbeSender) -> None:
+    def start(
+        self,
+        database_url: str,
+        connect_timeout: float,
+        send: ProbeSender,
+        warm: Warmer | None = None,
+    ) -> None:
         """Listen from now on (in the running event loop), reconnecting after a loss.
         `send(channel, payload)` notifies from another connection than the listening one
-        (the store's pool)."""
+        (the store's pool); `warm()` fills the copies each time listening (re)starts."""
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(
-                self._listen(database_url, connect_timeout, send), name="elaoms-caller-copies"
+                self._listen(database_url, connect_timeout, send, warm),
+                name="elaoms-caller-copies",
             )
 
-    async def _listen(self, database_url: str, connect_timeout: float, send: ProbeSender) -> None:
+    async def _listen(
+        self, database_url: str, connect_timeout: float, send: ProbeSender, warm: Warmer | None
+    ) -> None:
         import psycopg
 
         failures = 0
@@ -211,6 +239,7 @@ class CallerCopies:
                     await connection.execute(f"LISTEN {CHANNEL}")
                     await self._hear_probe(connection, connect_timeout, send)
                     self._begin_session()
+                    self._warm(warm)
                     if failures:
                         logger.info("caller copies: listening again for changes")
                     failures = 0
