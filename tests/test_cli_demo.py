@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from elaoms.elevenlabs.agent_profiles import AgentConfigFiles
+
 from conftest import (
     HMAC_KEY,
     REPO_ROOT,
@@ -172,3 +176,28 @@ def test_an_agent_that_does_not_allow_the_override_is_named_as_the_reason(
     answer = json.loads(shown.stdout)
     assert "conversation_config_override" not in answer
     assert "does not allow a first-message override" in answer["greeting_withheld"]
+
+
+def test_bundled_agents_are_read_once_and_other_agents_cost_no_disk_access(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every delivery and client-data request asks for its agent's file: only
+    AGENT_CONFIG_DIR is looked at each time (a file added there is used at once)."""
+    bundled = AgentConfigFiles(None)
+    demo = bundled.get("agent_elaoms_demo")
+    assert demo is not None
+
+    def no_disk(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"disk access for {self}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "stat", no_disk)
+        patched.setattr(Path, "is_file", no_disk)
+        assert bundled.get("agent_elaoms_demo") is demo
+        assert bundled.get("agent_7201kb3x9tq8f5sv2m0d4hnp6e") is None
+
+    configured = AgentConfigFiles(tmp_path)
+    agent = load_fixture("agent")
+    assert configured.get(agent["agent_id"]) is None
+    (tmp_path / f"{agent['agent_id']}.json").write_text(json.dumps(agent))
+    assert configured.get(agent["agent_id"]) is not None

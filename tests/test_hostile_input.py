@@ -22,15 +22,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from elaoms.crypto import MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
+from elaoms.crypto import CHUNK_SIZE, MAGIC, VERBATIM, EncryptionConfigError, PayloadCipher
 from elaoms.webhooks import streaming
 from elaoms.webhooks.signature import sign
+from elaoms.webhooks.storage import WebhookStorage
 
 from conftest import (
     HMAC_KEY,
     WORKSPACE_SECRET,
     ServiceProcess,
     load_fixture,
+    make_settings,
     signed_headers,
     transcription,
     wait_until,
@@ -441,6 +443,37 @@ def test_signed_deliveries_and_quarantined_bodies_are_encrypted_on_disk(
     bodies = list((root / "quarantine").glob("*.body"))
     assert [cipher.decrypt(path.read_bytes()) for path in bodies] == [bad_audio]
     assert all(b"conv_bad_audio" not in path.read_bytes() for path in bodies)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_body_under_a_chunk_never_reaches_a_file_and_a_larger_one_streams_to_one(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    cipher = PayloadCipher(Fernet.generate_key().decode(), enabled=True) if encrypted else None
+    storage = WebhookStorage(make_settings(tmp_path), cipher or PayloadCipher())
+    storage.prepare()
+    incoming = tmp_path / "webhooks" / "_incoming"
+
+    small = storage.incoming()
+    assert not small.write(b'{"type": "post_call_transcription"}')
+    assert small.held() == b'{"type": "post_call_transcription"}'
+    assert not any(incoming.iterdir())  # nothing on disk: handed over from memory
+    small.discard()
+
+    large = storage.incoming()
+    body = os.urandom(CHUNK_SIZE + 10)
+    if large.write(body):
+        large.flush()
+    assert large.held() is None  # one chunk is in the file already
+    large.finish()
+    assert large.read_all() == body and len(large) == len(body)
+    large.discard()
+    assert not any(incoming.iterdir())
+
+    empty = storage.incoming()
+    empty.finish()  # a finished body always has its file (audio of no bytes is kept)
+    assert empty.held() is None and empty.read_all() == b""
+    empty.discard()
 
 
 # The on-disk format ----------------------------------------------------------------------

@@ -309,30 +309,49 @@ class AgentProfiles:
 
 
 class AgentConfigFiles:
-    """Agent configurations supplied as files (no API needed), read once per change."""
+    """Agent configurations supplied as files (no API needed), read once per change.
+
+    The demo agents bundled with the package do not change while it runs: their names
+    are listed once and each is read once, so an agent that is not among them costs no
+    disk access (a stat on the event loop for every delivery and client-data request
+    before). Only AGENT_CONFIG_DIR is looked at on every call, for files added or changed."""
 
     def __init__(self, config_dir: Path | None) -> None:
-        self.dirs = [path for path in (config_dir, DEMO_AGENTS_DIR) if path is not None]
+        self.config_dir = config_dir
+        self._bundled: frozenset[str] | None = None  # agent ids of DEMO_AGENTS_DIR
         # Per agent id: the file read, its modification time, and what it held.
         self._loaded: dict[str, tuple[Path, float, AgentProfile | None]] = {}
+
+    def _bundled_ids(self) -> frozenset[str]:
+        if self._bundled is None:
+            try:
+                names = [path.stem for path in DEMO_AGENTS_DIR.glob("*.json")]
+            except OSError:
+                names = []
+            self._bundled = frozenset(names)
+        return self._bundled
 
     def path_of(self, agent_id: str) -> Path | None:
         """The file holding this agent's configuration, if any."""
         if not valid_agent_id(agent_id):  # it becomes a file name
             return None
-        for directory in self.dirs:
-            path = directory / f"{agent_id}.json"
+        if self.config_dir is not None:
+            path = self.config_dir / f"{agent_id}.json"
             if path.is_file():
                 return path
+        if agent_id in self._bundled_ids():
+            return DEMO_AGENTS_DIR / f"{agent_id}.json"
         return None
 
     def get(self, agent_id: str) -> AgentProfile | None:
         path = self.path_of(agent_id)
         if path is None:
             return None
+        known = self._loaded.get(agent_id)
+        if known is not None and known[0] == path and path.parent == DEMO_AGENTS_DIR:
+            return known[2]  # bundled: read once
         try:
             changed = path.stat().st_mtime
-            known = self._loaded.get(agent_id)
             if known is not None and known[:2] == (path, changed):
                 return known[2]
             raw = json.loads(path.read_text(encoding="utf-8"))

@@ -62,7 +62,8 @@ async def post_call(
         raise _storage_failed(error) from None
     try:
         # The body goes to a temporary file as it arrives (the MAC over the same stream):
-        # never held whole in memory, and named only once the signature holds.
+        # never more than a chunk of it in memory (a smaller body never reaches the file),
+        # and named only once the signature holds.
         try:
             async for chunk in request.stream():
                 verifier.update(chunk)
@@ -71,7 +72,6 @@ async def post_call(
             verifier.verify()
         except SignatureError as error:
             raise _refused(auth_monitor, source, error) from None
-        await asyncio.to_thread(incoming.finish)
         acknowledgement = await ingest.receive(incoming)
     except OSError as error:
         raise _storage_failed(error) from None

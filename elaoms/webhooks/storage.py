@@ -33,6 +33,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from elaoms.config import Settings
 from elaoms.crypto import (
@@ -85,33 +86,54 @@ def safe_name(value: str) -> str:
 
 class StreamedFile:
     """A file written chunk by chunk through the cipher, under a temporary name until
-    `WebhookStorage` moves it into place. Never holds more than one chunk in memory."""
+    `WebhookStorage` moves it into place. Never holds more than one chunk in memory.
 
-    def __init__(self, path: Path, cipher: PayloadCipher, file_mode: int) -> None:
+    The file is created with the first chunk written to it: a body smaller than a chunk
+    (every delivery but audio) stays in memory until `finish`, and `held` hands it over
+    without a write and a read back of the disk."""
+
+    def __init__(self, path: Path, cipher: PayloadCipher, file_mode: int, dir_mode: int) -> None:
         self.path = path
         self._cipher = cipher
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
-        self._handle = os.fdopen(fd, "wb")
-        self._writer: ChunkWriter = cipher.writer(self._handle)
+        self._file_mode = file_mode
+        self._dir_mode = dir_mode
+        self._handle: BinaryIO | None = None
+        self._writer: ChunkWriter | None = None
+        self._written = 0  # plain bytes handed to the writer
         self._buffer = bytearray()
         self.finished = False
 
     @property
     def size(self) -> int:
         """Plain bytes written so far."""
-        return self._writer.plain_bytes + len(self._buffer)
+        return self._written + len(self._buffer)
 
     def __len__(self) -> int:
         return self.size
+
+    def held(self) -> bytes | None:
+        """The whole body when none of it has gone to the file (it is under a chunk and
+        not finished); None once the file exists."""
+        return bytes(self._buffer) if self._handle is None and not self.finished else None
 
     def write(self, data: bytes) -> bool:
         """Buffer `data`; True when a chunk is ready for `flush` (which does the I/O)."""
         self._buffer += data
         return len(self._buffer) >= CHUNK_SIZE
 
+    def _file(self) -> ChunkWriter:
+        if self._writer is None:
+            ensure_private_dir(self.path.parent, self._dir_mode)
+            # O_EXCL: a name taken by someone else fails loudly.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
+            self._handle = os.fdopen(fd, "wb")
+            self._writer = self._cipher.writer(self._handle)
+        return self._writer
+
     def flush(self) -> None:
         if self._buffer:
-            self._writer.write(bytes(self._buffer))
+            self._file().write(bytes(self._buffer))
+            self._written += len(self._buffer)
             self._buffer.clear()
 
     def finish(self) -> None:
@@ -119,8 +141,10 @@ class StreamedFile:
         fsynced here: most bodies are read once and dropped; `sync` makes one durable."""
         if self.finished:
             return
+        writer = self._file()  # created even when empty: `open` and `_place` need it
         self.flush()
-        self._writer.close()
+        writer.close()
+        assert self._handle is not None
         self._handle.close()
         self.finished = True
 
@@ -140,7 +164,10 @@ class StreamedFile:
             return reader.read()
 
     def discard(self) -> None:
-        """Drop the temporary file (a no-op once it has been moved into place)."""
+        """Drop the temporary file (a no-op once it has been moved into place, or when it
+        was never created)."""
+        if self._handle is None:
+            return
         if not self._handle.closed:
             self._handle.close()
         self.path.unlink(missing_ok=True)
@@ -180,7 +207,13 @@ class WebhookStorage:
 
     def prepare(self) -> None:
         """Create the directories; raise OSError when the disk is not usable."""
-        for directory in (self.root, self.pending_root, self.audio_root, self.quarantine_root):
+        for directory in (
+            self.root,
+            self.root / INCOMING_DIR,
+            self.pending_root,
+            self.audio_root,
+            self.quarantine_root,
+        ):
             ensure_private_dir(directory, self.dir_mode)
         self._drop_stale_incoming()
 
@@ -194,10 +227,10 @@ class WebhookStorage:
         return self._streamed(self.audio_root, ".mp3")
 
     def _streamed(self, directory: Path, suffix: str) -> StreamedFile:
-        ensure_private_dir(directory, self.dir_mode)
-        # Created with O_EXCL by StreamedFile: a name taken by someone else fails loudly.
+        # The directory and the file are made with the first chunk (StreamedFile._file):
+        # nothing touches the disk for a body that stays in memory.
         path = directory / f".tmp-{secrets.token_hex(8)}{suffix}"
-        return StreamedFile(path, self.cipher, self.file_mode)
+        return StreamedFile(path, self.cipher, self.file_mode, self.dir_mode)
 
     def _place(self, streamed: StreamedFile, target: Path) -> Path:
         """Move a finished streamed file to `target` (copied when on another disk)."""
