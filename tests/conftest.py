@@ -121,6 +121,10 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: no real API
         "LOG_LEVEL": "INFO",
         "SEARCH_EMBEDDINGS": "off",
+        # A healthy store answers `received`: the 2 s default was once missed by a loaded
+        # host's store, and the answer said `queued`. Tests of the deadline itself (a store
+        # that hangs or is down) set their own.
+        "POST_CALL_STORE_TIMEOUT_MS": "20000",
     }
     env.update(overrides)
     return env
