@@ -351,3 +351,16 @@ def wait_until(
             return result
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def pending_deliveries(webhooks: Path) -> list[Path]:
+    """The deliveries a service keeps queued under its `webhooks` folder."""
+    folder = webhooks / "_pending"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def wait_settled(webhooks: Path) -> None:
+    """Wait until a service has no delivery queued: each is stored and its hooks (profile
+    preparation) have run, which happen after the webhook's answer. A check that something
+    did *not* happen is only meaningful after this."""
+    wait_until(lambda: not pending_deliveries(webhooks))

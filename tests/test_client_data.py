@@ -15,7 +15,14 @@ from elaoms.memory.sqlite import SQLiteStore
 from elaoms.personalization.schemas import ClientDataRequest, ClientDataResponse
 from elaoms.personalization.service import compose_answer
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, load_fixture, transcription, wait_until
+from conftest import (
+    WORKSPACE_SECRET,
+    ServiceProcess,
+    load_fixture,
+    transcription,
+    wait_settled,
+    wait_until,
+)
 from standins import (
     AGENT_ID,
     ElevenLabsStandIn,
@@ -113,12 +120,16 @@ def test_first_time_caller_gets_every_variable_and_the_agents_own_greeting(
     assert "conversation_config_override" not in answer
 
 
-def test_withheld_numbers_are_first_time_callers(client: httpx.Client) -> None:
+def test_withheld_numbers_are_first_time_callers(
+    client: httpx.Client, server: ServiceProcess
+) -> None:
     answer, _ = ask(client, None)
     assert answer["dynamic_variables"]["caller_id"] == ""
     assert answer["dynamic_variables"]["is_returning_caller"] is False
     # Every "anonymous" caller shares that caller ID: none may hear another's greeting.
     deliver(client, call("conv_anon_1", "anonymous"))
+    # Stored, and its profile hook run (after the answer): only then is "no greeting" shown.
+    wait_settled(server.data_dir / "webhooks")
     for _ in range(3):
         answer, _ = ask(client, "anonymous")
         assert answer["dynamic_variables"]["call_count"] == 0
