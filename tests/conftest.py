@@ -364,3 +364,12 @@ def wait_settled(webhooks: Path) -> None:
     preparation) have run, which happen after the webhook's answer. A check that something
     did *not* happen is only meaningful after this."""
     wait_until(lambda: not pending_deliveries(webhooks))
+
+
+def clear_of_window_edge(window_seconds: float, needed: float = 30.0) -> None:
+    """Anomaly counts run in fixed windows (epoch-aligned, `window_seconds` long): a burst
+    that straddles an edge is counted in two. When fewer than `needed` seconds are left in
+    the current window, wait for the next one to begin."""
+    left = window_seconds - time.time() % window_seconds
+    if left < needed:
+        time.sleep(left + 0.05)
