@@ -196,8 +196,8 @@ class ServiceProcess:
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
+            try:  # a clean shutdown (pending work drained) takes a loaded host a while
+                self.process.wait(WAIT_BOUND)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -234,7 +234,9 @@ class InThreadServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(WAIT_BOUND)
+        if self.thread.is_alive():
+            raise RuntimeError("in-thread server did not stop")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)

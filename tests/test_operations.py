@@ -301,13 +301,10 @@ def test_source_ip_allowlist_and_trusted_proxy_header(settings_factory) -> None:
 
 
 def test_elaoms_purge_applies_retention_from_the_command_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT, base_env
+    from conftest import base_env, run_cli
 
     data = tmp_path / "data"
-    env = {**os.environ, **base_env(data), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, **base_env(data)}
     storage_dir = data / "webhooks" / caller_dir_name("+14155550706")
     old = storage_dir / "post_call_transcription__conv_ancient.json"
     fresh = storage_dir / "post_call_transcription__conv_recent.json"
@@ -317,8 +314,7 @@ def test_elaoms_purge_applies_retention_from_the_command_line(tmp_path: Path) ->
     long_ago = time.time() - 40 * 86400
     os.utime(old, (long_ago, long_ago))
 
-    command = [sys.executable, "-m", "elaoms.cli", "purge", "--days", "30", "--json"]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    result = run_cli("purge", "--days", "30", "--json", env=env, cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"files": 1, "bytes": 2, "unclaimed_audio": 0}
