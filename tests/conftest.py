@@ -121,6 +121,10 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "ELEVENLABS_API_BASE_URL": "http://127.0.0.1:9",  # nothing listens: no real API
         "LOG_LEVEL": "INFO",
         "SEARCH_EMBEDDINGS": "off",
+        # A healthy store answers `received`: the 2 s default was once missed by a loaded
+        # host's store, and the answer said `queued`. Tests of the deadline itself (a store
+        # that hangs or is down) set their own.
+        "POST_CALL_STORE_TIMEOUT_MS": "20000",
     }
     env.update(overrides)
     return env
@@ -192,8 +196,8 @@ class ServiceProcess:
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
+            try:  # a clean shutdown (pending work drained) takes a loaded host a while
+                self.process.wait(WAIT_BOUND)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -230,7 +234,9 @@ class InThreadServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(WAIT_BOUND)
+        if self.thread.is_alive():
+            raise RuntimeError("in-thread server did not stop")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
@@ -347,3 +353,25 @@ def wait_until(
             return result
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def pending_deliveries(webhooks: Path) -> list[Path]:
+    """The deliveries a service keeps queued under its `webhooks` folder."""
+    folder = webhooks / "_pending"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def wait_settled(webhooks: Path) -> None:
+    """Wait until a service has no delivery queued: each is stored and its hooks (profile
+    preparation) have run, which happen after the webhook's answer. A check that something
+    did *not* happen is only meaningful after this."""
+    wait_until(lambda: not pending_deliveries(webhooks))
+
+
+def clear_of_window_edge(window_seconds: float, needed: float = 30.0) -> None:
+    """Anomaly counts run in fixed windows (epoch-aligned, `window_seconds` long): a burst
+    that straddles an edge is counted in two. When fewer than `needed` seconds are left in
+    the current window, wait for the next one to begin."""
+    left = window_seconds - time.time() % window_seconds
+    if left < needed:
+        time.sleep(left + 0.05)

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from elaoms.memory.openmemory import OpenMemoryStore
 
-from conftest import free_port
+from conftest import WAIT_BOUND, free_port
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
@@ -269,7 +269,7 @@ class StandIn:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_BOUND
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("OpenMemory stand-in did not start")
@@ -280,7 +280,9 @@ class StandIn:
         """Close the port: clients see connection refused, as with a server that is down."""
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
-            self._thread.join(10)
+            self._thread.join(WAIT_BOUND)
+            if self._thread.is_alive():  # its port would still answer: not "down"
+                raise RuntimeError("OpenMemory stand-in did not stop")
             self._server = None
 
     def reset(self) -> None:

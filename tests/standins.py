@@ -22,7 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from conftest import WORKSPACE_SECRET, free_port, load_fixture, signed_headers, wait_until
+from conftest import (
+    WAIT_BOUND,
+    WORKSPACE_SECRET,
+    free_port,
+    load_fixture,
+    signed_headers,
+    wait_until,
+)
 
 INSTALL_HINT = "redis-server is not installed: run scripts/install-test-services.sh"
 
@@ -47,7 +54,7 @@ class ThreadedApp:
 
     def __enter__(self) -> ThreadedApp:
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_BOUND
         while not self.server.started:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{type(self).__name__} did not start")
@@ -56,7 +63,7 @@ class ThreadedApp:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(WAIT_BOUND)
 
     def _record(self, request: Request) -> None:
         self.requests.append((request.method, request.url.path, dict(request.headers)))
@@ -240,7 +247,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_BOUND
         while time.monotonic() < deadline:
             if self.ping():
                 return self

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,22 @@ class Conversations(ElevenLabsStandIn):
         self.throttle_cursor: str | None = None  # first request for it gets a 429
         self.hold_cursor: str | None = None  # requests for it hang until `release`
         self.release = threading.Event()
+        # Seconds a conversation fetch waits for another one to be in flight: concurrent
+        # fetches then overlap however a loaded host spaces their arrivals (20 ms did not).
+        self.overlap_wait = 0.0
         self._lock = threading.Lock()
 
-    async def _observed(self, handler: Any, request: Request) -> Response:
+    async def _observed(
+        self, handler: Any, request: Request, overlap_wait: float = 0.0
+    ) -> Response:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(0.02)  # long enough for concurrent requests to overlap
+            deadline = time.monotonic() + overlap_wait
+            while self.max_in_flight < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             return await handler(request)
         finally:
             with self._lock:
@@ -78,7 +87,7 @@ class Conversations(ElevenLabsStandIn):
 
     async def _conversation(self, request: Request) -> Response:
         self.fetched.append(request.path_params["conversation_id"])
-        return await self._observed(super()._conversation, request)
+        return await self._observed(super()._conversation, request, self.overlap_wait)
 
 
 def add_calls(api: Conversations) -> list[str]:
@@ -144,6 +153,9 @@ def test_backfill_stores_every_page_within_the_limit_and_a_second_run_stores_not
 ) -> None:
     finished = add_calls(api)
     api.throttle_cursor = "3"  # the second page answers 429 first
+    # Ended by the first overlap; a client that fetches one at a time waits it out each time
+    # (well below the backfill's own 30 s request timeout).
+    api.overlap_wait = 5.0
 
     report = report_of(backfill("--agent", AGENT_ID, "--page-size", "3", "--concurrency", "2"))
 

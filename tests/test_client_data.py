@@ -15,7 +15,14 @@ from elaoms.memory.sqlite import SQLiteStore
 from elaoms.personalization.schemas import ClientDataRequest, ClientDataResponse
 from elaoms.personalization.service import compose_answer
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, load_fixture, transcription, wait_until
+from conftest import (
+    WORKSPACE_SECRET,
+    ServiceProcess,
+    load_fixture,
+    transcription,
+    wait_settled,
+    wait_until,
+)
 from standins import (
     AGENT_ID,
     ElevenLabsStandIn,
@@ -88,8 +95,8 @@ def test_requires_the_workspace_api_key(client: httpx.Client) -> None:
     assert wrong.status_code == 401
 
 
-def variable_of(client: httpx.Client, caller: str, name: str) -> object:
-    return ask(client, caller)[0]["dynamic_variables"].get(name)
+def variable_of(client: httpx.Client, caller: str, name: str, agent_id: str = AGENT_ID) -> object:
+    return ask(client, caller, agent_id)[0]["dynamic_variables"].get(name)
 
 
 def test_first_time_caller_gets_every_variable_and_the_agents_own_greeting(
@@ -113,12 +120,16 @@ def test_first_time_caller_gets_every_variable_and_the_agents_own_greeting(
     assert "conversation_config_override" not in answer
 
 
-def test_withheld_numbers_are_first_time_callers(client: httpx.Client) -> None:
+def test_withheld_numbers_are_first_time_callers(
+    client: httpx.Client, server: ServiceProcess
+) -> None:
     answer, _ = ask(client, None)
     assert answer["dynamic_variables"]["caller_id"] == ""
     assert answer["dynamic_variables"]["is_returning_caller"] is False
     # Every "anonymous" caller shares that caller ID: none may hear another's greeting.
     deliver(client, call("conv_anon_1", "anonymous"))
+    # Stored, and its profile hook run (after the answer): only then is "no greeting" shown.
+    wait_settled(server.data_dir / "webhooks")
     for _ in range(3):
         answer, _ = ask(client, "anonymous")
         assert answer["dynamic_variables"]["call_count"] == 0
@@ -208,7 +219,7 @@ def test_the_greeting_elevenlabs_analysis_wrote_is_used_when_it_holds(
 
 
 def test_overrides_only_where_the_agent_allows_them(
-    client: httpx.Client, elevenlabs: ElevenLabsStandIn
+    client: httpx.Client, elevenlabs: ElevenLabsStandIn, server: ServiceProcess
 ) -> None:
     locked = "agent_locked_0001"
     elevenlabs.add_agent(
@@ -223,6 +234,8 @@ def test_overrides_only_where_the_agent_allows_them(
     answer = deliver_and_wait(
         client, call("conv_locked", "+14155550131", agent_id=locked), "+14155550131"
     )
+    # Known, not merely not fetched yet (an unknown agent allows nothing either).
+    assert f"agent profile {locked} refreshed" in server.logs()
     assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
     assert "conversation_config_override" not in answer
 
@@ -233,9 +246,14 @@ def test_overrides_only_where_the_agent_allows_them(
     answer = deliver_and_wait(client, spanish, "+14155550132")
     assert answer["conversation_config_override"] == {"agent": {"language": "es"}}
 
-    # The agent of another business does not say "welcome back" to this caller.
+    # The agent of another business does not say "welcome back" to this caller, once it is
+    # known (its lookup may outlast the call's budget on a loaded host: waited for).
+    caller = "+14155550133"
+    assert first_message(deliver_and_wait(client, call("conv_other_business", caller), caller))
     other = elevenlabs.add_agent("agent_other_0001")
-    answer, _ = ask(client, "+14155550102", other["agent_id"])
+    ask(client, caller, other["agent_id"])
+    wait_until(lambda: "agent profile agent_other_0001 refreshed" in server.logs())
+    answer, _ = ask(client, caller, other["agent_id"])
     assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
     assert first_message(answer) is None
 
@@ -255,6 +273,8 @@ def test_every_placeholder_the_agent_declares_is_filled(
             }
         },
     )
+    # The agent's lookup may outlast the call's budget on a loaded host: wait for it.
+    wait_until(lambda: variable_of(client, "+14155550140", "clinic_hours", agent["agent_id"]))
     answer, elapsed = ask(client, "+14155550141", agent["agent_id"])
     assert elapsed < DEADLINE
     variables = answer["dynamic_variables"]
@@ -267,14 +287,16 @@ def test_every_placeholder_the_agent_declares_is_filled(
 def test_unknown_agent_gets_the_default_answer(
     client: httpx.Client, elevenlabs: ElevenLabsStandIn, server: ServiceProcess
 ) -> None:
-    answer, elapsed = ask(client, "+14155550102", "agent_does_not_exist")
+    caller = "+14155550103"  # a returning caller of this test's own
+    assert first_message(deliver_and_wait(client, call("conv_unknown_agent", caller), caller))
+    answer, elapsed = ask(client, caller, "agent_does_not_exist")
     assert elapsed < DEADLINE
     assert answer["dynamic_variables"]["caller_name"] == "Maria Lopez"
     assert "conversation_config_override" not in answer  # nothing is known to be allowed
     # The lookup may outlast the call's budget on a loaded host: wait until its 404 is in.
     wait_until(lambda: "agent profile agent_does_not_exist not fetched" in server.logs())
     for _ in range(3):
-        ask(client, "+14155550102", "agent_does_not_exist")
+        ask(client, caller, "agent_does_not_exist")
     # A missing agent is not asked for again on every call.
     assert elevenlabs.agent_fetches("agent_does_not_exist") == 1
 

@@ -29,6 +29,7 @@ from elaoms.webhooks.storage import caller_dir_name
 from conftest import (
     WORKSPACE_SECRET,
     InThreadServer,
+    clear_of_window_edge,
     load_fixture,
     signed_headers,
     transcription,
@@ -524,10 +525,15 @@ def test_the_agents_page_lists_the_agents_calls_name(console: Console) -> None:
 def test_the_health_page_shows_store_disk_and_recent_alerts(
     settings_factory: Callable[..., Settings],
 ) -> None:
-    settings = settings_factory(console_secret=SECRET, anomaly_failure_threshold=1)
+    # Failures are counted per fixed window: a day, the two kept clear of its edge.
+    window = 86400
+    settings = settings_factory(
+        console_secret=SECRET, anomaly_failure_threshold=1, anomaly_window_seconds=window
+    )
     with InThreadServer(settings) as server:
         operator, guesser = Console(server), Console(server)
         operator.sign_in()
+        clear_of_window_edge(window)
         guesser.sign_in("wrong")
         guesser.sign_in("wrong again")
         page = wait_until(

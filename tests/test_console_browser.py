@@ -23,7 +23,15 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from conftest import REPO_ROOT, ServiceProcess, free_port, signed_headers, transcription, wait_until
+from conftest import (
+    REPO_ROOT,
+    WAIT_BOUND,
+    ServiceProcess,
+    free_port,
+    signed_headers,
+    transcription,
+    wait_until,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -91,7 +99,9 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1100, "height": 1400})
-    context.set_default_timeout(15_000)
+    # Bounds that only report a hang: a loaded host's browser and service take their time.
+    context.set_default_timeout(WAIT_BOUND * 1000)
+    expect.set_options(timeout=WAIT_BOUND * 1000)
     tab = context.new_page()
     yield tab
     context.close()

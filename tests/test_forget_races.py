@@ -15,7 +15,7 @@ from elaoms.operations.cache import TwoLevelCache, caller_key
 from elaoms.operations.privacy import forget_caller
 from elaoms.services import Services
 
-from conftest import ServiceProcess, make_settings, transcription, wait_until
+from conftest import WAIT_BOUND, ServiceProcess, make_settings, transcription, wait_until
 from standins import LLMStandIn, RedisServer, ask, deliver
 
 CALLER = "+13125550177"
@@ -52,13 +52,14 @@ def test_a_caller_forgotten_while_their_greeting_is_written_is_not_greeted_by_na
                 payload = transcription("conv_forget_race", caller=CALLER)
                 delivery = threading.Thread(target=deliver, args=(client, payload))
                 delivery.start()
-                assert writing.wait(30), "the greeting was never asked for"
+                assert writing.wait(WAIT_BOUND), "the greeting was never asked for"
                 response = client.delete(
                     "/admin/callers/%2B13125550177", headers={"X-Admin-Key": ADMIN_KEY}
                 )
                 assert response.status_code == 200, response.text
                 release.set()
-                delivery.join(30)
+                delivery.join(WAIT_BOUND)
+                assert not delivery.is_alive()
                 # The greeting's writer has finished, one way or the other.
                 wait_until(
                     lambda: (
@@ -78,17 +79,22 @@ def test_a_caller_forgotten_while_their_greeting_is_written_is_not_greeted_by_na
 def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    settings = make_settings(tmp_path, redis_url=redis_server.url)
+    # The 50 ms default would send this process to its own cache on a loaded host: nothing
+    # would reach Redis then, and the test pass without showing anything.
+    settings = make_settings(tmp_path, redis_url=redis_server.url, redis_timeout_ms=1000)
 
     async def scenario() -> Any:
         services = Services.build(settings)
         store = services.store
+        # Another worker, reading Redis each time (no copy of its own).
+        other_worker = TwoLevelCache(settings.redis_url, operation_timeout=1.0)
         try:
             payload = transcription("conv_redis_race", caller=CALLER)
             await store.add_call(
                 CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
             )
             await services.personalization.prepare_caller(CALLER)
+            assert await other_worker.get(caller_key(CALLER), local_ttl=0) is not None
             # Cold: only the store has the profile, as on a replica that never saw the call.
             await services.personalization.cache.invalidate_caller(CALLER)
             read = store.get_caller_profile
@@ -102,12 +108,9 @@ def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
             store.get_caller_profile = read_then_forget  # type: ignore[method-assign]
             await services.personalization.caller_profile(CALLER)
             # What every worker's next client-data finds in Redis.
-            other_worker = TwoLevelCache(settings.redis_url)
-            try:
-                return await other_worker.get(caller_key(CALLER))
-            finally:
-                await other_worker.close()
+            return await other_worker.get(caller_key(CALLER), local_ttl=0)
         finally:
+            await other_worker.close()
             await services.close()
 
     assert asyncio.run(scenario()) is None

@@ -42,6 +42,7 @@ from conftest import (
     make_settings,
     signed_headers,
     transcription,
+    wait_settled,
     wait_until,
 )
 from standins import deliver_and_wait
@@ -91,10 +92,13 @@ def stored_caller(server: ServiceProcess, conversation_id: str) -> str | None:
 
 
 def deliver_stored(client: httpx.Client, server: ServiceProcess, payload: dict[str, Any]) -> str:
-    """Deliver a call and wait until the store has it; the key it is filed under."""
+    """Deliver a call and wait until the store has it and its hooks have run (a profile
+    prepared, or none: what the checks after it are about); the key it is filed under."""
     assert post(client, payload).status_code == 200
     conversation_id = payload["data"]["conversation_id"]
-    return str(wait_until(lambda: stored_caller(server, conversation_id), timeout=15))
+    key = str(wait_until(lambda: stored_caller(server, conversation_id), timeout=15))
+    wait_settled(server.data_dir / "webhooks")
+    return key
 
 
 def search(client: httpx.Client, query: str, **fields: Any) -> httpx.Response:

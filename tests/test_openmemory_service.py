@@ -111,7 +111,10 @@ def test_a_call_made_while_the_server_is_down_is_queued_and_stored_later(
     try:
         answer = deliver(client, transcription("conv_om_down", BOB))
         assert answer == {"status": "queued"}
-        time.sleep(0.5)  # a sweep or two fail while it is down
+        # Its retries over, a sweep fails too while the server is down.
+        wait_until(
+            lambda: "post_call_transcription__conv_om_down.json not stored yet" in service.logs()
+        )
         assert stored_call(service, "conv_om_down") is None
     finally:
         standin.start()

@@ -32,10 +32,10 @@ from elaoms.memory.postgres_copies import (
 )
 from elaoms.payloads import decode, encode
 
-from conftest import transcription
+from conftest import WAIT_BOUND, transcription
 from openmemory_standin import Run, run  # noqa: F401 - fixture by name
 
-WAIT = 20.0  # seconds a condition may take on a loaded machine (met in milliseconds)
+WAIT = WAIT_BOUND  # what a condition may take on a loaded machine (met in milliseconds)
 
 
 async def until(condition: Callable[[], Any], what: str) -> None:

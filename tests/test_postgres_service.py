@@ -231,7 +231,7 @@ def test_a_forget_on_one_replica_deletes_the_callers_files_on_every_replica(
             forgets = connection.execute("SELECT count(*) FROM forget_requests").fetchone()
         assert forgets == (1,)
         # Applied once: the replica's later passes leave the new call's files alone.
-        wait_until(lambda: (second.data_dir / "webhooks" / ".forgets-applied").read_text() == "1")
+        wait_until(lambda: forgets_applied(second) == "1")
         with second.client() as client:
             assert ask(client, MARIA)[0]["dynamic_variables"]["call_count"] == 1
         assert caller_files(second) == kept

@@ -86,7 +86,15 @@ def test_forget_removes_the_caller_s_receipts_and_profile_from_redis_and_keys_hi
 ) -> None:
     admin = "admin-key-for-redis-privacy"
     server = ServiceProcess(
-        tmp_path / "svc", env={"REDIS_URL": redis_server.url, "ADMIN_API_KEY": admin}
+        tmp_path / "svc",
+        env={
+            "REDIS_URL": redis_server.url,
+            # The 50 ms default sends a loaded machine's service to its own cache for a
+            # while: the receipt and profile would then never reach Redis, nor their
+            # deletion by the forget.
+            "REDIS_TIMEOUT_MS": "1000",
+            "ADMIN_API_KEY": admin,
+        },
     ).start()
     client_redis = redis.Redis.from_url(redis_server.url, decode_responses=True)
     receipt = "elaoms:delivery:post_call_transcription:conv_redis_forget"

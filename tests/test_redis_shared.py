@@ -7,8 +7,16 @@ import sqlite3
 from pathlib import Path
 
 import httpx
+import redis
 
-from conftest import WORKSPACE_SECRET, ServiceProcess, signed_headers, transcription, wait_until
+from conftest import (
+    WORKSPACE_SECRET,
+    ServiceProcess,
+    clear_of_window_edge,
+    signed_headers,
+    transcription,
+    wait_until,
+)
 from standins import RedisServer
 
 
@@ -36,12 +44,17 @@ def test_a_delivery_stored_by_one_replica_is_answered_by_another_without_a_write
     first = replica(tmp_path / "a", redis_server.url)
     second = replica(tmp_path / "b", redis_server.url)
     payload = transcription("conv_shared_receipt", caller="+14155550801")
+    receipt = "elaoms:delivery:post_call_transcription:conv_shared_receipt"
+    shared = redis.Redis.from_url(redis_server.url)
     try:
         with first.client() as client:
             original = post(client, payload).json()
+        # The receipt reaches Redis just after the answer (the same task goes on to it).
+        wait_until(lambda: shared.get(receipt))
         with second.client() as client:
             replayed = post(client, payload).json()
     finally:
+        shared.close()
         first.stop()
         second.stop()
     assert original["status"] == "received"
@@ -53,9 +66,18 @@ def test_a_delivery_stored_by_one_replica_is_answered_by_another_without_a_write
 def test_auth_failures_on_two_replicas_add_up_to_one_alert(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    env = {"ANOMALY_FAILURE_THRESHOLD": "5", "ANOMALY_WINDOW_SECONDS": "600"}
+    # Counted per fixed window: a day, and the burst kept clear of its edge (straddling
+    # one, it would be two counts of 3).
+    window = 86400
+    env = {"ANOMALY_FAILURE_THRESHOLD": "5", "ANOMALY_WINDOW_SECONDS": str(window)}
     replicas = [replica(tmp_path / name, redis_server.url, **env) for name in ("a", "b")]
+    shared = redis.Redis.from_url(redis_server.url)
+
+    def counted() -> int:
+        return sum(int(shared.get(key) or 0) for key in shared.keys("elaoms:auth-failures:*"))
+
     try:
+        clear_of_window_edge(window)
         for server in replicas:  # 3 + 3 failures: neither replica alone passes 5
             with server.client() as client:
                 for _ in range(3):
@@ -63,8 +85,12 @@ def test_auth_failures_on_two_replicas_add_up_to_one_alert(
                         "/webhooks/search-data", json={"query": "x"}, headers={"X-Api-Key": "no"}
                     )
                     assert response.status_code == 401
+        # Every failure counted in Redis (in the background, after each answer), then the
+        # one alert: "one, not two" is read only once no count is left to make another.
+        wait_until(lambda: counted() == 6)
         wait_until(lambda: any("ALERT auth_failures" in s.logs() for s in replicas))
     finally:
+        shared.close()
         for server in replicas:
             server.stop()
     assert sum(server.logs().count("ALERT auth_failures") for server in replicas) == 1

@@ -331,7 +331,8 @@ def test_slow_store_answers_by_the_deadline_and_search_writes_nothing(tmp_path: 
         slow = search(client, query="boiler leaking", user_id=ALICE)
         elapsed = time.monotonic() - started
         assert slow.status_code == 200
-        assert elapsed < 1.0
+        # By the 200 ms deadline, not after the 3 s read: room for a loaded host either way.
+        assert elapsed < 2.0
         assert slow.json() == {
             "status": "success",
             "memories_found": 0,

@@ -24,7 +24,7 @@ from elaoms.search import embeddings
 from elaoms.search.indexes import CallerIndexes
 from elaoms.search.ranking import CallerIndex
 
-from conftest import transcription
+from conftest import WAIT_BOUND, transcription
 
 T = TypeVar("T")
 WORKERS = 4
@@ -55,7 +55,7 @@ def _write_calls(path: str, worker: int, start: multiprocessing.synchronize.Even
             )
         await store.close()
 
-    start.wait(30)
+    start.wait(WAIT_BOUND)
     asyncio.run(write())
 
 
@@ -90,7 +90,7 @@ def _open_new_stores(
     folder: str, rounds: int, barrier: multiprocessing.synchronize.Barrier
 ) -> None:
     for number in range(rounds):
-        barrier.wait(30)
+        barrier.wait(WAIT_BOUND)  # each worker spawned and importing: seconds on a busy host
         SQLiteStore(Path(folder) / f"round-{number}.sqlite3")  # raises if it cannot
 
 
