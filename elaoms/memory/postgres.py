@@ -579,7 +579,7 @@ class PostgresStore(MemoryStore):
             "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
             " SELECT id, user_id, kind, content, metadata, created_at FROM unnest("
             "%s::text[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::float8[])"
-            f" WITH ORDINALITY AS row (id, user_id, kind, content, metadata, created_at, n)"
+            " WITH ORDINALITY AS row (id, user_id, kind, content, metadata, created_at, n)"
             f" {condition} ORDER BY n ON CONFLICT (id) DO NOTHING",
             [*columns, *parameters],
         )
