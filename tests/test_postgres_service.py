@@ -3,6 +3,7 @@ with its own data folder (replicas in miniature), on one throw-away PostgreSQL."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -182,10 +183,12 @@ def test_a_call_delivered_while_postgresql_is_down_is_queued_then_stored(
 
 
 def caller_files(service: ServiceProcess) -> list[Path]:
-    webhooks = service.data_dir / "webhooks"
-    return sorted(
-        path for folder in webhooks.glob("c_*") for path in folder.iterdir() if path.is_file()
-    )
+    """The files in the replica's caller folders (which it may be deleting meanwhile)."""
+    files: list[Path] = []
+    for folder in (service.data_dir / "webhooks").glob("c_*"):
+        with contextlib.suppress(FileNotFoundError):  # the folder went as it was listed
+            files += [path for path in folder.iterdir() if path.is_file()]
+    return sorted(files)
 
 
 def forgets_applied(service: ServiceProcess) -> str:
