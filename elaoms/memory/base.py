@@ -83,18 +83,6 @@ class CallHistory:
     newest_marked: dict[str, CallDigest]  # per mark asked for: the newest call carrying it
 
 
-def marked_among(
-    newest: list[CallDigest], marks: Collection[str]
-) -> tuple[dict[str, CallDigest], list[str]]:
-    """Per mark, the newest of `newest` (newest first) carrying it; and the marks none of
-    them carries, which a store looks for among the caller's older calls."""
-    found: dict[str, CallDigest] = {}
-    for mark in marks:
-        if (match := next((digest for digest in newest if mark in digest.marks), None)) is not None:
-            found[mark] = match
-    return found, [mark for mark in marks if mark not in found]
-
-
 @dataclass(frozen=True, slots=True)
 class CallerSummary:
     """One line of the list of callers (the operator console): a caller with a prepared

@@ -25,7 +25,6 @@ from elaoms.memory.base import (
     SavedIndex,
     StoredCall,
     StoreUnavailableError,
-    marked_among,
 )
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, name_key, number_key
@@ -407,10 +406,13 @@ class CallTables:
                 (self.database.key(user_id), TRANSCRIPTION),
             ).fetchone()
             newest = self._digests(connection, user_id, limit=recent)
-            newest_marked, missing = marked_among(newest, marks)
-            for mark in missing if count > len(newest) else ():
-                if older := self._digests(connection, user_id, limit=1, mark=mark):
-                    newest_marked[mark] = older[0]
+            newest_marked: dict[str, CallDigest] = {}
+            for mark in marks:
+                found = next((digest for digest in newest if mark in digest.marks), None)
+                if found is None and count > len(newest):
+                    found = next(iter(self._digests(connection, user_id, limit=1, mark=mark)), None)
+                if found is not None:
+                    newest_marked[mark] = found
         return CallHistory(
             count=count,
             first_started_at=first,
