@@ -297,7 +297,7 @@ class PostgresStore(MemoryStore):
     async def _fetch_one(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         """One statement's first row (see `_fetch_all`)."""
         rows = await self._fetch_all(query, params)
-        return tuple(rows[0]) if rows else None
+        return rows[0] if rows else None
 
     async def _fetch_all(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """One statement's rows, as on the call path (client-data, search): without BEGIN
