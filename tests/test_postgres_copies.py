@@ -29,6 +29,9 @@ from elaoms.memory.postgres_copies import (
     RECENT_CHANGES,
     CallerCopies,
     DeafListenerError,
+    ProfiledCallers,
+    caller_hash,
+    copy_key,
 )
 from elaoms.payloads import decode, encode
 
@@ -134,6 +137,51 @@ def test_copies_are_bounded() -> None:
         copies.keep_profile(caller, copies.token(), stored(caller))
     assert copies.profile("maria") is ABSENT
     assert copies.profile("ana") == stored("ana")
+
+
+def profiled(*callers: str) -> list[int]:
+    return [caller_hash(copy_key(caller)) for caller in callers]
+
+
+def test_a_stranger_is_answered_without_a_read_once_every_profiled_caller_is_known() -> None:
+    copies = listening_copies()
+    assert copies.profile("stranger") is ABSENT  # the profiled callers not read yet
+    token = copies.token()
+    copies.changed("james")  # got a profile while the read was in flight
+    copies.keep_profiled(token, profiled("maria"))
+    assert copies.profile("stranger") is None
+    assert copies.profile("maria") is ABSENT  # has a profile: read from the store
+    assert copies.profile("james") is ABSENT
+    copies.changed("ana")  # a newcomer's first call
+    assert copies.profile("ana") is ABSENT
+
+
+def test_strangers_are_not_answered_from_a_read_that_everyone_changing_made_stale() -> None:
+    copies = listening_copies()
+    token = copies.token()
+    copies.notified(EVERYONE)  # keys rewritten, or a store copied in
+    copies.keep_profiled(token, profiled("maria"))
+    assert copies.profile("stranger") is ABSENT
+    copies.keep_profiled(copies.token(), profiled("maria"))
+    assert copies.profile("stranger") is None
+    copies.notified(EVERYONE)
+    assert copies.profile("stranger") is ABSENT  # read again before trusted
+    copies.keep_profiled(copies.token(), profiled("maria"))
+    copies._end_session()
+    copies._begin_session()
+    assert copies.profile("stranger") is ABSENT  # a new session reads them again
+
+
+def test_profiled_callers_stay_exact_when_their_changes_are_merged() -> None:
+    callers = ProfiledCallers()
+    callers.read(profiled("maria"))
+    for _ in range(2):  # the same callers again: held once
+        for number in range(70_000):  # more than the set keeps before merging
+            callers.changed(copy_key(f"caller {number}"))
+    assert len(callers._read) + len(callers._since) == 70_001
+    assert copy_key("maria") in callers
+    assert copy_key("caller 0") in callers and copy_key("caller 69999") in callers
+    assert copy_key("stranger") not in callers
 
 
 # Two replicas on one database ----------------------------------------------------------
@@ -288,3 +336,55 @@ def test_a_listener_that_hears_nothing_is_not_trusted(postgres_url: str) -> None
                 await connection.close()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most numbers that ring have never called: once a replica knows every caller with a
+    profile, a stranger costs no read, and a newcomer's profile stored by another replica
+    is found within a notification."""
+    monkeypatch.setattr(postgres, "WARM_COPIES", 0)  # every profile is then a read
+    known, newcomer = "+14155550191", "+14155550192"
+
+    async def scenario() -> None:
+        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
+        reads: list[str] = []
+        fetch_all = reader._fetch_all
+
+        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
+            reads.append(query)
+            return await fetch_all(query, params)
+
+        try:
+            await writer.put_caller_profile(known, {"user_id": known, "greeting": "Hi"})
+            await reader.check()  # opens the pool, which starts listening
+            await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
+            monkeypatch.setattr(reader, "_fetch_all", counted)
+            assert await reader.get_caller_profile("+14155550199") is None
+            assert reads == []
+            assert (await reader.get_caller_profile(known) or {})["greeting"] == "Hi"
+            assert len(reads) == 1
+
+            await writer.put_caller_profile(newcomer, {"user_id": newcomer, "greeting": "Yo"})
+            await until_async(
+                lambda: _greeted(reader, newcomer, "Yo"), "the newcomer found on the reader"
+            )
+
+            heard = reader.copies._everyone_at
+            await writer._notify(CHANNEL, EVERYONE)  # as a store copied in says
+            await until(lambda: reader.copies._everyone_at > heard, "EVERYONE heard")
+            await until(lambda: reader.copies.profiled.complete, "the profiled callers read again")
+            reads.clear()
+            assert await reader.get_caller_profile("+14155550199") is None
+            assert reads == []
+            assert (await reader.get_caller_profile(newcomer) or {})["greeting"] == "Yo"
+        finally:
+            await writer.close()
+            await reader.close()
+
+    run(scenario())
+
+
+async def _greeted(store: PostgresStore, caller: str, greeting: str) -> bool:
+    return ((await store.get_caller_profile(caller)) or {}).get("greeting") == greeting

@@ -13,6 +13,11 @@ each process listens on one connection of its own and drops that caller's copies
 it is not listening (starting, or the connection lost) it keeps and serves nothing, so a
 notification missed can never leave a stale copy behind; a read that raced a change is
 not kept (`CopyToken`).
+
+Strangers (most numbers that ring have never called) would each cost a read too. So the
+process also keeps a short hash of every caller who has a profile (`ProfiledCallers`,
+read when listening starts, then grown by the same notifications): a number not among
+them is answered "no profile" without a read.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import contextlib
 import hashlib
 import logging
 import secrets
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Final
 
 from elaoms.memory.base import MemoryVersion
@@ -90,6 +98,53 @@ class CopyToken:
     changes: int
 
 
+def caller_hash(key: str) -> int:
+    """A `copy_key` as the 64-bit number `ProfiledCallers` holds (8 bytes a caller)."""
+    return int(key[:16], 16)
+
+
+class ProfiledCallers:
+    """The callers who have (or may have) a profile, as `caller_hash`es: a sorted array
+    read in one go, and a set of those changed since. Complete only from the read of every
+    profiled caller to the end of the listening session: a caller changed meanwhile is in
+    the set by then, whatever the read saw. A hash shared by two callers only costs a read.
+    """
+
+    def __init__(self) -> None:
+        self.complete = False
+        self._read: array[int] = array("Q")
+        self._since: set[int] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return self._holds(caller_hash(key))
+
+    def changed(self, key: str) -> None:
+        number = caller_hash(key)
+        if not self._holds(number):  # a regular caller's every call would add them again
+            self._since.add(number)
+            if len(self._since) > max(65_536, len(self._read)):
+                self._merge(())  # a set costs eight times the array per caller
+
+    def read(self, numbers: Iterable[int]) -> None:
+        self._merge(numbers)
+        self.complete = True
+
+    def clear(self) -> None:
+        self.complete = False
+        self._read = array("Q")
+        self._since.clear()
+
+    def _holds(self, number: int) -> bool:
+        if number in self._since:
+            return True
+        at = bisect_left(self._read, number)
+        return at < len(self._read) and self._read[at] == number
+
+    def _merge(self, numbers: Iterable[int]) -> None:
+        self._read = array("Q", sorted(chain(self._read, self._since, numbers)))
+        self._since.clear()
+
+
 class CallerCopies:
     """Profiles and memory versions of the callers this process read last (at most `size`
     each, the least recently used dropped first)."""
@@ -101,6 +156,9 @@ class CallerCopies:
         self._session = 0  # odd while listening; each start and end adds one
         self._changes = 0
         self._recent: deque[tuple[int, str]] = deque(maxlen=RECENT_CHANGES)
+        self._everyone_at = 0  # the `_changes` count of the last EVERYONE
+        self.profiled = ProfiledCallers()
+        self._warmer: Warmer | None = None
         self._listener: asyncio.Task[None] | None = None
         self._warming: asyncio.Task[None] | None = None
 
@@ -117,8 +175,10 @@ class CallerCopies:
         ABSENT. Bytes, not the dict: a third of the memory, and every reader decodes a
         dict of its own (tens of microseconds)."""
         key = copy_key(caller_key)
-        if not self.listening or key not in self._profiles:
+        if not self.listening:
             return ABSENT
+        if key not in self._profiles:
+            return None if self.profiled.complete and key not in self.profiled else ABSENT
         self._profiles.move_to_end(key)
         return self._profiles[key]
 
@@ -126,6 +186,12 @@ class CallerCopies:
         key = copy_key(caller_key)
         if self._unchanged_since(key, token):
             self._keep(self._profiles, key, profile)
+
+    def keep_profiled(self, token: CopyToken, numbers: Iterable[int]) -> None:
+        """The `caller_hash` of every caller with a profile, as a read that began at
+        `token` found them."""
+        if self.listening and token.session == self._session and self._everyone_at <= token.changes:
+            self.profiled.read(numbers)
 
     def version(self, caller_key: str) -> MemoryVersion | None:
         key = copy_key(caller_key)
@@ -173,9 +239,14 @@ class CallerCopies:
         if key == EVERYONE:
             self._profiles.clear()
             self._versions.clear()
+            self._everyone_at = self._changes
+            self.profiled.clear()
+            if self.listening:
+                self._warm(self._warmer)  # the callers are read again
         else:
             self._profiles.pop(key, None)
             self._versions.pop(key, None)
+            self.profiled.changed(key)  # whatever changed, they may have a profile now
 
     def _begin_session(self) -> None:
         self._session += 1 if not self.listening else 2
@@ -185,14 +256,18 @@ class CallerCopies:
             self._session += 1
         self._profiles.clear()
         self._versions.clear()
+        self.profiled.clear()
         if self._warming is not None:
             self._warming.cancel()
 
     def _warm(self, warm: Warmer | None) -> None:
         """Run `warm` beside the listening loop (notifications keep coming meanwhile, and
         what it reads is kept only if its caller did not change: `CopyToken`)."""
+        self._warmer = warm
         if warm is None:
             return
+        if self._warming is not None:
+            self._warming.cancel()
 
         async def run() -> None:
             try:
