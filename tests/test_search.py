@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from elaoms.memory.base import IndexState, Memory, MemoryVersion, SavedIndex
+from elaoms.memory.base import IndexState, Memory, MemoryVersion, ProfileKept, SavedIndex
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.search.schemas import SearchResponse
@@ -299,6 +299,12 @@ class SlowRecordingStore(SQLiteStore):
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         self.writes.append("put_caller_profile")
         await super().put_caller_profile(user_id, profile)
+
+    async def keep_caller_profile(
+        self, user_id: str, profile: dict[str, Any], **reads: Any
+    ) -> ProfileKept:
+        self.writes.append("keep_caller_profile")
+        return await super().keep_caller_profile(user_id, profile, **reads)
 
     async def put_agent_profile(
         self, agent_id: str, profile: dict[str, Any], fetched_at: float

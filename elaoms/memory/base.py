@@ -84,6 +84,14 @@ class CallHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class ProfileKept:
+    """What `MemoryStore.keep_caller_profile` found once the profile was written."""
+
+    call_forgotten: bool  # the call it was prepared from was forgotten meanwhile
+    history: CallHistory  # the caller's calls, read after the write
+
+
+@dataclass(frozen=True, slots=True)
 class CallerSummary:
     """One line of the list of callers (the operator console): a caller with a prepared
     profile, as of that profile."""
@@ -305,6 +313,23 @@ class MemoryStore(abc.ABC):
     @abc.abstractmethod
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         """Replace the prepared profile of a caller."""
+
+    async def keep_caller_profile(
+        self,
+        user_id: str,
+        profile: dict[str, Any],
+        *,
+        prepared_from: str,
+        recent: int,
+        marks: Collection[str] = (),
+    ) -> ProfileKept:
+        """`put_caller_profile`, then `is_forgotten(prepared_from)` and `call_history`, in
+        that order (what the post-call hook does after every call): a store that can do
+        the three in one round trip does."""
+        await self.put_caller_profile(user_id, profile)
+        forgotten = await self.is_forgotten(prepared_from)
+        history = await self.call_history(user_id, recent=recent, marks=marks)
+        return ProfileKept(forgotten, history)
 
     # Forgotten conversations -------------------------------------------------------------
     async def forget_conversations(self, conversation_ids: Collection[str]) -> None:

@@ -45,6 +45,7 @@ from elaoms.memory.base import (
     Memory,
     MemoryStore,
     MemoryVersion,
+    ProfileKept,
     SavedIndex,
     StoredCall,
     StoreUnavailableError,
@@ -689,10 +690,15 @@ class PostgresStore(MemoryStore):
     ) -> CallHistory | None:
         """The history in one statement (one snapshot, one round trip: it is read twice
         per delivery); None when the caller's digests do not match their calls
-        (`_complete_digests`' check, made in the same statement).
+        (`_complete_digests`' check, made in the same statement)."""
+        query, parameters = self._history_query(key, recent, marks)
+        return self._history(await self._fetch_all(query, parameters), digests_checked)
 
-        Rows: first the counts, then the newest digests, then per mark the newest digest
-        carrying it (found among the recent ones, or older)."""
+    def _history_query(
+        self, key: str, recent: int, marks: Collection[str]
+    ) -> tuple[str, list[Any]]:
+        """Rows: first the counts, then the newest digests, then per mark the newest
+        digest carrying it (found among the recent ones, or older)."""
         digest = "conversation_id, agent_id, started_at, marks, facts"
         branches = [
             "SELECT '' AS slot, 0::bigint AS n,"
@@ -719,7 +725,12 @@ class PostgresStore(MemoryStore):
                 parameters.append(f" {mark} ")
             branches.append(f"({branch} {NEWEST_FIRST} LIMIT %s)")
             parameters.append(limit)
-        found = await self._fetch_all(" UNION ALL ".join(branches), parameters)
+        return " UNION ALL ".join(branches), parameters
+
+    def _history(
+        self, found: Sequence[tuple[Any, ...]], digests_checked: bool
+    ) -> CallHistory | None:
+        """The rows of `_history_query` as a history (None: digests to complete first)."""
         counts = next(row for row in found if row[0] == "")
         _, _, count, first, last, current, calls = counts[:7]
         if not digests_checked and current != calls:
@@ -1168,16 +1179,47 @@ class PostgresStore(MemoryStore):
             self.copies.keep_profile(key, token, self.cipher.decrypt(bytes(blob)))
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
-        blob = self.cipher.encrypt(encode(profile))
         key = await self._caller_key(user_id)
         async with self._caller_transaction(key, pipeline=True) as connection:
-            await connection.execute(
-                "INSERT INTO caller_profiles (user_id, profile, updated_at) VALUES (%s, %s, %s)"
-                " ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile,"
-                " updated_at = excluded.updated_at",
-                (key, blob, time.time()),
+            await self._put_caller_profile(connection, key, user_id, profile)
+
+    async def keep_caller_profile(
+        self,
+        user_id: str,
+        profile: dict[str, Any],
+        *,
+        prepared_from: str,
+        recent: int,
+        marks: Collection[str] = (),
+    ) -> ProfileKept:
+        # Two round trips, not five: the write, the forget check and the history go
+        # together (read in the writer's transaction: they see what committed before them,
+        # as reads after the commit would, and the caller's writers wait their turn).
+        key = await self._caller_key(user_id)
+        query, parameters = self._history_query(key, recent, marks)
+        async with self._caller_transaction(key, pipeline=True) as connection:
+            await self._put_caller_profile(connection, key, user_id, profile)
+            forgotten = await connection.execute(
+                "SELECT 1 FROM forgotten_conversations WHERE conversation_key = %s",
+                (self._conversation_key(prepared_from),),
             )
-            await self._put_directory_entry(connection, user_id, profile)
+            found = await connection.execute(query, parameters)
+            call_forgotten = await forgotten.fetchone() is not None
+            history = self._history(await found.fetchall(), digests_checked=False)
+        if history is None:  # digests to complete first (calls stored by an older version)
+            history = await self.call_history(user_id, recent=recent, marks=marks)
+        return ProfileKept(call_forgotten, history)
+
+    async def _put_caller_profile(
+        self, connection: AsyncConnection, key: str, user_id: str, profile: dict[str, Any]
+    ) -> None:
+        await connection.execute(
+            "INSERT INTO caller_profiles (user_id, profile, updated_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile,"
+            " updated_at = excluded.updated_at",
+            (key, self.cipher.encrypt(encode(profile)), time.time()),
+        )
+        await self._put_directory_entry(connection, user_id, profile)
 
     # Callers -----------------------------------------------------------------------------
     async def _put_directory_entry(

@@ -28,6 +28,7 @@ from elaoms.memory.base import (
     Memory,
     MemoryStore,
     MemoryVersion,
+    ProfileKept,
     SavedIndex,
     StoredCall,
 )
@@ -330,6 +331,19 @@ class SQLiteStore(MemoryStore):
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         await self.tables.put_caller_profile(user_id, profile)
+
+    async def keep_caller_profile(
+        self,
+        user_id: str,
+        profile: dict[str, Any],
+        *,
+        prepared_from: str,
+        recent: int,
+        marks: Collection[str] = (),
+    ) -> ProfileKept:
+        return await self.tables.keep_caller_profile(
+            user_id, profile, prepared_from=prepared_from, recent=recent, marks=marks
+        )
 
     async def list_callers(
         self,

@@ -22,6 +22,7 @@ from elaoms.memory.base import (
     CallReceipt,
     IndexState,
     MemoryVersion,
+    ProfileKept,
     SavedIndex,
     StoredCall,
     StoreUnavailableError,
@@ -577,19 +578,34 @@ class CallTables:
         return decode(self.database.cipher.decrypt(bytes(row[0]))) if row else None
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
+        await self.database.run(lambda: self._put_caller_profile(user_id, profile))
+
+    async def keep_caller_profile(
+        self,
+        user_id: str,
+        profile: dict[str, Any],
+        *,
+        prepared_from: str,
+        recent: int,
+        marks: Collection[str],
+    ) -> ProfileKept:
+        def keep() -> ProfileKept:  # one hop to the store's thread, not three
+            self._put_caller_profile(user_id, profile)
+            forgotten = self.is_forgotten_in(self.database.connection(), prepared_from)
+            return ProfileKept(forgotten, self._call_history(user_id, recent, marks))
+
+        return await self.database.run(keep)
+
+    def _put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         # Compact UTF-8 (orjson), the cheapest form to decode while the phone rings.
         blob = self.database.cipher.encrypt(encode(profile))
-
-        def upsert() -> None:
-            with self.database.write() as connection:
-                connection.execute(
-                    "INSERT INTO caller_profiles VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
-                    " SET profile = excluded.profile, updated_at = excluded.updated_at",
-                    (self.database.key(user_id), blob, time.time()),
-                )
-                self._put_directory_entry(connection, user_id, profile)
-
-        await self.database.run(upsert)
+        with self.database.write() as connection:
+            connection.execute(
+                "INSERT INTO caller_profiles VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE"
+                " SET profile = excluded.profile, updated_at = excluded.updated_at",
+                (self.database.key(user_id), blob, time.time()),
+            )
+            self._put_directory_entry(connection, user_id, profile)
 
     # Callers -----------------------------------------------------------------------------
     def _put_directory_entry(

@@ -39,6 +39,7 @@ from elaoms.personalization.profile import (
     caller_history,
     caller_identity,
     history_version,
+    keep_profile,
     profiled,
     user_context,
 )
@@ -113,10 +114,10 @@ class PersonalizationService:
         for _ in range(PREPARE_ROUNDS):
             if not history.count:
                 return profile
-            profile = await self._prepare(user_id, history)
-            if profile is None:
+            prepared = await self._prepare(user_id, history)
+            if prepared is None:
                 return await self._forgotten_meanwhile(user_id)
-            latest = await caller_history(self.store, user_id)
+            profile, latest = prepared
             if history_version(latest) == history_version(history):
                 break
             history = latest
@@ -127,9 +128,12 @@ class PersonalizationService:
             )
         return profile
 
-    async def _prepare(self, user_id: str, history: CallHistory) -> dict[str, Any] | None:
-        """Write the profile of `history` to the store and the cache; None when the caller
-        was forgotten meanwhile."""
+    async def _prepare(
+        self, user_id: str, history: CallHistory
+    ) -> tuple[dict[str, Any], CallHistory] | None:
+        """Write the profile of `history` to the store and the cache: (the profile, the
+        caller's calls read after it was written); None when the call it was prepared
+        from was forgotten meanwhile."""
         facts = build_facts(user_id, history)
         last = history.recent[0]
         agent = await self.agents.after_call(facts["agent_id"]) if facts["agent_id"] else None
@@ -147,14 +151,15 @@ class PersonalizationService:
             "user_context": user_context(facts, self.settings.user_context_max_chars),
             "updated_at": time.time(),
         }
-        await self.store.put_caller_profile(user_id, profile)
         await self.cache.set(
             caller_key(user_id), profile, local_ttl=0.0 if self._shared_store else CALLER_LOCAL_TTL
         )
-        if await self.store.is_forgotten(last.conversation_id):
+        kept = await keep_profile(self.store, user_id, profile, last.conversation_id)
+        if kept.call_forgotten:
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
-            # kept would greet the caller by name again. Kept first, checked after: either
-            # forget's own deletion comes later, or this check sees its tombstones.
+            # kept would greet the caller by name again. Cached and kept first, checked
+            # after: either forget's own deletion (store and cache) comes later, or this
+            # check sees its tombstones.
             return None
         logger.info(
             "profile of %s prepared (%d calls, greeting from %s)",
@@ -162,7 +167,7 @@ class PersonalizationService:
             facts["call_count"],
             source,
         )
-        return profile
+        return profile, kept.history
 
     async def _forgotten_meanwhile(self, user_id: str) -> dict[str, Any] | None:
         if (await caller_history(self.store, user_id)).count:

@@ -504,6 +504,35 @@ def test_a_caller_profile_is_replaced_whole(store: MemoryStore, run: Run[Any]) -
     assert run(store.get_caller_profile(JAMES)) is None
 
 
+def test_a_kept_profile_comes_with_the_calls_read_after_it_and_whether_its_call_was_forgotten(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    add(run, store, call("conv_kept_1", started_at=1_700_000_000))
+    add(run, store, call("conv_kept_2", started_at=1_700_086_400))
+    marks = ("data_collection", "transcript")
+
+    kept = run(
+        store.keep_caller_profile(
+            MARIA, {"greeting": "Hi Maria"}, prepared_from="conv_kept_2", recent=1, marks=marks
+        )
+    )
+
+    assert run(store.get_caller_profile(MARIA)) == {"greeting": "Hi Maria"}
+    assert kept.call_forgotten is False
+    assert kept.history == run(store.call_history(MARIA, recent=1, marks=marks))
+    assert kept.history.count == 2
+    assert [digest.conversation_id for digest in kept.history.recent] == ["conv_kept_2"]
+
+    run(store.forget_conversations(["conv_kept_2"]))
+    kept = run(
+        store.keep_caller_profile(
+            MARIA, {"greeting": "Hello"}, prepared_from="conv_kept_2", recent=1, marks=marks
+        )
+    )
+    assert kept.call_forgotten is True
+    assert run(store.get_caller_profile(MARIA)) == {"greeting": "Hello"}  # kept, then checked
+
+
 def test_a_caller_profile_read_on_the_loop_never_suspends(
     store: MemoryStore, run: Run[Any]
 ) -> None:
