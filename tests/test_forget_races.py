@@ -9,6 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from elaoms.memory.base import StoreUnavailableError
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
 from elaoms.operations.cache import TwoLevelCache, caller_key
@@ -108,6 +111,44 @@ def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
             store.get_caller_profile = read_then_forget  # type: ignore[method-assign]
             await services.personalization.caller_profile(CALLER)
             # What every worker's next client-data finds in Redis.
+            return await other_worker.get(caller_key(CALLER), local_ttl=0)
+        finally:
+            await other_worker.close()
+            await services.close()
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_a_profile_cached_but_not_kept_does_not_outlive_a_forget_in_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The profile is cached before the store keeps it and checks for a forget: when the
+    store fails then, the cached copy goes too (the forget may have come first, and no
+    retry will come for a forgotten call)."""
+    settings = make_settings(tmp_path, redis_url=redis_server.url, redis_timeout_ms=1000)
+
+    async def scenario() -> Any:
+        services = Services.build(settings)
+        store, cache = services.store, services.personalization.cache
+        other_worker = TwoLevelCache(settings.redis_url, operation_timeout=1.0)
+        cache_set = cache.set
+
+        async def forget_then_set(key: str, value: Any, **options: Any) -> None:
+            await forget_caller(services, CALLER)  # done while the greeting was written
+            await cache_set(key, value, **options)
+
+        async def store_down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailableError("sqlite: disk I/O error")
+
+        try:
+            payload = transcription("conv_cached_not_kept", caller=CALLER)
+            await store.add_call(
+                CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
+            )
+            cache.set = forget_then_set  # type: ignore[method-assign]
+            store.keep_caller_profile = store_down  # type: ignore[method-assign]
+            with pytest.raises(StoreUnavailableError):
+                await services.personalization.prepare_caller(CALLER)
             return await other_worker.get(caller_key(CALLER), local_ttl=0)
         finally:
             await other_worker.close()

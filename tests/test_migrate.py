@@ -336,6 +336,53 @@ def test_a_copy_stopped_after_some_batches_resumes(
         assert after[key] == value, key
 
 
+@pytest.mark.parametrize("shell", ["encrypted"], indirect=True)
+def test_a_replica_running_on_the_target_finds_the_profiles_of_an_unfinished_copy(
+    shell: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that knows every profiled caller (and so answers strangers without a
+    read) hears of each profile as its batch commits: a copy stopped before its end, whose
+    last word to the replicas never came, still leaves no caller a stranger."""
+    settings = Settings(_env_file=None)
+    build_store(settings)
+
+    def stop_after(table: str) -> None:
+        def crash(name: str) -> None:
+            if name == table:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(transfer, "after_batch", crash)
+
+    stop_after("calls")  # the schema and the store's key in place, no profile yet
+    assert elaoms("migrate", "--to", "postgres", "--batch-size", "2").exit_code == 130
+
+    async def scenario() -> None:
+        services = Services.build(on_postgres(shell))
+        store: Any = services.store
+        try:
+            await store.check()
+            deadline = asyncio.get_running_loop().time() + WAIT_BOUND
+            while not store.copies.profiled.complete:
+                assert asyncio.get_running_loop().time() < deadline, "profiled callers not read"
+                await asyncio.sleep(0.01)
+            assert await store.get_caller_profile(MARIA) is None  # a stranger so far
+
+            stop_after("caller_directory")  # every profile copied, the end never reached
+            stopped = await asyncio.to_thread(
+                elaoms, "migrate", "--to", "postgres", "--batch-size", "2"
+            )
+            assert stopped.exit_code == 130, stopped.output
+            deadline = asyncio.get_running_loop().time() + WAIT_BOUND
+            for caller in (MARIA, BOB, ANA):
+                while (await store.get_caller_profile(caller) or {}).get("call_count") is None:
+                    assert asyncio.get_running_loop().time() < deadline, f"{caller} unknown"
+                    await asyncio.sleep(0.01)
+        finally:
+            await services.close()
+
+    asyncio.run(scenario())
+
+
 def many_calls(path: Path, settings: Settings, count: int) -> None:
     """`count` calls of 40 callers through the store's own add_call (the ingestion's
     record and memories): a store large enough to stop mid-copy."""

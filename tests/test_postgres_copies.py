@@ -24,13 +24,14 @@ from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.postgres_copies import (
     ABSENT,
     APPLICATION_NAME,
+    BUCKETS,
     CHANNEL,
     EVERYONE,
     RECENT_CHANGES,
     CallerCopies,
     DeafListenerError,
     ProfiledCallers,
-    caller_hash,
+    ProfiledRead,
     copy_key,
 )
 from elaoms.payloads import decode, encode
@@ -139,8 +140,11 @@ def test_copies_are_bounded() -> None:
     assert copies.profile("ana") == stored("ana")
 
 
-def profiled(*callers: str) -> list[int]:
-    return [caller_hash(copy_key(caller)) for caller in callers]
+def profiled(*callers: str) -> ProfiledRead:
+    read = ProfiledRead()
+    for caller in callers:
+        read.add(caller)
+    return read
 
 
 def test_a_stranger_is_answered_without_a_read_once_every_profiled_caller_is_known() -> None:
@@ -148,11 +152,11 @@ def test_a_stranger_is_answered_without_a_read_once_every_profiled_caller_is_kno
     assert copies.profile("stranger") is ABSENT  # the profiled callers not read yet
     token = copies.token()
     copies.changed("james")  # got a profile while the read was in flight
-    copies.keep_profiled(token, profiled("maria"))
+    asyncio.run(copies.keep_profiled(token, profiled("maria")))
     assert copies.profile("stranger") is None
     assert copies.profile("maria") is ABSENT  # has a profile: read from the store
     assert copies.profile("james") is ABSENT
-    copies.changed("ana")  # a newcomer's first call
+    copies.changing("ana")  # a newcomer's first profile, before its commit
     assert copies.profile("ana") is ABSENT
 
 
@@ -160,27 +164,29 @@ def test_strangers_are_not_answered_from_a_read_that_everyone_changing_made_stal
     copies = listening_copies()
     token = copies.token()
     copies.notified(EVERYONE)  # keys rewritten, or a store copied in
-    copies.keep_profiled(token, profiled("maria"))
+    asyncio.run(copies.keep_profiled(token, profiled("maria")))
     assert copies.profile("stranger") is ABSENT
-    copies.keep_profiled(copies.token(), profiled("maria"))
+    asyncio.run(copies.keep_profiled(copies.token(), profiled("maria")))
     assert copies.profile("stranger") is None
     copies.notified(EVERYONE)
     assert copies.profile("stranger") is ABSENT  # read again before trusted
-    copies.keep_profiled(copies.token(), profiled("maria"))
+    asyncio.run(copies.keep_profiled(copies.token(), profiled("maria")))
     copies._end_session()
     copies._begin_session()
     assert copies.profile("stranger") is ABSENT  # a new session reads them again
 
 
-def test_profiled_callers_stay_exact_when_their_changes_are_merged() -> None:
+def test_profiled_callers_hold_each_caller_once_in_order() -> None:
     callers = ProfiledCallers()
-    callers.read(profiled("maria"))
-    for _ in range(2):  # the same callers again: held once
-        for number in range(70_000):  # more than the set keeps before merging
+    read = profiled(*(f"caller {number}" for number in range(0, 20_000, 2)))
+    for bucket in range(BUCKETS):
+        callers.merge(read, bucket)
+    for _ in range(2):  # a regular caller's every call: held once
+        for number in range(20_000):
             callers.changed(copy_key(f"caller {number}"))
-    assert len(callers._read) + len(callers._since) == 70_001
-    assert copy_key("maria") in callers
-    assert copy_key("caller 0") in callers and copy_key("caller 69999") in callers
+    held = [number for bucket in callers._buckets for number in bucket]
+    assert held == sorted(set(held)) and len(held) == 20_000
+    assert copy_key("caller 0") in callers and copy_key("caller 19999") in callers
     assert copy_key("stranger") not in callers
 
 

@@ -19,7 +19,6 @@ import logging
 import select
 import time
 import uuid
-from array import array
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -58,7 +57,7 @@ from elaoms.memory.postgres_copies import (
     KEEPALIVES,
     Absent,
     CallerCopies,
-    caller_hash,
+    ProfiledRead,
     copy_key,
 )
 from elaoms.memory.records import CallRecord
@@ -352,6 +351,8 @@ class PostgresStore(MemoryStore):
         runs them in order (psycopg's pipeline mode); a result is waited for only when
         read."""
         notice = copy_key(key)
+        if changes:
+            self.copies.changing(key)
         try:
             async with self._transaction() as connection, _pipelined(connection, pipeline):
                 if changes:
@@ -1157,17 +1158,20 @@ class PostgresStore(MemoryStore):
         return decode(plain) if plain is not None else None
 
     async def _warm_copies(self) -> None:
-        """Note every caller who has a profile (`ProfiledCallers`), then copy the profiles
-        of the callers who called last (`WARM_COPIES`)."""
-        token = self.copies.token()
-        numbers = array("Q")
-        async with self._transaction() as connection:
-            # A cursor on the server: a million callers come 8 bytes each, in batches.
-            cursor = connection.cursor(name="elaoms_profiled_callers")
-            await cursor.execute("SELECT user_id FROM caller_profiles")
-            while rows := await cursor.fetchmany(PROFILED_BATCH):
-                numbers.extend(caller_hash(copy_key(key)) for (key,) in rows)
-        self.copies.keep_profiled(token, numbers)
+        """Copy the profiles of the callers who called last (`WARM_COPIES`), then note
+        every caller who has a profile (`ProfiledCallers`). A failure of one does not stop
+        the other: reads make up for either."""
+        for warm in (self._copy_newest_callers, self._note_profiled_callers):
+            try:
+                await warm()
+            except Exception as error:
+                logger.warning(
+                    "caller copies: %s failed (%s); read from the store meanwhile",
+                    warm.__name__.strip("_").replace("_", " "),
+                    type(error).__name__,
+                )
+
+    async def _copy_newest_callers(self) -> None:
         token = self.copies.token()
         rows = await self._fetch_all(
             "SELECT d.user_id, p.profile FROM caller_directory d"
@@ -1177,6 +1181,20 @@ class PostgresStore(MemoryStore):
         )
         for key, blob in reversed(rows):  # the newest caller kept last: dropped last
             self.copies.keep_profile(key, token, self.cipher.decrypt(bytes(blob)))
+
+    async def _note_profiled_callers(self) -> None:
+        token = self.copies.token()
+        found = ProfiledRead()
+        async with (
+            self._transaction() as connection,
+            # On the server, read in batches: a million callers never held at once.
+            connection.cursor(name="elaoms_profiled_callers") as cursor,
+        ):
+            await cursor.execute("SELECT user_id FROM caller_profiles")
+            while rows := await cursor.fetchmany(PROFILED_BATCH):
+                for (key,) in rows:
+                    found.add(key)
+        await self.copies.keep_profiled(token, found)
 
     async def put_caller_profile(self, user_id: str, profile: dict[str, Any]) -> None:
         key = await self._caller_key(user_id)

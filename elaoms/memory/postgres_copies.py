@@ -30,9 +30,8 @@ import secrets
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Final
 
 from elaoms.memory.base import MemoryVersion
@@ -103,46 +102,54 @@ def caller_hash(key: str) -> int:
     return int(key[:16], 16)
 
 
+# `ProfiledCallers` sorts each bucket on its own (numbers by their top byte): a million
+# callers are then sorted a bucket at a time, never in one stall of the event loop, and a
+# newcomer is inserted into an array of a 256th of the callers.
+BUCKET_SHIFT = 56
+BUCKETS = 1 << (64 - BUCKET_SHIFT)
+
+
+class ProfiledRead:
+    """The `caller_hash`es a read of every profiled caller found, by bucket, unsorted."""
+
+    def __init__(self) -> None:
+        self.buckets = [array("Q") for _ in range(BUCKETS)]
+
+    def add(self, caller_key: str) -> None:
+        number = caller_hash(copy_key(caller_key))
+        self.buckets[number >> BUCKET_SHIFT].append(number)
+
+
 class ProfiledCallers:
-    """The callers who have (or may have) a profile, as `caller_hash`es: a sorted array
-    read in one go, and a set of those changed since. Complete only from the read of every
-    profiled caller to the end of the listening session: a caller changed meanwhile is in
-    the set by then, whatever the read saw. A hash shared by two callers only costs a read.
-    """
+    """The callers who have (or may have) a profile, as sorted arrays of `caller_hash`es.
+    Complete from the end of a read of every profiled caller to the end of the listening
+    session: a caller changed meanwhile is added by the change's notification, whatever
+    the read saw. A hash shared by two callers only costs a read."""
 
     def __init__(self) -> None:
         self.complete = False
-        self._read: array[int] = array("Q")
-        self._since: set[int] = set()
+        self._buckets = [array("Q") for _ in range(BUCKETS)]
 
     def __contains__(self, key: str) -> bool:
-        return self._holds(caller_hash(key))
+        number = caller_hash(key)
+        bucket = self._buckets[number >> BUCKET_SHIFT]
+        at = bisect_left(bucket, number)
+        return at < len(bucket) and bucket[at] == number
 
     def changed(self, key: str) -> None:
+        """The caller may have a profile now."""
         number = caller_hash(key)
-        if not self._holds(number):  # a regular caller's every call would add them again
-            self._since.add(number)
-            if len(self._since) > max(65_536, len(self._read)):
-                self._merge(())  # a set costs eight times the array per caller
+        bucket = self._buckets[number >> BUCKET_SHIFT]
+        at = bisect_left(bucket, number)
+        if at == len(bucket) or bucket[at] != number:
+            bucket.insert(at, number)
 
-    def read(self, numbers: Iterable[int]) -> None:
-        self._merge(numbers)
-        self.complete = True
+    def merge(self, read: ProfiledRead, bucket: int) -> None:
+        self._buckets[bucket] = array("Q", sorted({*self._buckets[bucket], *read.buckets[bucket]}))
 
     def clear(self) -> None:
         self.complete = False
-        self._read = array("Q")
-        self._since.clear()
-
-    def _holds(self, number: int) -> bool:
-        if number in self._since:
-            return True
-        at = bisect_left(self._read, number)
-        return at < len(self._read) and self._read[at] == number
-
-    def _merge(self, numbers: Iterable[int]) -> None:
-        self._read = array("Q", sorted(chain(self._read, self._since, numbers)))
-        self._since.clear()
+        self._buckets = [array("Q") for _ in range(BUCKETS)]
 
 
 class CallerCopies:
@@ -187,11 +194,27 @@ class CallerCopies:
         if self._unchanged_since(key, token):
             self._keep(self._profiles, key, profile)
 
-    def keep_profiled(self, token: CopyToken, numbers: Iterable[int]) -> None:
-        """The `caller_hash` of every caller with a profile, as a read that began at
-        `token` found them."""
-        if self.listening and token.session == self._session and self._everyone_at <= token.changes:
-            self.profiled.read(numbers)
+    async def keep_profiled(self, token: CopyToken, read: ProfiledRead) -> None:
+        """Every caller with a profile, as a read that began at `token` found them: merged
+        a bucket at a time (the event loop serves between two), then trusted."""
+        for bucket in range(BUCKETS):
+            if not self._nobody_replaced_since(token):
+                return
+            self.profiled.merge(read, bucket)
+            await asyncio.sleep(0)
+        if self._nobody_replaced_since(token):
+            self.profiled.complete = True
+
+    def changing(self, caller_key: str) -> None:
+        """The caller is about to change: from now on they may have a profile (said
+        before the commit, so that no request in between answers "no profile")."""
+        self.profiled.changed(copy_key(caller_key))
+
+    def _nobody_replaced_since(self, token: CopyToken) -> bool:
+        """Same listening session, and no EVERYONE, since `token`."""
+        return (
+            self.listening and token.session == self._session and self._everyone_at <= token.changes
+        )
 
     def version(self, caller_key: str) -> MemoryVersion | None:
         key = copy_key(caller_key)
@@ -273,7 +296,7 @@ class CallerCopies:
             try:
                 await warm()
             except Exception as error:  # copies are then made as callers are read
-                logger.info("caller copies: not warmed (%s)", type(error).__name__)
+                logger.warning("caller copies: not warmed (%s)", type(error).__name__)
 
         self._warming = asyncio.create_task(run(), name="elaoms-caller-copies-warm")
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from elaoms.crypto import EncryptionConfigError, PayloadCipher
 from elaoms.memory.postgres import ALL_PROTECTED, HASH_KEY, _text
-from elaoms.memory.postgres_copies import CHANNEL, EVERYONE
+from elaoms.memory.postgres_copies import CHANNEL, EVERYONE, copy_key
 
 if TYPE_CHECKING:
     import psycopg
@@ -75,6 +75,10 @@ class Table:
     # source's row) holds. None: rows never change once written, so a row already copied
     # is skipped without being sent again.
     refresh: str | None = None
+    # Rows that tell running replicas, at their batch's commit, that a caller changed
+    # (`elaoms.memory.postgres_copies`): a profile copied in must not be answered "no
+    # profile" until the copy ends, or ever if it is interrupted.
+    notifies: bool = False
 
     def key_of(self, row: Row) -> tuple[Any, ...]:
         return tuple(row[self.columns.index(column)] for column in self.key)
@@ -204,6 +208,7 @@ TABLES = (
         ("user_id",),
         _by_caller,
         refresh="(t.profile, t.updated_at) IS DISTINCT FROM (excluded.profile, excluded.updated_at)",
+        notifies=True,
     ),
     Table(
         "caller_directory",
@@ -466,6 +471,11 @@ class StoreMigration:
                 with target.cursor() as cursor:
                     cursor.executemany(insert, rows)
                     written = max(0, cursor.rowcount)
+                    if table.notifies:
+                        cursor.execute(
+                            "SELECT pg_notify(%s, notice) FROM unnest(%s::text[]) AS notice",
+                            (CHANNEL, [copy_key(table.key_of(row)[0]) for row in rows]),
+                        )
                 if table.overriding:
                     # In the same transaction: the service's next memory never takes a
                     # copied number, even if the copy stops right after this batch.

@@ -10,6 +10,7 @@ valid default answer whatever fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -154,7 +155,13 @@ class PersonalizationService:
         await self.cache.set(
             caller_key(user_id), profile, local_ttl=0.0 if self._shared_store else CALLER_LOCAL_TTL
         )
-        kept = await keep_profile(self.store, user_id, profile, last.conversation_id)
+        try:
+            kept = await keep_profile(self.store, user_id, profile, last.conversation_id)
+        except BaseException:
+            # Not kept, so not checked: a caller forgotten meanwhile must not stay cached.
+            with contextlib.suppress(Exception):
+                await self.cache.invalidate_caller(user_id)
+            raise
         if kept.call_forgotten:
             # Forgotten while the greeting was written (an LLM takes seconds): what was just
             # kept would greet the caller by name again. Cached and kept first, checked
