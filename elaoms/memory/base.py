@@ -325,7 +325,7 @@ class MemoryStore(abc.ABC):
     ) -> ProfileKept:
         """`put_caller_profile`, then `is_forgotten(prepared_from)` and `call_history`, in
         that order (what the post-call hook does after every call): a store that can do
-        the three in one round trip does."""
+        the three at once (one transaction, one trip to its thread) does."""
         await self.put_caller_profile(user_id, profile)
         forgotten = await self.is_forgotten(prepared_from)
         history = await self.call_history(user_id, recent=recent, marks=marks)

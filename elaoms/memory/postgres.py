@@ -1210,7 +1210,7 @@ class PostgresStore(MemoryStore):
         recent: int,
         marks: Collection[str] = (),
     ) -> ProfileKept:
-        # Two round trips, not five: the write, the forget check and the history go
+        # One round trip, not three: the write, the forget check and the history go
         # together (read in the writer's transaction: they see what committed before them,
         # as reads after the commit would, and the caller's writers wait their turn).
         key = await self._caller_key(user_id)
@@ -1222,8 +1222,9 @@ class PostgresStore(MemoryStore):
                 (self._conversation_key(prepared_from),),
             )
             found = await connection.execute(query, parameters)
-            call_forgotten = await forgotten.fetchone() is not None
-            history = self._history(await found.fetchall(), digests_checked=False)
+        # Fetched once the pipeline has ended with the commit: their rows came with it.
+        call_forgotten = await forgotten.fetchone() is not None
+        history = self._history(await found.fetchall(), digests_checked=False)
         if history is None:  # digests to complete first (calls stored by an older version)
             history = await self.call_history(user_id, recent=recent, marks=marks)
         return ProfileKept(call_forgotten, history)
