@@ -6,12 +6,14 @@ import asyncio
 import json
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from elaoms.memory.base import StoreUnavailableError
+from elaoms.memory.base import MemoryStore, StoreUnavailableError
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
 from elaoms.operations.cache import TwoLevelCache, caller_key
@@ -79,23 +81,37 @@ def test_a_caller_forgotten_while_their_greeting_is_written_is_not_greeted_by_na
             server.stop()
 
 
+@asynccontextmanager
+async def with_another_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[Services, TwoLevelCache]]:
+    """This process's services on Redis, and another worker's view of Redis (read each
+    time, no copy of its own)."""
+    # The 50 ms default would send this process to its own cache on a loaded host: nothing
+    # would reach Redis then, and the tests pass without showing anything.
+    settings = make_settings(tmp_path, redis_url=redis_server.url, redis_timeout_ms=1000)
+    services = Services.build(settings)
+    other_worker = TwoLevelCache(redis_server.url, operation_timeout=1.0)
+    try:
+        yield services, other_worker
+    finally:
+        await other_worker.close()
+        await services.close()
+
+
+async def store_call(store: MemoryStore, conversation_id: str) -> None:
+    payload = transcription(conversation_id, caller=CALLER)
+    record = CallRecord.from_payload(payload)
+    await store.add_call(CALLER, record, payload, call_memories(CALLER, payload))
+
+
 def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    # The 50 ms default would send this process to its own cache on a loaded host: nothing
-    # would reach Redis then, and the test pass without showing anything.
-    settings = make_settings(tmp_path, redis_url=redis_server.url, redis_timeout_ms=1000)
-
     async def scenario() -> Any:
-        services = Services.build(settings)
-        store = services.store
-        # Another worker, reading Redis each time (no copy of its own).
-        other_worker = TwoLevelCache(settings.redis_url, operation_timeout=1.0)
-        try:
-            payload = transcription("conv_redis_race", caller=CALLER)
-            await store.add_call(
-                CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
-            )
+        async with with_another_worker(tmp_path, redis_server) as (services, other_worker):
+            store = services.store
+            await store_call(store, "conv_redis_race")
             await services.personalization.prepare_caller(CALLER)
             assert await other_worker.get(caller_key(CALLER), local_ttl=0) is not None
             # Cold: only the store has the profile, as on a replica that never saw the call.
@@ -112,9 +128,6 @@ def test_a_forget_between_a_profile_read_and_its_copy_into_redis_is_not_undone(
             await services.personalization.caller_profile(CALLER)
             # What every worker's next client-data finds in Redis.
             return await other_worker.get(caller_key(CALLER), local_ttl=0)
-        finally:
-            await other_worker.close()
-            await services.close()
 
     assert asyncio.run(scenario()) is None
 
@@ -125,33 +138,24 @@ def test_a_profile_cached_but_not_kept_does_not_outlive_a_forget_in_redis(
     """The profile is cached before the store keeps it and checks for a forget: when the
     store fails then, the cached copy goes too (the forget may have come first, and no
     retry will come for a forgotten call)."""
-    settings = make_settings(tmp_path, redis_url=redis_server.url, redis_timeout_ms=1000)
 
     async def scenario() -> Any:
-        services = Services.build(settings)
-        store, cache = services.store, services.personalization.cache
-        other_worker = TwoLevelCache(settings.redis_url, operation_timeout=1.0)
-        cache_set = cache.set
+        async with with_another_worker(tmp_path, redis_server) as (services, other_worker):
+            store, cache = services.store, services.personalization.cache
+            cache_set = cache.set
 
-        async def forget_then_set(key: str, value: Any, **options: Any) -> None:
-            await forget_caller(services, CALLER)  # done while the greeting was written
-            await cache_set(key, value, **options)
+            async def forget_then_set(key: str, value: Any, **options: Any) -> None:
+                await forget_caller(services, CALLER)  # done while the greeting was written
+                await cache_set(key, value, **options)
 
-        async def store_down(*args: Any, **kwargs: Any) -> Any:
-            raise StoreUnavailableError("sqlite: disk I/O error")
+            async def store_down(*args: Any, **kwargs: Any) -> Any:
+                raise StoreUnavailableError("sqlite: disk I/O error")
 
-        try:
-            payload = transcription("conv_cached_not_kept", caller=CALLER)
-            await store.add_call(
-                CALLER, CallRecord.from_payload(payload), payload, call_memories(CALLER, payload)
-            )
+            await store_call(store, "conv_cached_not_kept")
             cache.set = forget_then_set  # type: ignore[method-assign]
             store.keep_caller_profile = store_down  # type: ignore[method-assign]
             with pytest.raises(StoreUnavailableError):
                 await services.personalization.prepare_caller(CALLER)
             return await other_worker.get(caller_key(CALLER), local_ttl=0)
-        finally:
-            await other_worker.close()
-            await services.close()
 
     assert asyncio.run(scenario()) is None

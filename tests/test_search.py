@@ -300,11 +300,9 @@ class SlowRecordingStore(SQLiteStore):
         self.writes.append("put_caller_profile")
         await super().put_caller_profile(user_id, profile)
 
-    async def keep_caller_profile(
-        self, user_id: str, profile: dict[str, Any], **reads: Any
-    ) -> ProfileKept:
+    async def keep_caller_profile(self, user_id: str, *args: Any) -> ProfileKept:
         self.writes.append("keep_caller_profile")
-        return await super().keep_caller_profile(user_id, profile, **reads)
+        return await super().keep_caller_profile(user_id, *args)
 
     async def put_agent_profile(
         self, agent_id: str, profile: dict[str, Any], fetched_at: float

@@ -84,6 +84,15 @@ class CallHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """What a `call_history` asks for: the `recent` newest calls, and for each of `marks`
+    the newest call carrying it."""
+
+    recent: int
+    marks: Collection[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ProfileKept:
     """What `MemoryStore.keep_caller_profile` found once the profile was written."""
 
@@ -315,20 +324,14 @@ class MemoryStore(abc.ABC):
         """Replace the prepared profile of a caller."""
 
     async def keep_caller_profile(
-        self,
-        user_id: str,
-        profile: dict[str, Any],
-        *,
-        prepared_from: str,
-        recent: int,
-        marks: Collection[str] = (),
+        self, user_id: str, profile: dict[str, Any], prepared_from: str, read: HistoryRead
     ) -> ProfileKept:
         """`put_caller_profile`, then `is_forgotten(prepared_from)` and `call_history`, in
         that order (what the post-call hook does after every call): a store that can do
         the three at once (one transaction, one trip to its thread) does."""
         await self.put_caller_profile(user_id, profile)
         forgotten = await self.is_forgotten(prepared_from)
-        history = await self.call_history(user_id, recent=recent, marks=marks)
+        history = await self.call_history(user_id, recent=read.recent, marks=read.marks)
         return ProfileKept(forgotten, history)
 
     # Forgotten conversations -------------------------------------------------------------

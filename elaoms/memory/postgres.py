@@ -40,6 +40,7 @@ from elaoms.memory.base import (
     CallHistory,
     CallReceipt,
     ForgetRequest,
+    HistoryRead,
     IndexState,
     Memory,
     MemoryStore,
@@ -1202,19 +1203,13 @@ class PostgresStore(MemoryStore):
             await self._put_caller_profile(connection, key, user_id, profile)
 
     async def keep_caller_profile(
-        self,
-        user_id: str,
-        profile: dict[str, Any],
-        *,
-        prepared_from: str,
-        recent: int,
-        marks: Collection[str] = (),
+        self, user_id: str, profile: dict[str, Any], prepared_from: str, read: HistoryRead
     ) -> ProfileKept:
         # One round trip, not three: the write, the forget check and the history go
         # together (read in the writer's transaction: they see what committed before them,
         # as reads after the commit would, and the caller's writers wait their turn).
         key = await self._caller_key(user_id)
-        query, parameters = self._history_query(key, recent, marks)
+        query, parameters = self._history_query(key, read.recent, read.marks)
         async with self._caller_transaction(key, pipeline=True) as connection:
             await self._put_caller_profile(connection, key, user_id, profile)
             forgotten = await connection.execute(
@@ -1226,7 +1221,7 @@ class PostgresStore(MemoryStore):
         call_forgotten = await forgotten.fetchone() is not None
         history = self._history(await found.fetchall(), digests_checked=False)
         if history is None:  # digests to complete first (calls stored by an older version)
-            history = await self.call_history(user_id, recent=recent, marks=marks)
+            history = await self.call_history(user_id, recent=read.recent, marks=read.marks)
         return ProfileKept(call_forgotten, history)
 
     async def _put_caller_profile(

@@ -24,6 +24,7 @@ from elaoms.memory.base import (
     CallerPage,
     CallHistory,
     CallReceipt,
+    HistoryRead,
     IndexState,
     Memory,
     MemoryStore,
@@ -333,17 +334,9 @@ class SQLiteStore(MemoryStore):
         await self.tables.put_caller_profile(user_id, profile)
 
     async def keep_caller_profile(
-        self,
-        user_id: str,
-        profile: dict[str, Any],
-        *,
-        prepared_from: str,
-        recent: int,
-        marks: Collection[str] = (),
+        self, user_id: str, profile: dict[str, Any], prepared_from: str, read: HistoryRead
     ) -> ProfileKept:
-        return await self.tables.keep_caller_profile(
-            user_id, profile, prepared_from=prepared_from, recent=recent, marks=marks
-        )
+        return await self.tables.keep_caller_profile(user_id, profile, prepared_from, read)
 
     async def list_callers(
         self,

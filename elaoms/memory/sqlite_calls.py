@@ -20,6 +20,7 @@ from elaoms.memory.base import (
     CallerSummary,
     CallHistory,
     CallReceipt,
+    HistoryRead,
     IndexState,
     MemoryVersion,
     ProfileKept,
@@ -581,18 +582,12 @@ class CallTables:
         await self.database.run(lambda: self._put_caller_profile(user_id, profile))
 
     async def keep_caller_profile(
-        self,
-        user_id: str,
-        profile: dict[str, Any],
-        *,
-        prepared_from: str,
-        recent: int,
-        marks: Collection[str],
+        self, user_id: str, profile: dict[str, Any], prepared_from: str, read: HistoryRead
     ) -> ProfileKept:
         def keep() -> ProfileKept:  # one hop to the store's thread, not three
             self._put_caller_profile(user_id, profile)
             forgotten = self.is_forgotten_in(self.database.connection(), prepared_from)
-            return ProfileKept(forgotten, self._call_history(user_id, recent, marks))
+            return ProfileKept(forgotten, self._call_history(user_id, read.recent, read.marks))
 
         return await self.database.run(keep)
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from elaoms.memory.base import CallDigest, CallHistory, MemoryStore, ProfileKept
+from elaoms.memory.base import CallDigest, CallHistory, HistoryRead, MemoryStore
 from elaoms.memory.digest import NAME_SOURCES, vocabulary
 from elaoms.memory.records import clamp_timestamp
 from elaoms.phone import phone_caller, stored_identity
@@ -34,19 +34,12 @@ def profiled(user_id: str) -> bool:
     return stored_identity(user_id).is_caller
 
 
+PROFILE_READ = HistoryRead(recent=RECENT_CALLS, marks=NAME_SOURCES)
+
+
 async def caller_history(store: MemoryStore, user_id: str) -> CallHistory:
     """What a profile is built from: the digests of the caller's calls it reads."""
-    return await store.call_history(user_id, recent=RECENT_CALLS, marks=NAME_SOURCES)
-
-
-async def keep_profile(
-    store: MemoryStore, user_id: str, profile: dict[str, Any], prepared_from: str
-) -> ProfileKept:
-    """Write `profile`, then read what `caller_history` reads, and whether the call
-    `prepared_from` was forgotten meanwhile."""
-    return await store.keep_caller_profile(
-        user_id, profile, prepared_from=prepared_from, recent=RECENT_CALLS, marks=NAME_SOURCES
-    )
+    return await store.call_history(user_id, recent=PROFILE_READ.recent, marks=PROFILE_READ.marks)
 
 
 # A name is said aloud in the greeting and put in the agent's prompt (`caller_name`,

@@ -35,12 +35,12 @@ from elaoms.personalization.greeting import (
     template_greeting,
 )
 from elaoms.personalization.profile import (
+    PROFILE_READ,
     build_facts,
     call_vocabulary,
     caller_history,
     caller_identity,
     history_version,
-    keep_profile,
     profiled,
     user_context,
 )
@@ -156,7 +156,9 @@ class PersonalizationService:
             caller_key(user_id), profile, local_ttl=0.0 if self._shared_store else CALLER_LOCAL_TTL
         )
         try:
-            kept = await keep_profile(self.store, user_id, profile, last.conversation_id)
+            kept = await self.store.keep_caller_profile(
+                user_id, profile, last.conversation_id, PROFILE_READ
+            )
         except BaseException:
             # Not kept, so not checked: a caller forgotten meanwhile must not stay cached.
             with contextlib.suppress(Exception):

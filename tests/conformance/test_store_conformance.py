@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from elaoms.crypto import PayloadCipher, generate_key
-from elaoms.memory.base import Memory, MemoryStore, MemoryVersion, SavedIndex
+from elaoms.memory.base import HistoryRead, Memory, MemoryStore, MemoryVersion, SavedIndex
 from elaoms.memory.postgres import PostgresStore
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
@@ -509,26 +509,18 @@ def test_a_kept_profile_comes_with_the_calls_read_after_it_and_whether_its_call_
 ) -> None:
     add(run, store, call("conv_kept_1", started_at=1_700_000_000))
     add(run, store, call("conv_kept_2", started_at=1_700_086_400))
-    marks = ("data_collection", "transcript")
+    read = HistoryRead(recent=1, marks=("data_collection", "transcript"))
 
-    kept = run(
-        store.keep_caller_profile(
-            MARIA, {"greeting": "Hi Maria"}, prepared_from="conv_kept_2", recent=1, marks=marks
-        )
-    )
+    kept = run(store.keep_caller_profile(MARIA, {"greeting": "Hi Maria"}, "conv_kept_2", read))
 
     assert run(store.get_caller_profile(MARIA)) == {"greeting": "Hi Maria"}
     assert kept.call_forgotten is False
-    assert kept.history == run(store.call_history(MARIA, recent=1, marks=marks))
+    assert kept.history == run(store.call_history(MARIA, recent=1, marks=read.marks))
     assert kept.history.count == 2
     assert [digest.conversation_id for digest in kept.history.recent] == ["conv_kept_2"]
 
     run(store.forget_conversations(["conv_kept_2"]))
-    kept = run(
-        store.keep_caller_profile(
-            MARIA, {"greeting": "Hello"}, prepared_from="conv_kept_2", recent=1, marks=marks
-        )
-    )
+    kept = run(store.keep_caller_profile(MARIA, {"greeting": "Hello"}, "conv_kept_2", read))
     assert kept.call_forgotten is True
     assert run(store.get_caller_profile(MARIA)) == {"greeting": "Hello"}  # kept, then checked
 
