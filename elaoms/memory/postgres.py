@@ -1168,7 +1168,7 @@ class PostgresStore(MemoryStore):
             except Exception as error:
                 logger.warning(
                     "caller copies: %s failed (%s); read from the store meanwhile",
-                    warm.__name__.strip("_").replace("_", " "),
+                    warm.__name__,
                     type(error).__name__,
                 )
 

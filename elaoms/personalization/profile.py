@@ -34,6 +34,7 @@ def profiled(user_id: str) -> bool:
     return stored_identity(user_id).is_caller
 
 
+# The calls a profile is prepared from: the newest few, and the newest per name source.
 PROFILE_READ = HistoryRead(recent=RECENT_CALLS, marks=NAME_SOURCES)
 
 
