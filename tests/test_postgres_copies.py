@@ -10,6 +10,7 @@ a copy while it cannot hear about changes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -394,3 +395,36 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
 
 async def _greeted(store: PostgresStore, caller: str, greeting: str) -> bool:
     return ((await store.get_caller_profile(caller)) or {}).get("greeting") == greeting
+
+
+def test_a_store_closed_while_it_warms_closes_quietly(
+    postgres_url: str, run: Run[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-shot command (the CLI) closes the store while its copies are still being
+    warmed: the read is cancelled once and waited for, so psycopg cancels the query on
+    the server instead of dropping the connection with a warning."""
+
+    async def seed() -> None:
+        store = PostgresStore(postgres_url)
+        await store.check()
+        async with await psycopg.AsyncConnection.connect(postgres_url) as connection:
+            await connection.execute(
+                "INSERT INTO caller_profiles (user_id, profile, updated_at)"
+                " SELECT '+1415' || lpad(n::text, 7, '0'), convert_to('{}', 'UTF8'), 0"
+                " FROM generate_series(1, 50000) AS n ON CONFLICT DO NOTHING"
+            )
+        await store.close()
+
+    async def open_and_close(moment: int) -> None:
+        store = PostgresStore(postgres_url)
+        await store.check()
+        await until(lambda: store.copies.listening, "listening")
+        for _ in range(moment):  # closed at a different point of the warm each time
+            await asyncio.sleep(0)
+        await store.close()
+
+    run(seed())
+    with caplog.at_level(logging.WARNING, logger="psycopg"):
+        for moment in range(0, 60, 3):
+            run(open_and_close(moment))
+    assert [record.getMessage() for record in caplog.records] == []

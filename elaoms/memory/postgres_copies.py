@@ -280,7 +280,12 @@ class CallerCopies:
         self._profiles.clear()
         self._versions.clear()
         self.profiled.clear()
-        if self._warming is not None:
+        self._stop_warming()
+
+    def _stop_warming(self) -> None:
+        # Once: cancelled again mid-read, psycopg gives up cancelling the query on the
+        # server and closes the connection (with a warning).
+        if self._warming is not None and not self._warming.cancelling():
             self._warming.cancel()
 
     def _warm(self, warm: Warmer | None) -> None:
@@ -289,8 +294,7 @@ class CallerCopies:
         self._warmer = warm
         if warm is None:
             return
-        if self._warming is not None:
-            self._warming.cancel()
+        self._stop_warming()
 
         async def run() -> None:
             try:
@@ -395,3 +399,8 @@ class CallerCopies:
             if listener.done() and not listener.cancelled():
                 listener.exception()  # retrieved: it ended on its own (logged there)
         self._end_session()
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            # Cancelled mid-read, psycopg cancels the query on the server: a closing event
+            # loop would cancel that too.
+            await asyncio.wait({warming}, timeout=CLOSE_WAIT_SECONDS)
