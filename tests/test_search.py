@@ -322,8 +322,10 @@ def test_slow_store_answers_by_the_deadline_and_search_writes_nothing(tmp_path: 
     with InThreadServer(settings, store=store) as server, server.client() as client:
         deliver(client, payload)
         wait_until(lambda: search(client, query="boiler", user_id=ALICE).json()["memories_found"])
-        # Ingestion finishes after its answer (profile hooks, then the pending file goes).
+        # Ingestion finishes after its answer (profile hooks, then the pending file goes),
+        # and the index upkeep (every second) saves the caller's new index once.
         wait_until(lambda: not any(settings.pending_path.iterdir()))
+        wait_until(lambda: "save_index" in store.writes)
         store.writes.clear()
         files = {path: path.stat().st_mtime_ns for path in settings.webhook_storage_path.rglob("*")}
 
