@@ -19,10 +19,14 @@ import pytest
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
+from elaoms.memory.units import TRANSCRIPTION
+from elaoms.services import Services
+from elaoms.webhooks.storage import QueuedDelivery
 
 from conftest import (
     InThreadServer,
     ServiceProcess,
+    make_settings,
     signed_headers,
     transcription,
     wait_until,
@@ -115,6 +119,48 @@ def test_a_slow_store_answers_queued_within_the_deadline(settings_factory) -> No
         wait_until(lambda: call_count(settings.sqlite_path, "conv_slow") == 1)
 
 
+def test_a_sweep_right_after_the_keep_leaves_the_delivery_to_its_receiver(
+    tmp_path: Path,
+) -> None:
+    # A sweep (this worker's, or another worker's on the same disk) that ran between the
+    # receiver's keep and its claim used to take the delivery: the receiver then answered
+    # `queued` for a call that was being stored that instant (CI under load saw it).
+    settings = make_settings(tmp_path)
+
+    async def scenario() -> tuple[str, str | None, list[int], str | None]:
+        services = Services.build(settings)
+        loop = asyncio.get_running_loop()
+        sweeps: list[int] = []
+        keep_queued = services.storage.keep_queued
+
+        def keep_then_sweep(path: Path, body: bytes) -> QueuedDelivery:
+            queued = keep_queued(path, body)
+            # The receiver is still in this thread: the sweep runs in the gap.
+            sweeps.append(asyncio.run_coroutine_threadsafe(services.ingest.sweep(), loop).result())
+            return queued
+
+        services.storage.keep_queued = keep_then_sweep  # type: ignore[method-assign]
+        try:
+            body = json.dumps(transcription("conv_swept", caller="+14155550609")).encode()
+            acknowledgement = await services.ingest.receive(body)
+            await services.ingest.drain(timeout=None)
+            call = await services.store.get_call("conv_swept", TRANSCRIPTION)
+            return (
+                acknowledgement.status,
+                acknowledgement.memory_id,
+                sweeps,
+                call.memory_id if call else None,
+            )
+        finally:
+            await services.close()
+
+    status, memory_id, sweeps, stored_id = asyncio.run(scenario())
+    assert sweeps == [0]  # the sweep found it held
+    assert status == "received"
+    assert memory_id is not None and memory_id == stored_id
+    assert not list(settings.pending_path.iterdir())
+
+
 def test_our_own_disk_failing_is_the_only_5xx(settings_factory) -> None:
     settings = settings_factory()
     with InThreadServer(settings) as server, server.client() as client:
@@ -123,7 +169,8 @@ def test_our_own_disk_failing_is_the_only_5xx(settings_factory) -> None:
         def full_disk(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        storage.keep = full_disk
+        # Where every kept file is written, however the receiver keeps it.
+        storage._write = full_disk
         response = post(client, transcription("conv_disk_full", caller="+14155550604"))
     assert response.status_code == 503
     assert "No space left" in response.json()["detail"]

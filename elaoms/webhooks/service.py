@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 from tenacity import (
@@ -51,7 +51,12 @@ from elaoms.webhooks.schemas import (
     InitiationFailureData,
     TranscriptionData,
 )
-from elaoms.webhooks.storage import IncomingBody, PendingDelivery, WebhookStorage
+from elaoms.webhooks.storage import (
+    IncomingBody,
+    PendingDelivery,
+    QueuedDelivery,
+    WebhookStorage,
+)
 from elaoms.webhooks.streaming import AUDIO_KEY, AUDIO_MARKER, SplitBody, split_audio
 
 # Failures of the store or the set-up (down, slow, locked, a full disk, a missing key):
@@ -252,11 +257,9 @@ class IngestService:
         path = self.storage.delivery_path(user_id, envelope.type, data.conversation_id)
         # In a thread: three fsyncs per delivery on the event loop serialized every
         # delivery (and every other request) behind the disk.
-        await asyncio.to_thread(self.storage.keep, path, body, pending=True)
+        queued = await asyncio.to_thread(self.storage.keep_queued, path, body)
         logger.info("%s %s for %s kept", envelope.type, data.conversation_id, mask(user_id))
-        return await self._store_within_deadline(
-            self.storage.pending_entry(path), data.conversation_id, envelope.type
-        )
+        return await self._store_within_deadline(queued, data.conversation_id, envelope.type)
 
     async def _receive_audio(self, body: bytes, envelope: Envelope) -> Acknowledgement:
         try:
@@ -349,10 +352,12 @@ class IngestService:
 
     # Storing -----------------------------------------------------------------------------
     async def _store_within_deadline(
-        self, entry: PendingDelivery, conversation_id: str, event_type: str
+        self, queued: QueuedDelivery, conversation_id: str, event_type: str
     ) -> Acknowledgement:
         stored: asyncio.Future[CallReceipt | None] = asyncio.get_running_loop().create_future()
-        self._spawn(self._process_with_retries(entry, stored))
+        task = self._spawn(self._process_with_retries(queued.entry, stored, queued.lock))
+        # Released when its retries end, or if the task never ran (a shutdown).
+        task.add_done_callback(lambda _: queued.release())
         try:
             receipt = await asyncio.wait_for(
                 asyncio.shield(stored), timeout=self.settings.post_call_store_timeout_ms / 1000
@@ -370,13 +375,17 @@ class IngestService:
             return Acknowledgement(status="received", memory_id=call.memory_id)
         return Acknowledgement(status="received", memory_id=receipt.memory_id)
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _process_with_retries(
-        self, entry: PendingDelivery, stored: asyncio.Future[CallReceipt | None] | None = None
+        self,
+        entry: PendingDelivery,
+        stored: asyncio.Future[CallReceipt | None] | None = None,
+        held: BinaryIO | None = None,
     ) -> None:
         try:
             async for attempt in AsyncRetrying(
@@ -388,7 +397,7 @@ class IngestService:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         STORE_RETRIES.inc()
-                    await self.process(entry, stored)
+                    await self.process(entry, stored, held)
         except DeliveryQuarantinedError:
             pass  # logged, counted and alerted where it was quarantined
         except RetryError as error:
@@ -404,10 +413,14 @@ class IngestService:
                 stored.exception()  # mark retrieved: the webhook may have stopped waiting
 
     async def process(
-        self, entry: PendingDelivery, stored: asyncio.Future[CallReceipt | None] | None = None
+        self,
+        entry: PendingDelivery,
+        stored: asyncio.Future[CallReceipt | None] | None = None,
+        held: BinaryIO | None = None,
     ) -> CallReceipt | None:
-        """Store one pending delivery and run the hooks; None if another worker has it."""
-        with self.storage.claim(entry) as body:
+        """Store one pending delivery and run the hooks; None if another worker has it.
+        `held`: the lock the receiver took when it queued the delivery."""
+        with self.storage.claim(entry, held) as body:
             if body is None:
                 if stored is not None and not stored.done():
                     stored.set_result(None)

@@ -194,6 +194,20 @@ class PendingDelivery:
         return self.path.name
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedDelivery:
+    """A delivery just kept and queued by its receiver, with the lock its receiver took
+    before queueing it; no lock when an earlier copy was already queued (that one is
+    claimed as usual). Closing the lock hands the entry to any sweep."""
+
+    entry: PendingDelivery
+    lock: BinaryIO | None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
+
 class WebhookStorage:
     def __init__(self, settings: Settings, cipher: PayloadCipher) -> None:
         self.root = settings.webhook_storage_path
@@ -331,13 +345,32 @@ class WebhookStorage:
 
     def keep(self, path: Path, body: bytes, *, pending: bool) -> Path:
         """Write a delivery durably; with `pending`, also queue it for the memory store."""
-        self._write(path, body)
         if pending:
-            ensure_private_dir(self.pending_root, self.dir_mode)
-            with contextlib.suppress(FileExistsError):  # the same delivery is already queued
-                os.link(path, self.pending_entry(path).path)
-            fsync_dir(self.pending_root)
+            self.keep_queued(path, body).release()
+        else:
+            self._write(path, body)
         return path
+
+    def keep_queued(self, path: Path, body: bytes) -> QueuedDelivery:
+        """Write a delivery durably and queue it for the memory store, locked for its
+        receiver from before it is queued: a sweep (of this worker or another) that took
+        it between the two would leave the receiver unable to say it was stored."""
+        self._write(path, body)
+        lock = open(path, "rb")  # noqa: SIM115 - handed to the receiver
+        try:
+            # Nobody else can know this new file before it is linked into the queue.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            entry = self.pending_entry(path)
+            ensure_private_dir(self.pending_root, self.dir_mode)
+            try:
+                os.link(path, entry.path)
+            except FileExistsError:  # an earlier copy is queued: it is the one to claim
+                lock.close()
+            fsync_dir(self.pending_root)
+        except BaseException:
+            lock.close()
+            raise
+        return QueuedDelivery(entry, None if lock.closed else lock)
 
     def pending_entry(self, path: Path) -> PendingDelivery:
         """The queue entry of the delivery kept at `path` (whether it exists or not)."""
@@ -351,9 +384,17 @@ class WebhookStorage:
         return [PendingDelivery(path) for path in entries]
 
     @contextmanager
-    def claim(self, entry: PendingDelivery) -> Iterator[bytes | None]:
+    def claim(self, entry: PendingDelivery, held: BinaryIO | None = None) -> Iterator[bytes | None]:
         """Lock a pending delivery for this process; yields None if another one holds it
-        or it is already done. The lock dies with the process, so a crash frees it."""
+        or it is already done. The lock dies with the process, so a crash frees it.
+        `held`: the lock its receiver already has (`keep_queued`), left open for its retries."""
+        if held is not None:
+            if not entry.path.exists():  # forgotten while it waited
+                yield None
+                return
+            held.seek(0)
+            yield self.cipher.decrypt(held.read())
+            return
         try:
             handle = open(entry.path, "rb")  # noqa: SIM115 - held for the lock's lifetime
         except FileNotFoundError:
