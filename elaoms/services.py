@@ -43,8 +43,11 @@ class Services:
     search: SearchService
 
     @classmethod
-    def build(cls, settings: Settings, *, store: MemoryStore | None = None) -> Services:
-        """Wire every part. `store` replaces the configured backend (tests inject faults)."""
+    def build(
+        cls, settings: Settings, *, store: MemoryStore | None = None, serving: bool = True
+    ) -> Services:
+        """Wire every part. `store` replaces the configured backend (tests inject faults);
+        `serving` is False for a one-shot command (see `create_store`)."""
         # Files other libraries create for us (SQLite's -wal and -shm, temp files) must be
         # as private as ours: the umask makes FILE_PERMISSIONS_MODE the process default.
         os.umask(0o777 & ~settings.directory_permissions_mode)
@@ -52,7 +55,7 @@ class Services:
         cipher = PayloadCipher(settings.encryption_key, enabled=settings.enable_encryption_at_rest)
         storage = WebhookStorage(settings, cipher)
         storage.prepare()
-        store = store or create_store(settings, cipher)
+        store = store or create_store(settings, cipher, serving=serving)
         alerts = AlertSink(
             settings.alert_webhook_url, min_interval_seconds=settings.anomaly_window_seconds
         )

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from elaoms.cli import app
 from elaoms.config import Settings
+from elaoms.memory.postgres_copies import CallerCopies
 from elaoms.services import Services
 from elaoms.webhooks.storage import caller_dir_name
 
@@ -270,6 +271,36 @@ def test_profile_shows_what_the_next_call_gets(callers: Settings) -> None:
     unknown = elaoms("profile", "+14155550000")
     assert unknown.exit_code == 3
     assert unknown.stderr.count("\n") == 1
+
+
+def test_a_command_on_postgres_reads_without_following_other_replicas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    # The service listens for other replicas' changes to keep copies of profiles, and
+    # reads every profiled caller when it starts; a one-shot command would do both for
+    # nothing (at a million callers, a read of a million rows for one profile).
+    for name, value in (base_env(tmp_path / "data") | {"MEMORY_BACKEND": "postgres"}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(_env_file=None)
+    deliver(settings, transcription("conv_one_shot", MARIA))
+
+    def follow(*args: object) -> None:
+        raise AssertionError("started following other replicas")
+
+    async def open_store(*, serving: bool) -> None:
+        services = Services.build(settings, serving=serving)
+        try:
+            await services.store.check()
+        finally:
+            await services.close()
+
+    monkeypatch.setattr(CallerCopies, "start", follow)
+    with pytest.raises(AssertionError, match="started following"):
+        asyncio.run(open_store(serving=True))  # as the service opens it
+    profile = as_json(elaoms("profile", MARIA, "--json"))
+    assert profile["call_count"] == 1
 
 
 def test_search_answers_what_the_tool_answers(callers: Settings) -> None:

@@ -160,7 +160,7 @@ def run(work: Callable[[Any], Awaitable[T]], *, settings: Settings | None = None
     interrupted = asyncio.Event()
 
     async def main() -> T:
-        services = Services.build(settings)
+        services = Services.build(settings, serving=False)
         loop = asyncio.get_running_loop()
         try:
             await services.store.check()

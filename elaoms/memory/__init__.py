@@ -28,8 +28,11 @@ __all__ = [
 ]
 
 
-def create_store(settings: Settings, cipher: PayloadCipher | None = None) -> MemoryStore:
-    """The store `MEMORY_BACKEND` names, configured from `settings`."""
+def create_store(
+    settings: Settings, cipher: PayloadCipher | None = None, *, serving: bool = True
+) -> MemoryStore:
+    """The store `MEMORY_BACKEND` names, configured from `settings`. `serving`: for the
+    service, which keeps copies of what it reads (a one-shot command reads each time)."""
     if settings.memory_backend is MemoryBackend.OPENMEMORY:
         from elaoms.memory.openmemory import OpenMemoryStore
 
@@ -37,7 +40,7 @@ def create_store(settings: Settings, cipher: PayloadCipher | None = None) -> Mem
     if settings.memory_backend is MemoryBackend.POSTGRES:
         from elaoms.memory.postgres import PostgresStore
 
-        return PostgresStore.from_settings(settings, cipher)
+        return PostgresStore.from_settings(settings, cipher, listen=serving)
     from elaoms.memory.sqlite import SQLiteStore
 
     return SQLiteStore(

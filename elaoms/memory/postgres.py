@@ -176,6 +176,7 @@ class PostgresStore(MemoryStore):
         timeout: float = 5.0,
         upgrade_schema: bool = True,
         caller_copies: int = CALLER_COPIES,
+        listen: bool = True,
     ) -> None:
         if not database_url:
             raise StoreUnavailableError(
@@ -191,10 +192,13 @@ class PostgresStore(MemoryStore):
         self._opening: asyncio.Lock | None = None
         self._hash_key = b""
         self.copies = CallerCopies(caller_copies)
+        # Copies are trusted only while listening for other replicas' changes. A one-shot
+        # command reads instead: listening would also read every profiled caller for it.
+        self.listen = listen
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, cipher: PayloadCipher | None = None
+        cls, settings: Settings, cipher: PayloadCipher | None = None, *, listen: bool = True
     ) -> PostgresStore:
         return cls(
             settings.database_url,
@@ -202,6 +206,7 @@ class PostgresStore(MemoryStore):
             pool_min_size=settings.database_pool_min_size,
             pool_max_size=settings.database_pool_max_size,
             timeout=settings.database_timeout_seconds,
+            listen=listen,
         )
 
     def __repr__(self) -> str:
@@ -260,7 +265,8 @@ class PostgresStore(MemoryStore):
             except Exception as error:
                 raise storage_error(error, self.database_url) from error
             self._pool = pool
-            self.copies.start(self.database_url, self.timeout, self._notify, self._warm_copies)
+            if self.listen:
+                self.copies.start(self.database_url, self.timeout, self._notify, self._warm_copies)
             return pool
 
     @asynccontextmanager
