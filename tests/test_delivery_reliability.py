@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import shutil
 import sqlite3
@@ -16,12 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
+from elaoms.crypto import PayloadCipher
 from elaoms.memory.base import CallReceipt, Memory, StoreUnavailableError
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.services import Services
-from elaoms.webhooks.storage import QueuedDelivery
+from elaoms.webhooks.storage import QueuedDelivery, WebhookStorage
 
 from conftest import (
     InThreadServer,
@@ -159,6 +161,68 @@ def test_a_sweep_right_after_the_keep_leaves_the_delivery_to_its_receiver(
     assert status == "received"
     assert memory_id is not None and memory_id == stored_id
     assert not list(settings.pending_path.iterdir())
+
+
+def queue_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str
+) -> tuple[WebhookStorage, QueuedDelivery, bytes]:
+    """A delivery queued by one receiver while a second receiver of the same delivery
+    writes it at the same name, at the moment `between` names (an ElevenLabs retry, or a
+    backfill racing the live webhook): returns the storage, the first receiver's queued
+    entry, and the body the queue now names."""
+    storage = WebhookStorage(make_settings(tmp_path), PayloadCipher())
+    path = storage.delivery_path("+14155550610", TRANSCRIPTION, "conv_twice")
+    real_flock = fcntl.flock
+
+    def flock_then_second_write(handle: Any, operation: int) -> None:
+        real_flock(handle, operation)
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        storage._write(path, b"second")  # written, not linked yet
+
+    if between == "lock and link":
+        monkeypatch.setattr(fcntl, "flock", flock_then_second_write)
+        queued = storage.keep_queued(path, b"first")
+    else:  # "write and lock": the second receiver locked what the first one wrote
+        second_write = storage._write
+        first = storage.keep_queued(path, b"first")
+        monkeypatch.setattr(storage, "_write", lambda *args: None)
+        queued = storage.keep_queued(path, b"second")
+        monkeypatch.setattr(storage, "_write", second_write)
+        first.release()
+    named = storage.read(queued.entry.path)
+    return storage, queued, named
+
+
+@pytest.mark.parametrize("between", ["lock and link", "write and lock"])
+def test_two_receivers_of_one_delivery_never_hold_a_file_the_queue_does_not_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str
+) -> None:
+    # Between the lock and the link, the first receiver once kept a lock on a file the
+    # queue no longer named, leaving the queued one to any sweep; between the write and
+    # the lock, the second one's lock failed and the webhook answered 503.
+    storage, queued, named = queue_twice(tmp_path, monkeypatch, between)
+    with storage.claim(queued.entry, queued.lock) as body:
+        assert body == named  # what the receiver stores is what the queue names
+        if queued.lock is not None:
+            with storage.claim(queued.entry) as swept:
+                assert swept is None  # held: no sweep takes it meanwhile
+    queued.release()
+
+
+def test_a_held_delivery_forgotten_and_queued_anew_is_left_to_its_new_receiver(
+    tmp_path: Path,
+) -> None:
+    storage = WebhookStorage(make_settings(tmp_path), PayloadCipher())
+    path = storage.delivery_path("+14155550611", TRANSCRIPTION, "conv_anew")
+    first = storage.keep_queued(path, b"before the forget")
+    storage.done(first.entry)  # as a forget does, while the first receiver retries
+    again = storage.keep_queued(path, b"after the forget")
+    with storage.claim(first.entry, first.lock) as body:
+        assert body is None  # not the forgotten body, under the new delivery's entry
+    with storage.claim(again.entry, again.lock) as body:
+        assert body == b"after the forget"
+    first.release()
+    again.release()
 
 
 def test_our_own_disk_failing_is_the_only_5xx(settings_factory) -> None:

@@ -357,20 +357,26 @@ class WebhookStorage:
         it between the two would leave the receiver unable to say it was stored."""
         self._write(path, body)
         lock = open(path, "rb")  # noqa: SIM115 - handed to the receiver
+        entry = self.pending_entry(path)
         try:
-            # Nobody else can know this new file before it is linked into the queue.
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            entry = self.pending_entry(path)
-            ensure_private_dir(self.pending_root, self.dir_mode)
             try:
-                os.link(path, entry.path)
-            except FileExistsError:  # an earlier copy is queued: it is the one to claim
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another receiver of this very delivery, this instant
                 lock.close()
+            ensure_private_dir(self.pending_root, self.dir_mode)
+            with contextlib.suppress(FileExistsError):  # an earlier copy is queued
+                os.link(path, entry.path)
             fsync_dir(self.pending_root)
         except BaseException:
             lock.close()
             raise
-        return QueuedDelivery(entry, None if lock.closed else lock)
+        # The lock is the receiver's only if the queue names the file it holds: another
+        # receiver of the same delivery may have replaced `path` since the write, or an
+        # earlier copy be queued. Without it, the entry is claimed as usual.
+        if lock.closed or not _names(entry.path, lock):
+            lock.close()
+            return QueuedDelivery(entry, None)
+        return QueuedDelivery(entry, lock)
 
     def pending_entry(self, path: Path) -> PendingDelivery:
         """The queue entry of the delivery kept at `path` (whether it exists or not)."""
@@ -389,7 +395,7 @@ class WebhookStorage:
         or it is already done. The lock dies with the process, so a crash frees it.
         `held`: the lock its receiver already has (`keep_queued`), left open for its retries."""
         if held is not None:
-            if not entry.path.exists():  # forgotten while it waited
+            if not _names(entry.path, held):  # forgotten (or queued anew) while it waited
                 yield None
                 return
             held.seek(0)
@@ -406,7 +412,7 @@ class WebhookStorage:
             except BlockingIOError:
                 yield None
                 return
-            if not entry.path.exists():  # finished by someone else while we opened it
+            if not _names(entry.path, handle):  # finished by another while we opened it
                 yield None
                 return
             yield self.cipher.decrypt(handle.read())
@@ -565,6 +571,16 @@ class WebhookStorage:
                 path.unlink(missing_ok=True)
                 dropped += 1
         return dropped
+
+
+def _names(path: Path, handle: BinaryIO) -> bool:
+    """Whether `path` (still) names the file `handle` has open."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _as_dict(attempts: DeliveryAttempts) -> dict[str, object]:
