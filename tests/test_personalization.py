@@ -25,6 +25,7 @@ from conftest import (
     make_settings,
     transcription,
     wait_settled,
+    wait_until,
 )
 from standins import (
     ElevenLabsStandIn,
@@ -94,12 +95,19 @@ def server(
     service.stop()
 
 
-def stored_profile(data_dir: Path, user_id: str) -> dict[str, Any]:
-    with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
-        (blob,) = connection.execute(
-            "SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,)
-        ).fetchone()
-    return json.loads(blob)
+def stored_profile(data_dir: Path, user_id: str, calls: int = 1) -> dict[str, Any]:
+    """The caller's profile in the store, once it counts `calls` calls: the cache has it
+    first (what client-data answers from), the store a moment later."""
+
+    def stored() -> dict[str, Any] | None:
+        with sqlite3.connect(data_dir / "memory.sqlite3") as connection:
+            row = connection.execute(
+                "SELECT profile FROM caller_profiles WHERE user_id = ?", (user_id,)
+            ).fetchone()
+        profile = json.loads(row[0]) if row else None
+        return profile if profile and profile["call_count"] >= calls else None
+
+    return wait_until(stored)
 
 
 def stored_calls_text(data_dir: Path, user_id: str) -> str:
@@ -217,7 +225,7 @@ def test_profile_has_the_agreed_shape_and_is_idempotent(
     caller = "+14155550621"
     deliver_and_wait(client, call_with("conv_shape_1", caller, 1763000000), caller)
     deliver_and_wait(client, call_with("conv_shape_2", caller, 1763500000), caller, calls=2)
-    profile = stored_profile(server.data_dir, caller)
+    profile = stored_profile(server.data_dir, caller, calls=2)
     for key, kind in PROFILE_KEYS.items():
         assert isinstance(profile[key], kind), (key, profile[key])
     assert profile["name"] == "Maria Lopez" and profile["name_source"] == "data_collection"
