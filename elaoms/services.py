@@ -98,6 +98,7 @@ class Services:
             settings, store, cache, agents, LLMGreetingWriter.from_settings(settings)
         )
         ingest.hooks.append(personalization.on_call_stored)
+        ingest.history_read = personalization.history_to_read
         if embeddings.default_cache() is not None:
             ingest.hooks.append(embeddings.warm_after_call)
         search = SearchService(

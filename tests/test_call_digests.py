@@ -4,6 +4,7 @@ databases from before digests, digests at rest, and the greeting fact check over
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -13,14 +14,17 @@ from typing import Any, TypeVar
 import pytest
 from cryptography.fernet import Fernet
 
+from elaoms.config import Settings
 from elaoms.crypto import PayloadCipher
+from elaoms.memory.base import CallReceipt, HistoryRead, Memory
 from elaoms.memory.digest import digest_call
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import call_memories
+from elaoms.personalization.profile import PROFILE_READ
 from elaoms.services import Services
 
-from conftest import make_settings, transcription
+from conftest import load_fixture, make_settings, transcription
 
 T = TypeVar("T")
 CALLER = "+14155550123"
@@ -209,3 +213,94 @@ def test_a_withheld_number_still_gets_no_profile(tmp_path: Path) -> None:
         return await services.personalization.prepare_caller("anonymous")
 
     assert with_services(tmp_path, work) is None
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that counts the hook's own history reads and records what each
+    `add_call` was asked to read; `failing_reads` makes the first such read fail."""
+
+    def __init__(self, *args: Any, failing_reads: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history_reads = 0
+        self.reads_asked: dict[str, HistoryRead | None] = {}
+        self.receipts: list[CallReceipt] = []
+        if failing_reads:
+            read_history = self.tables.read_history
+
+            def locked_once(*args: Any) -> Any:  # the read with the insert, not the hook's
+                self.tables.read_history = read_history  # type: ignore[method-assign]
+                raise sqlite3.OperationalError("database is locked")
+
+            self.tables.read_history = locked_once  # type: ignore[method-assign]
+
+    async def add_call(
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
+    ) -> CallReceipt:
+        self.reads_asked[call.conversation_id] = read
+        receipt = await super().add_call(user_id, call, payload, memories, read)
+        self.receipts.append(receipt)
+        return receipt
+
+    async def call_history(self, *args: Any, **kwargs: Any) -> Any:
+        self.history_reads += 1
+        return await super().call_history(*args, **kwargs)
+
+
+def deliver_to(store: CountingStore, settings: Settings, payloads: list[dict[str, Any]]) -> None:
+    async def scenario() -> None:
+        services = Services.build(settings, store=store)
+        try:
+            for payload in payloads:
+                body = json.dumps(payload).encode()
+                assert (await services.ingest.receive(body)).status == "received"
+            await services.ingest.drain(timeout=None)
+        finally:
+            await services.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_delivery_prepares_its_profile_from_the_calls_read_with_its_insert(
+    tmp_path: Path,
+) -> None:
+    # The post-call hook read the caller's calls again after `add_call` (a trip to the
+    # store's thread, a round trip on PostgreSQL); they now come with the insert.
+    settings = make_settings(tmp_path)
+    store = CountingStore(settings.sqlite_path)
+    failure = load_fixture("call_initiation_failure")
+    failure["data"]["conversation_id"] = "conv_not_answered"
+    deliver_to(
+        store,
+        settings,
+        [visit(0), visit(1), visit(2), transcription("conv_withheld", "anonymous"), failure],
+    )
+
+    profile = asyncio.run(store.get_caller_profile(CALLER))
+    assert profile is not None and profile["call_count"] == 3
+    assert profile["last_call_title"] == "Visit 2"
+    assert store.history_reads == 0
+    # Read only where the hook prepares a profile: not for nobody, nor for a failed call.
+    assert store.reads_asked["conv_visit_2"] == PROFILE_READ
+    assert store.reads_asked["conv_withheld"] is None
+    assert store.reads_asked["conv_not_answered"] is None
+
+
+def test_a_failed_read_after_the_insert_fails_neither_the_call_nor_its_profile(
+    tmp_path: Path,
+) -> None:
+    # The call is committed before the read: a failed read that failed `add_call` made
+    # its retry find the call already there (`created` False), so the caller's search
+    # index was never told of it.
+    settings = make_settings(tmp_path)
+    store = CountingStore(settings.sqlite_path, failing_reads=True)
+    deliver_to(store, settings, [visit(0)])
+
+    assert [(receipt.created, receipt.history) for receipt in store.receipts] == [(True, None)]
+    assert store.history_reads == 1  # the hook read for itself
+    profile = asyncio.run(store.get_caller_profile(CALLER))
+    assert profile is not None and profile["call_count"] == 1

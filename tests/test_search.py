@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from elaoms.memory.base import IndexState, Memory, MemoryVersion, ProfileKept, SavedIndex
+from elaoms.memory.base import (
+    HistoryRead,
+    IndexState,
+    Memory,
+    MemoryVersion,
+    ProfileKept,
+    SavedIndex,
+)
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.search.schemas import SearchResponse
@@ -285,10 +292,15 @@ class SlowRecordingStore(SQLiteStore):
         return await super().save_index(user_id, index)
 
     async def add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
     ) -> Any:
         self.writes.append("add_call")
-        return await super().add_call(user_id, call, payload, memories)
+        return await super().add_call(user_id, call, payload, memories, read)
 
     async def add_memory(
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None

@@ -134,6 +134,8 @@ class CallReceipt:
     created: bool  # False when the same call was already stored (a duplicate delivery)
     # True when the conversation was forgotten with its caller: nothing stored, no memory id.
     forgotten: bool = False
+    # The caller's calls read after this one was stored, when `add_call` was asked to.
+    history: CallHistory | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +178,12 @@ class MemoryStore(abc.ABC):
     # Calls -------------------------------------------------------------------------------
     @abc.abstractmethod
     async def add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
     ) -> CallReceipt:
         """Keep `payload` whole and add its searchable `memories`, all or nothing.
 
@@ -187,6 +194,13 @@ class MemoryStore(abc.ABC):
 
         Idempotent on (event type, conversation id): a second add of the same call stores
         nothing and returns the first receipt's memory id with `created=False`.
+
+        `read`: what the post-call hook reads next of the caller's calls. A store that
+        reads it for less with the call (SQLite: in the same trip to its thread) returns
+        it as the receipt's `history`, read after the call was stored; the others, and a
+        read that failed, leave it None and the hook reads for itself. A failed read
+        must not fail `add_call`: the call is stored, and its retry would find it there
+        and not report it new.
         """
 
     @abc.abstractmethod

@@ -57,6 +57,7 @@ from elaoms.memory.base import (
     CallerPage,
     CallHistory,
     CallReceipt,
+    HistoryRead,
     IndexState,
     Memory,
     MemoryStore,
@@ -264,8 +265,14 @@ class OpenMemoryStore(MemoryStore):
 
     # Calls -------------------------------------------------------------------------------
     async def add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
     ) -> CallReceipt:
+        # `read` is not read here: the hook's own read costs the same.
         event_type, conversation_id = call.event_type, call.conversation_id
         existing = await self.ledger.receipt(event_type, conversation_id)
         if existing:

@@ -527,10 +527,17 @@ class PostgresStore(MemoryStore):
 
     # Calls -------------------------------------------------------------------------------
     async def add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
     ) -> CallReceipt:
         memory_id = f"mem_{uuid.uuid4().hex}"
         event_type, conversation_id = _text(call.event_type), _text(call.conversation_id)
+        # `read` is not read here: in this transaction it cost more than the hook's own
+        # read after it (bench/ingest.py, docs/scaling.md).
         key = await self._caller_key(user_id)
         async with self._caller_transaction(key, pipeline=True) as connection:
             # The primary key decides: a copy stored meanwhile by another replica makes

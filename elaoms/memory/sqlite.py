@@ -15,6 +15,7 @@ import json
 import sqlite3
 import uuid
 from collections.abc import Collection, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,12 +141,24 @@ class SQLiteStore(MemoryStore):
 
     # Calls -------------------------------------------------------------------------------
     async def add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None = None,
     ) -> CallReceipt:
-        return await self.database.run(lambda: self._add_call(user_id, call, payload, memories))
+        return await self.database.run(
+            lambda: self._add_call(user_id, call, payload, memories, read)
+        )
 
     def _add_call(
-        self, user_id: str, call: CallRecord, payload: dict[str, Any], memories: list[Memory]
+        self,
+        user_id: str,
+        call: CallRecord,
+        payload: dict[str, Any],
+        memories: list[Memory],
+        read: HistoryRead | None,
     ) -> CallReceipt:
         with self.database.write() as connection:
             receipt = self.tables.insert_call(
@@ -153,7 +166,13 @@ class SQLiteStore(MemoryStore):
             )
             if receipt.created:
                 self._insert_memories(connection, memories)
-        return receipt
+        if read is None or receipt.forgotten:
+            return receipt
+        # In the same trip to the store's thread: the hook's read, without a trip of its own.
+        try:
+            return replace(receipt, history=self.tables.read_history(user_id, read))
+        except sqlite3.Error:  # stored all the same; the hook reads for itself
+            return receipt
 
     async def get_call(
         self, conversation_id: str, event_type: str = TRANSCRIPTION

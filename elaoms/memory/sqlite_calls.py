@@ -399,6 +399,10 @@ class CallTables:
     ) -> CallHistory:
         return await self.database.run(lambda: self._call_history(user_id, recent, marks))
 
+    def read_history(self, user_id: str, read: HistoryRead) -> CallHistory:
+        """`call_history`, in the store's thread."""
+        return self._call_history(user_id, read.recent, read.marks)
+
     def _call_history(self, user_id: str, recent: int, marks: Collection[str]) -> CallHistory:
         self._complete_digests(user_id)
         with self.database.read() as connection:
@@ -587,7 +591,7 @@ class CallTables:
         def keep() -> ProfileKept:  # one hop to the store's thread, not three
             self._put_caller_profile(user_id, profile)
             forgotten = self.is_forgotten_in(self.database.connection(), prepared_from)
-            return ProfileKept(forgotten, self._call_history(user_id, read.recent, read.marks))
+            return ProfileKept(forgotten, self.read_history(user_id, read))
 
         return await self.database.run(keep)
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from elaoms.config import GreetingDisclosure, Settings
 from elaoms.elevenlabs.agent_profiles import AgentProfile, AgentProfiles
-from elaoms.memory.base import CallDigest, CallHistory, CallReceipt, MemoryStore
+from elaoms.memory.base import CallDigest, CallHistory, CallReceipt, HistoryRead, MemoryStore
 from elaoms.memory.digest import clean_value, vocabulary
 from elaoms.memory.records import clamp_timestamp
 from elaoms.memory.units import TRANSCRIPTION
@@ -97,9 +97,16 @@ class PersonalizationService:
         """The post-call hook. A store failure raises, so the delivery stays pending and
         the profile is prepared on the retry; every other failure degrades instead."""
         if payload.get("type") == TRANSCRIPTION:
-            await self.prepare_caller(user_id)
+            await self.prepare_caller(user_id, receipt.history)
 
-    async def prepare_caller(self, user_id: str) -> dict[str, Any] | None:
+    def history_to_read(self, user_id: str, event_type: str) -> HistoryRead | None:
+        """What `on_call_stored` reads of the caller's calls after such a call: the store
+        reads it with the call's insert (`add_call`), not in a trip of its own."""
+        return PROFILE_READ if event_type == TRANSCRIPTION and profiled(user_id) else None
+
+    async def prepare_caller(
+        self, user_id: str, history: CallHistory | None = None
+    ) -> dict[str, Any] | None:
         """Rebuild the caller's profile and next greeting from their stored calls.
 
         Deliveries of one caller may be prepared at once, by several workers: each wrote
@@ -107,10 +114,14 @@ class PersonalizationService:
         read fewer calls. So after writing, the calls are read again, and a profile that
         missed one is prepared anew: the last profile written is then always checked
         against calls read after it was written, and reflects every stored call.
+
+        `history`: the caller's calls as read after the call was stored (`add_call`'s
+        receipt), so that they are not read again.
         """
         if not profiled(user_id):
             return None  # a withheld call is nobody's: it must not become a profile
-        history = await caller_history(self.store, user_id)
+        if history is None:
+            history = await caller_history(self.store, user_id)
         profile: dict[str, Any] | None = None
         for _ in range(PREPARE_ROUNDS):
             if not history.count:

@@ -34,7 +34,14 @@ from tenacity import (
 
 from elaoms.config import Settings
 from elaoms.crypto import EncryptionConfigError
-from elaoms.memory.base import CallReceipt, Memory, MemoryStore, StoredCall, StoreUnavailableError
+from elaoms.memory.base import (
+    CallReceipt,
+    HistoryRead,
+    Memory,
+    MemoryStore,
+    StoredCall,
+    StoreUnavailableError,
+)
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import INITIATION_FAILURE, TRANSCRIPTION, record_memories
 from elaoms.operations.alerts import AlertSink
@@ -143,6 +150,9 @@ class IngestService:
         self.indexes = indexes
         self.storage = storage
         self.hooks = list(hooks or [])
+        # What the hooks read next of a call's caller's calls (given the caller and the
+        # event type), for the store to read with the call's insert; None: nothing.
+        self.history_read: Callable[[str, str], HistoryRead | None] | None = None
         self.alerts = alerts or AlertSink()
         # Memory ids of stored deliveries, shared through Redis by every worker and replica:
         # a retried or replayed delivery is answered at once, without a second write.
@@ -438,7 +448,8 @@ class IngestService:
         record = CallRecord.from_payload(payload)
         user_id, memories = self._memories_of(payload, record)
         try:
-            receipt = await self.store.add_call(user_id, record, payload, memories)
+            read = self.history_read(user_id, record.event_type) if self.history_read else None
+            receipt = await self.store.add_call(user_id, record, payload, memories, read)
         except Exception:
             STORE_ERRORS.labels("add_call").inc()
             raise

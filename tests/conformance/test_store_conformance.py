@@ -87,10 +87,16 @@ def call(
     return payload
 
 
-def add(run: Run[Any], store: MemoryStore, payload: dict[str, Any], caller: str = MARIA) -> Any:
+def add(
+    run: Run[Any],
+    store: MemoryStore,
+    payload: dict[str, Any],
+    caller: str = MARIA,
+    read: HistoryRead | None = None,
+) -> Any:
     return run(
         store.add_call(
-            caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload)
+            caller, CallRecord.from_payload(payload), payload, call_memories(caller, payload), read
         )
     )
 
@@ -523,6 +529,32 @@ def test_a_kept_profile_comes_with_the_calls_read_after_it_and_whether_its_call_
     kept = run(store.keep_caller_profile(MARIA, {"greeting": "Hello"}, "conv_kept_2", read))
     assert kept.call_forgotten is True
     assert run(store.get_caller_profile(MARIA)) == {"greeting": "Hello"}  # kept, then checked
+
+
+def test_a_call_stored_with_a_read_comes_with_the_calls_read_after_it_or_none(
+    store: MemoryStore, run: Run[Any]
+) -> None:
+    read = HistoryRead(recent=2, marks=("data_collection", "transcript"))
+    add(run, store, call("conv_read_1", started_at=1_700_000_000))
+    assert add(run, store, call("conv_read_2", started_at=1_700_086_400)).history is None
+
+    receipt = add(run, store, call("conv_read_3", started_at=1_700_172_800), read=read)
+    again = add(run, store, call("conv_read_3", started_at=1_700_172_800), read=read)
+    run(store.forget_conversations(["conv_read_4"]))
+    forgotten = add(run, store, call("conv_read_4"), read=read)
+
+    assert receipt.created and not again.created
+    assert forgotten.forgotten and forgotten.history is None  # nothing stored, nothing read
+    if store.name != "sqlite":  # left to the hook: it reads for itself
+        assert receipt.history is None and again.history is None
+        return
+    assert receipt.history == run(store.call_history(MARIA, recent=2, marks=read.marks))
+    assert receipt.history.count == 3
+    assert [digest.conversation_id for digest in receipt.history.recent] == [
+        "conv_read_3",
+        "conv_read_2",
+    ]
+    assert again.history == receipt.history  # a duplicate's hook prepares the profile too
 
 
 def test_a_caller_profile_read_on_the_loop_never_suspends(
