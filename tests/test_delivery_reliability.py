@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from elaoms.crypto import PayloadCipher
-from elaoms.memory.base import CallReceipt, HistoryRead, Memory, StoreUnavailableError
-from elaoms.memory.records import CallRecord
+from elaoms.memory.base import CallReceipt, StoreUnavailableError
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.memory.units import TRANSCRIPTION
 from elaoms.services import Services
@@ -55,19 +54,12 @@ class FlakyStore(SQLiteStore):
         self.failures_left = failures
         self.attempts = 0
 
-    async def add_call(
-        self,
-        user_id: str,
-        call: CallRecord,
-        payload: dict[str, Any],
-        memories: list[Memory],
-        read: HistoryRead | None = None,
-    ) -> CallReceipt:
+    async def add_call(self, user_id: str, *call: Any) -> CallReceipt:
         self.attempts += 1
         if self.failures_left > 0:
             self.failures_left -= 1
             raise StoreUnavailableError("store is down (injected)")
-        return await super().add_call(user_id, call, payload, memories, read)
+        return await super().add_call(user_id, *call)
 
 
 def test_a_failing_store_queues_the_call_and_the_retry_stores_it(settings_factory) -> None:

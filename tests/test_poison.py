@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from elaoms.cli import app
 from elaoms.crypto import EncryptionConfigError, PayloadCipher
-from elaoms.memory.base import CallReceipt, HistoryRead, Memory, StoreUnavailableError
-from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS, CallRecord
+from elaoms.memory.base import CallReceipt, StoreUnavailableError
+from elaoms.memory.records import MAX_CALL_CHARS, MAX_TURNS
 from elaoms.memory.sqlite import SQLiteStore
 from elaoms.operations.metrics import ALERTS
 from elaoms.webhooks.storage import WebhookStorage
@@ -288,18 +288,11 @@ class RefusingStore(SQLiteStore):
         self.error = error
         self.attempts = 0
 
-    async def add_call(
-        self,
-        user_id: str,
-        call: CallRecord,
-        payload: dict[str, Any],
-        memories: list[Memory],
-        read: HistoryRead | None = None,
-    ) -> CallReceipt:
+    async def add_call(self, user_id: str, *call: Any) -> CallReceipt:
         if user_id == "+14155550666":
             self.attempts += 1
             raise self.error
-        return await super().add_call(user_id, call, payload, memories, read)
+        return await super().add_call(user_id, *call)
 
 
 def quarantined_reasons(settings: Any) -> list[str]:

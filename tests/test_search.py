@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from elaoms.memory.base import (
-    HistoryRead,
     IndexState,
     Memory,
     MemoryVersion,
@@ -291,16 +290,9 @@ class SlowRecordingStore(SQLiteStore):
         self.writes.append("save_index")
         return await super().save_index(user_id, index)
 
-    async def add_call(
-        self,
-        user_id: str,
-        call: CallRecord,
-        payload: dict[str, Any],
-        memories: list[Memory],
-        read: HistoryRead | None = None,
-    ) -> Any:
+    async def add_call(self, user_id: str, *call: Any) -> Any:
         self.writes.append("add_call")
-        return await super().add_call(user_id, call, payload, memories, read)
+        return await super().add_call(user_id, *call)
 
     async def add_memory(
         self, user_id: str, content: str, metadata: dict[str, Any] | None = None
