@@ -16,7 +16,7 @@ from cryptography.fernet import Fernet
 
 from elaoms.config import Settings
 from elaoms.crypto import PayloadCipher
-from elaoms.memory.base import CallReceipt, HistoryRead, Memory
+from elaoms.memory.base import CallReceipt, HistoryRead
 from elaoms.memory.digest import digest_call
 from elaoms.memory.records import CallRecord
 from elaoms.memory.sqlite import SQLiteStore
@@ -233,16 +233,10 @@ class CountingStore(SQLiteStore):
 
             self.tables.read_history = locked_once  # type: ignore[method-assign]
 
-    async def add_call(
-        self,
-        user_id: str,
-        call: CallRecord,
-        payload: dict[str, Any],
-        memories: list[Memory],
-        read: HistoryRead | None = None,
-    ) -> CallReceipt:
+    async def add_call(self, user_id: str, call: CallRecord, *rest: Any) -> CallReceipt:
+        read = next((part for part in rest if isinstance(part, HistoryRead)), None)
         self.reads_asked[call.conversation_id] = read
-        receipt = await super().add_call(user_id, call, payload, memories, read)
+        receipt = await super().add_call(user_id, call, *rest)
         self.receipts.append(receipt)
         return receipt
 

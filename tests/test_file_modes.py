@@ -71,7 +71,7 @@ def test_files_and_directories_get_the_octal_mode_written_as_600(tmp_path: Path)
     settings = make_settings(tmp_path, file_permissions_mode="600")
     storage = WebhookStorage(settings, PayloadCipher())
     path = storage.delivery_path("+13125550142", "post_call_transcription", "conv_modes")
-    storage.keep(path, b"{}", pending=False)
+    storage.keep(path, b"{}")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 

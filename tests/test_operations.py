@@ -199,7 +199,7 @@ def test_retention_purges_old_files_but_keeps_memories_and_pending_work(
     old_file = caller_dir / "post_call_transcription__conv_old.json"
     new_file = caller_dir / "post_call_transcription__conv_new.json"
     pending_file = caller_dir / "post_call_transcription__conv_pending.json"
-    storage.keep(pending_file, b"{}", pending=True)  # still waiting for the store
+    storage.keep_queued(pending_file, b"{}").release()  # still waiting for the store
     month_ago = time.time() - 31 * 86400
     for path in [old_file, pending_file, *settings.webhook_quarantine_path.iterdir()]:
         os.utime(path, (month_ago, month_ago))

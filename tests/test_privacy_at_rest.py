@@ -491,7 +491,7 @@ def test_files_written_while_encryption_was_on_are_still_forgotten_after_it_is_t
     settings = Settings(_env_file=None, webhook_storage_path=tmp_path / "webhooks")
     encrypted = WebhookStorage(settings, PayloadCipher(key, enabled=True))
     kept = encrypted.delivery_path(CALLER, "post_call_transcription", "conv_while_on")
-    encrypted.keep(kept, json.dumps(call("conv_while_on")).encode(), pending=True)
+    encrypted.keep_queued(kept, json.dumps(call("conv_while_on")).encode()).release()
     assert encrypted.pending()
 
     # Turned off, its key kept so the older files still read: forget must still find them.

@@ -331,7 +331,7 @@ class IngestService:
             digest = hashlib.sha256(body).hexdigest()[:16]
             delivery_id = f"{envelope.event_timestamp or 'unknown'}-{digest}"
         path = self.storage.delivery_path(user_id, envelope.type, delivery_id)
-        await asyncio.to_thread(self.storage.keep, path, body, pending=False)
+        await asyncio.to_thread(self.storage.keep, path, body)
         if why := KEPT_NOT_INDEXED.get(envelope.type):
             logger.info("post-call %s kept as %s, not indexed (%s)", envelope.type, path.name, why)
             return Acknowledgement(

@@ -343,13 +343,9 @@ class WebhookStorage:
         directory = self.caller_dir(user_id).name if user_id else OTHER_DIR
         return self.root / directory / f"{safe_name(event_type)}__{safe_name(delivery_id)}.json"
 
-    def keep(self, path: Path, body: bytes, *, pending: bool) -> Path:
-        """Write a delivery durably; with `pending`, also queue it for the memory store."""
-        if pending:
-            self.keep_queued(path, body).release()
-        else:
-            self._write(path, body)
-        return path
+    def keep(self, path: Path, body: bytes) -> Path:
+        """Write a delivery durably, not queued for the memory store (`keep_queued`)."""
+        return self._write(path, body)
 
     def keep_queued(self, path: Path, body: bytes) -> QueuedDelivery:
         """Write a delivery durably and queue it for the memory store, locked for its
@@ -395,11 +391,7 @@ class WebhookStorage:
         or it is already done. The lock dies with the process, so a crash frees it.
         `held`: the lock its receiver already has (`keep_queued`), left open for its retries."""
         if held is not None:
-            if not _names(entry.path, held):  # forgotten (or queued anew) while it waited
-                yield None
-                return
-            held.seek(0)
-            yield self.cipher.decrypt(held.read())
+            yield self._claimed_body(entry, held)
             return
         try:
             handle = open(entry.path, "rb")  # noqa: SIM115 - held for the lock's lifetime
@@ -412,10 +404,15 @@ class WebhookStorage:
             except BlockingIOError:
                 yield None
                 return
-            if not _names(entry.path, handle):  # finished by another while we opened it
-                yield None
-                return
-            yield self.cipher.decrypt(handle.read())
+            yield self._claimed_body(entry, handle)
+
+    def _claimed_body(self, entry: PendingDelivery, lock: BinaryIO) -> bytes | None:
+        """The body of the file `lock` holds; None when the queue no longer names it:
+        finished by another meanwhile, or forgotten and queued anew."""
+        if not _names(entry.path, lock):
+            return None
+        lock.seek(0)  # a receiver's lock is read again by each of its retries
+        return self.cipher.decrypt(lock.read())
 
     def done(self, entry: PendingDelivery) -> None:
         entry.path.unlink(missing_ok=True)
