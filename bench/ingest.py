@@ -128,7 +128,9 @@ def main() -> None:
                             *("--backend", backend, "--callers", str(args.callers)),
                         ],
                         cwd=app,
-                        env={**os.environ, "PYTHONPATH": str(app)},
+                        # Embeddings off, as in bench/load.py's figures: the vector cache
+                        # reads the environment's settings, not those built below.
+                        env={**os.environ, "PYTHONPATH": str(app), "SEARCH_EMBEDDINGS": "off"},
                         capture_output=True,
                         text=True,
                         check=False,

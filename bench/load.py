@@ -713,9 +713,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(app: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
-    """`gunicorn <app> -w 1 -k uvicorn.workers.UvicornWorker -b 127.0.0.1:PORT`, with the
-    repository's gunicorn.conf.py; yields (url, worker pid)."""
+def gunicorn(
+    app: str, cwd: Path, env: dict[str, str], log: Path, workers: int = 1
+) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """`gunicorn <app> -w <workers> -k uvicorn.workers.UvicornWorker -b 127.0.0.1:PORT`,
+    with the repository's gunicorn.conf.py; yields (url, the workers' pids) once every
+    worker is up."""
     port = free_port()
     command = [
         str(Path(sys.executable).with_name("gunicorn")),
@@ -723,7 +726,7 @@ def gunicorn(app: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[tu
         "-c",
         str(REPO_ROOT / "gunicorn.conf.py"),
         "-w",
-        "1",
+        str(workers),
         "-k",
         "uvicorn.workers.UvicornWorker",
         "-b",
@@ -755,8 +758,12 @@ def gunicorn(app: str, cwd: Path, env: dict[str, str], log: Path) -> Iterator[tu
             except OSError:
                 pass
             time.sleep(0.2)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        yield url, int(children[0])
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        while len(children.read_text().split()) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{app}: fewer than {workers} workers started")
+            time.sleep(0.2)
+        yield url, tuple(int(pid) for pid in children.read_text().split())
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -775,9 +782,13 @@ def proc_status(pid: int, field_name: str) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU of these processes, in seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 WRK_SCRIPT = r"""
@@ -857,7 +868,7 @@ class Result:
     requests: int
     errors: int
     statuses: dict[str, int]
-    server_cpu: float  # share of one core the worker used during the run
+    server_cpu: float  # share of one core the workers used during the run (added up)
     accepted: int = 0
     received: int = 0
     queued: int = 0
@@ -874,7 +885,7 @@ def run_wrk(
     work: Path,
     *,
     args: argparse.Namespace,
-    worker: int,
+    workers: Sequence[int],
     key: str = "-",
     once: bool = False,
     duration: float | None = None,
@@ -912,15 +923,15 @@ def run_wrk(
         output = args.py_spy / f"{args.size_label}-{name.replace(' ', '-')}.txt"
         profiler = subprocess.Popen(
             [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-             "--nonblocking", "-r", "200", "-d", str(max(1, round(seconds))), "-p", str(worker),
+             "--nonblocking", "-r", "200", "-d", str(max(1, round(seconds))), "-p", str(workers[0]),
              "-o", str(output)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    cpu_before, began = cpu_seconds(worker), time.monotonic()
+    cpu_before, began = cpu_seconds(workers), time.monotonic()
     completed = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if profiler is not None:
         profiler.wait(60)
-    cpu_share = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - began)
+    cpu_share = (cpu_seconds(workers) - cpu_before) / (time.monotonic() - began)
     marker = [line for line in completed.stdout.splitlines() if line.startswith("WRKJSON ")]
     if completed.returncode != 0 or not marker:
         raise RuntimeError(f"wrk failed:\n{completed.stdout}\n{completed.stderr}")
@@ -1027,7 +1038,7 @@ class Run:
 @dataclass
 class Replica:
     url: str
-    worker: int
+    workers: tuple[int, ...]  # pids
     data_dir: Path
 
 
@@ -1159,7 +1170,7 @@ class Driver:
             futures = [
                 pool.submit(
                     run_wrk, name, replica.url, path, [lines[j] for j in share],
-                    replica.data_dir, args=self.args, worker=replica.worker, key=key,
+                    replica.data_dir, args=self.args, workers=replica.workers, key=key,
                     once=once, duration=duration, connections=connections, profile=number == 0,
                 )
                 for number, (replica, share) in enumerate(zip(self.replicas, shares, strict=True))
@@ -1192,12 +1203,16 @@ def run_size(
         floor_dir = work / "floor"
         floor_dir.mkdir()
         with gunicorn(
-            "floor_app:app", BENCH_DIR, {"PYTHONPATH": str(BENCH_DIR)}, floor_dir / "floor.log"
-        ) as (url, worker):
+            "floor_app:app",
+            BENCH_DIR,
+            {"PYTHONPATH": str(BENCH_DIR)},
+            floor_dir / "floor.log",
+            args.workers,
+        ) as (url, workers):
             run_wrk(
-                "warm", url, "/floor", floor_lines, floor_dir, worker=worker, duration=warm, **ok
+                "warm", url, "/floor", floor_lines, floor_dir, workers=workers, duration=warm, **ok
             )
-            floor = run_wrk("floor", url, "/floor", floor_lines, floor_dir, worker=worker, **ok)
+            floor = run_wrk("floor", url, "/floor", floor_lines, floor_dir, workers=workers, **ok)
             print_result(floor, None)
         args.log_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(floor_dir / "floor.log", args.log_dir / f"{args.size_label}-floor.log")
@@ -1253,12 +1268,13 @@ def run_backend(
                 "PYTHONPATH": str(REPO_ROOT),
                 **dict(args.env),
             }
-            url, worker = stack.enter_context(
-                gunicorn("main:app", directory, env, directory / "service.log")
+            url, workers = stack.enter_context(
+                gunicorn("main:app", directory, env, directory / "service.log", args.workers)
             )
-            servers.append(Replica(url, worker, directory))
+            servers.append(Replica(url, workers, directory))
         driver = Driver(args, servers, host if backend == "postgres" else None)
-        rss_start = max(proc_status(s.worker, "VmRSS") for s in servers) / 1024
+        pids = [pid for server in servers for pid in server.workers]
+        rss_start = max(proc_status(pid, "VmRSS") for pid in pids) / 1024
         known = client_data_lines(rng, numbers, 20000)
         strangers = unknown_numbers(rng, set(numbers), 40000)
         unknown = client_data_lines(rng, strangers[:30000], 30000, each_once=True)
@@ -1282,8 +1298,8 @@ def run_backend(
         if "post-call" in args.only:
             post = drive_post_calls(args, dataset, rng, driver, probe, warm, floor)
             results.append(post.result)
-        hwm = max(proc_status(s.worker, "VmHWM") for s in servers) / 1024
-        master = Path(f"/proc/{servers[0].worker}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        hwm = max(proc_status(pid, "VmHWM") for pid in pids) / 1024
+        master = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]
         master_hwm = proc_status(int(master), "VmHWM") / 1024
 
     for number, directory in enumerate(dirs, start=1):
@@ -1553,6 +1569,13 @@ def main() -> None:
         " two of these at once, one per backend, seed in parallel",
     )
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gunicorn workers of each service replica (and of the floor); their CPU is"
+        " added up, their memory is the largest one's",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
     parser.add_argument(
         "--post-call-max",
@@ -1602,6 +1625,7 @@ def main() -> None:
     sizes = [(100, 10), (10_000, 10)] if args.scale else [(args.callers, args.calls)]
     print(f"machine: {machine()}")
     print(f"client: wrk -t1 -c{args.concurrency}, {args.duration:g} s per endpoint")
+    print(f"service: gunicorn -w {args.workers} per replica (and for the floor)")
     print(f"backends: {', '.join(args.backends)}")
     if args.env:
         print("service settings: " + " ".join(f"{k}={v}" for k, v in args.env))

@@ -99,7 +99,7 @@ class Services:
         )
         ingest.hooks.append(personalization.on_call_stored)
         ingest.history_read = personalization.history_to_read
-        if embeddings.default_cache() is not None:
+        if settings.search_embeddings != "off" and embeddings.default_cache() is not None:
             ingest.hooks.append(embeddings.warm_after_call)
         search = SearchService(
             indexes,

@@ -3,9 +3,11 @@ when the `embeddings` extra is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -15,8 +17,9 @@ from elaoms.memory.base import Memory
 from elaoms.search import embeddings
 from elaoms.search.embeddings import VectorCache, WordPieceTokenizer
 from elaoms.search.ranking import CallerIndex
+from elaoms.services import Services
 
-from conftest import turn_memories, wait_until
+from conftest import make_settings, turn_memories, wait_until
 
 np = pytest.importorskip("numpy")  # the fused scorer's arithmetic is numpy's
 
@@ -225,3 +228,22 @@ def test_real_model_when_the_extra_is_installed() -> None:
     index = ready(CallerIndex(HISTORY, vectors=VectorCache(model)))
     best = index.rank("What is her gender identity?")[0][0]
     assert index.texts[best].startswith("The transgender stories")
+
+
+@pytest.mark.parametrize("setting", ["off", "auto"])
+def test_services_built_with_embeddings_off_queue_no_turns(
+    setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process's vector cache follows the environment's settings; services built with
+    # other settings (bench/ingest.py, a test) must not embed each call's turns anyway.
+    monkeypatch.setattr(embeddings, "default_cache", lambda: object())
+
+    async def hooks() -> list[object]:
+        services = Services.build(make_settings(tmp_path, search_embeddings=setting))
+        try:
+            return list(services.ingest.hooks)
+        finally:
+            await services.close()
+
+    queued = embeddings.warm_after_call in asyncio.run(hooks())
+    assert queued is (setting == "auto")
