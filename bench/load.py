@@ -1613,7 +1613,7 @@ def main() -> None:
         "--py-spy",
         type=Path,
         default=None,
-        help="profile the worker during each endpoint's run into this folder"
+        help="profile the (first) worker during each endpoint's run into this folder"
         " (collapsed stacks; needs `pip install py-spy`)",
     )
     args = parser.parse_args()
