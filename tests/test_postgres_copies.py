@@ -357,17 +357,17 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
     async def scenario() -> None:
         writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
         reads: list[str] = []
-        fetch_all = reader._fetch_all
+        read_rows = reader._read_rows  # every read's statement goes through it
 
         async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
             reads.append(query)
-            return await fetch_all(query, params)
+            return await read_rows(query, params)
 
         try:
             await writer.put_caller_profile(known, {"user_id": known, "greeting": "Hi"})
             await reader.check()  # opens the pool, which starts listening
             await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
-            monkeypatch.setattr(reader, "_fetch_all", counted)
+            monkeypatch.setattr(reader, "_read_rows", counted)
             assert await reader.get_caller_profile("+14155550199") is None
             assert reads == []
             assert (await reader.get_caller_profile(known) or {})["greeting"] == "Hi"
@@ -386,6 +386,49 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
             assert await reader.get_caller_profile("+14155550199") is None
             assert reads == []
             assert (await reader.get_caller_profile(newcomer) or {})["greeting"] == "Yo"
+        finally:
+            await writer.close()
+            await reader.close()
+
+    run(scenario())
+
+
+def test_callers_asked_together_are_read_in_one_statement(
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of client-data requests for callers this worker has no copy of (each asked
+    for the first time here) takes one pooled connection, not one each: ten a worker
+    queued under load. Each caller still gets their own profile, or none."""
+    monkeypatch.setattr(postgres, "WARM_COPIES", 0)  # every profile is then a read
+    callers = [f"+1415555{number:04d}" for number in range(40)]
+    profiled = callers[::2]
+
+    async def scenario() -> None:
+        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
+        statements: list[str] = []
+        read_rows = reader._read_rows
+
+        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
+            statements.append(query)
+            return await read_rows(query, params)
+
+        try:
+            for caller in profiled:
+                await writer.put_caller_profile(caller, {"user_id": caller, "greeting": caller})
+            await reader.check()
+            await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
+            # Not yet among the profiled callers of the reader: a read each, as a newcomer.
+            reader.copies.profiled.clear()
+            monkeypatch.setattr(reader, "_read_rows", counted)
+            answers = await asyncio.gather(*(reader.get_caller_profile(c) for c in callers))
+            assert [(a or {}).get("greeting") for a in answers] == [
+                caller if caller in profiled else None for caller in callers
+            ]
+            assert len(statements) == 1
+            statements.clear()  # now copies: no read at all
+            again = await asyncio.gather(*(reader.get_caller_profile(c) for c in profiled))
+            assert [(a or {})["greeting"] for a in again] == profiled
+            assert statements == []
         finally:
             await writer.close()
             await reader.close()

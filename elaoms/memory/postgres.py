@@ -50,6 +50,7 @@ from elaoms.memory.base import (
     StoredCall,
     StoreUnavailableError,
 )
+from elaoms.memory.batched import BatchedReads
 from elaoms.memory.digest import DIGEST_VERSION, digest_call, digest_record
 from elaoms.memory.directory import directory_matches, keyed_word, name_key, number_key
 from elaoms.memory.postgres_copies import (
@@ -192,6 +193,8 @@ class PostgresStore(MemoryStore):
         self._opening: asyncio.Lock | None = None
         self._hash_key = b""
         self.copies = CallerCopies(caller_copies)
+        # Profiles missing from the copies, read together when asked together.
+        self._profile_reads: BatchedReads[str, bytes] = BatchedReads(self._read_profiles)
         # Copies are trusted only while listening for other replicas' changes. A one-shot
         # command reads instead: listening would also read every profiled caller for it.
         self.listen = listen
@@ -1164,13 +1167,19 @@ class PostgresStore(MemoryStore):
         copy = self.copies.profile(key)
         if not isinstance(copy, Absent):
             return decode(copy) if copy is not None else None
-        token = self.copies.token()
-        row = await self._fetch_one(
-            "SELECT profile FROM caller_profiles WHERE user_id = %s", (key,)
-        )
-        plain = self.cipher.decrypt(bytes(row[0])) if row else None
+        token = self.copies.token()  # before the read: a change meanwhile is not kept
+        plain = await self._profile_reads.get(key)
         self.copies.keep_profile(key, token, plain)
         return decode(plain) if plain is not None else None
+
+    async def _read_profiles(self, keys: list[str]) -> dict[str, bytes]:
+        """The stored profiles of these callers (keys), in one statement. In a task of
+        its own (`BatchedReads`): no caller's deadline cancels it."""
+        rows = await self._read_rows(
+            "SELECT user_id, profile FROM caller_profiles WHERE user_id = ANY(%b::text[])",
+            (keys,),
+        )
+        return {key: self.cipher.decrypt(bytes(blob)) for key, blob in rows}
 
     async def _warm_copies(self) -> None:
         """Copy the profiles of the callers who called last (`WARM_COPIES`), then note
@@ -1355,6 +1364,7 @@ class PostgresStore(MemoryStore):
 
     async def close(self) -> None:
         await self.copies.close()
+        await self._profile_reads.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
