@@ -36,6 +36,7 @@ from elaoms.memory.postgres_copies import (
     copy_key,
 )
 from elaoms.payloads import decode, encode
+from elaoms.search.indexes import CallerIndexes
 
 from conftest import WAIT_BOUND, transcription
 from openmemory_standin import Run, run  # noqa: F401 - fixture by name
@@ -429,6 +430,49 @@ def test_callers_asked_together_are_read_in_one_statement(
             again = await asyncio.gather(*(reader.get_caller_profile(c) for c in profiled))
             assert [(a or {})["greeting"] for a in again] == profiled
             assert statements == []
+        finally:
+            await writer.close()
+            await reader.close()
+
+    run(scenario())
+
+
+def test_searches_asked_together_read_their_index_states_in_one_statement(
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Searches of callers whose index this worker does not hold read each caller's
+    memory version and saved index: asked together, in one statement, each caller still
+    getting their own (a caller with nothing stored: an empty version, no index)."""
+    callers = [f"+1415556{number:04d}" for number in range(12)]
+    called = callers[::3]
+
+    async def scenario() -> None:
+        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
+        statements: list[str] = []
+        read_rows = reader._read_rows
+
+        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
+            statements.append(query)
+            return await read_rows(query, params)
+
+        try:
+            for number, caller in enumerate(called):
+                for call in range(number + 1):
+                    await add_payload(
+                        writer, transcription(f"conv_batch_{number}_{call}", caller), caller
+                    )
+            await CallerIndexes(writer).save(called[1])  # one saved index among them
+            alone = [await reader.index_state(caller) for caller in callers]
+            monkeypatch.setattr(reader, "_read_rows", counted)
+            together = await asyncio.gather(*(reader.index_state(c) for c in callers))
+            assert together == alone
+            assert len(statements) == 1
+            assert [state.version.count > 0 for state in together] == [
+                caller in called for caller in callers
+            ]
+            assert [state.saved is not None for state in together] == [
+                caller == called[1] for caller in callers
+            ]
         finally:
             await writer.close()
             await reader.close()

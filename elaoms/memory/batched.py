@@ -5,7 +5,8 @@ time on this worker), and each read held a pooled connection for a turn of the e
 loop or more, however fast the statement: at 100,000 stored calls the ten connections
 of a worker queued, and the slowest tenth of client-data answers waited 34 to 54 ms for
 a one-row read (docs/scaling.md). Keys asked while a read is being prepared go in that
-read, so a burst of misses takes one connection and one statement.
+read, so a burst of misses takes one connection and one statement. PostgreSQL reads
+profiles (client-data) and search index states this way.
 """
 
 from __future__ import annotations

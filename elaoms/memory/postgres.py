@@ -193,8 +193,12 @@ class PostgresStore(MemoryStore):
         self._opening: asyncio.Lock | None = None
         self._hash_key = b""
         self.copies = CallerCopies(caller_copies)
-        # Profiles missing from the copies, read together when asked together.
+        # Profiles missing from the copies, and search index states, read together when
+        # asked together.
         self._profile_reads: BatchedReads[str, bytes] = BatchedReads(self._read_profiles)
+        self._index_reads: BatchedReads[str, tuple[Any, ...]] = BatchedReads(
+            self._read_index_states
+        )
         # Copies are trusted only while listening for other replicas' changes. A one-shot
         # command reads instead: listening would also read every profiled caller for it.
         self.listen = listen
@@ -950,13 +954,8 @@ class PostgresStore(MemoryStore):
     # Search indexes (the store <-> search contract) ---------------------------------------
     async def index_state(self, user_id: str) -> IndexState:
         key = await self._caller_key(user_id)
-        token = self.copies.token()
-        row = await self._fetch_one(
-            "SELECT m.count, m.last, i.memories, i.last_seq, i.data FROM"
-            " (SELECT count(*) AS count, coalesce(max(seq), 0) AS last FROM memories"
-            "  WHERE user_id = %s) AS m LEFT JOIN caller_indexes AS i ON i.user_id = %s",
-            (key, key),
-        )
+        token = self.copies.token()  # before the read: a change meanwhile is not kept
+        row = await self._index_reads.get(key)
         assert row is not None
         count, last, saved_count, saved_last, data = row
         saved = None
@@ -968,6 +967,19 @@ class PostgresStore(MemoryStore):
         version = MemoryVersion(count=count, last_seq=last)
         self.copies.keep_version(key, token, version)
         return IndexState(version=version, saved=saved)
+
+    async def _read_index_states(self, keys: list[str]) -> dict[str, tuple[Any, ...]]:
+        """Each caller's memory version and saved index, in one statement (one snapshot
+        for both). In a task of its own (`BatchedReads`): no caller's deadline cancels it."""
+        rows = await self._read_rows(
+            "SELECT k.user_id, m.count, m.last, i.memories, i.last_seq, i.data"
+            " FROM unnest(%b::text[]) AS k (user_id)"
+            " CROSS JOIN LATERAL (SELECT count(*) AS count, coalesce(max(seq), 0) AS last"
+            "  FROM memories WHERE memories.user_id = k.user_id) AS m"
+            " LEFT JOIN caller_indexes AS i ON i.user_id = k.user_id",
+            (keys,),
+        )
+        return {row[0]: row[1:] for row in rows}
 
     def index_version_now(self, user_id: str) -> MemoryVersion | None:
         # The version copied here, while no process has said the caller changed since.
@@ -1365,6 +1377,7 @@ class PostgresStore(MemoryStore):
     async def close(self) -> None:
         await self.copies.close()
         await self._profile_reads.close()
+        await self._index_reads.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
