@@ -17,11 +17,12 @@ STORED = {f"caller-{number}": f"profile-{number}" for number in range(0, 100, 2)
 class Store:
     """Answers from STORED; counts its reads and can be held or made to fail."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, held: bool = False) -> None:
         self.reads: list[list[str]] = []
         self.finished = 0
-        self.release = asyncio.Event()
-        self.release.set()
+        self.release = asyncio.Event()  # a held store answers once released
+        if not held:
+            self.release.set()
         self.failing = False
 
     async def read(self, keys: list[str]) -> dict[str, str]:
@@ -61,8 +62,7 @@ def test_a_large_burst_is_read_in_bounded_chunks() -> None:
 
 def test_a_caller_that_stops_waiting_leaves_the_read_to_the_others() -> None:
     async def scenario() -> None:
-        store = Store()
-        store.release.clear()
+        store = Store(held=True)
         reads = BatchedReads(store.read)
         impatient = asyncio.ensure_future(asyncio.wait_for(reads.get("caller-0"), 0.01))
         patient = asyncio.ensure_future(reads.get("caller-2"))
@@ -93,8 +93,7 @@ def test_a_failed_read_fails_its_callers_only() -> None:
 
 def test_callers_of_a_read_cancelled_at_shutdown_are_not_left_waiting() -> None:
     async def scenario() -> None:
-        store = Store()
-        store.release.clear()
+        store = Store(held=True)
         reads = BatchedReads(store.read)
         waiting = asyncio.ensure_future(reads.get("caller-0"))
         for _ in range(1000):  # the read starts on the loop's next turn

@@ -10,9 +10,10 @@ a copy while it cannot hear about changes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -346,6 +347,30 @@ def test_a_listener_that_hears_nothing_is_not_trusted(postgres_url: str) -> None
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def two_stores(url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores on one database, as two replicas, neither listening yet."""
+    first, second = PostgresStore(url), PostgresStore(url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+def count_reads(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements the store's reads send from now on (each passes `_read_rows`)."""
+    statements: list[str] = []
+    read_rows = store._read_rows
+
+    async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
+        statements.append(query)
+        return await read_rows(query, params)
+
+    monkeypatch.setattr(store, "_read_rows", counted)
+    return statements
+
+
 def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
     postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -357,18 +382,11 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
 
     async def scenario() -> None:
         writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
-        reads: list[str] = []
-        read_rows = reader._read_rows  # every read's statement goes through it
-
-        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
-            reads.append(query)
-            return await read_rows(query, params)
-
         try:
             await writer.put_caller_profile(known, {"user_id": known, "greeting": "Hi"})
             await reader.check()  # opens the pool, which starts listening
             await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
-            monkeypatch.setattr(reader, "_read_rows", counted)
+            reads = count_reads(reader, monkeypatch)
             assert await reader.get_caller_profile("+14155550199") is None
             assert reads == []
             assert (await reader.get_caller_profile(known) or {})["greeting"] == "Hi"
@@ -405,22 +423,14 @@ def test_callers_asked_together_are_read_in_one_statement(
     profiled = callers[::2]
 
     async def scenario() -> None:
-        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
-        statements: list[str] = []
-        read_rows = reader._read_rows
-
-        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
-            statements.append(query)
-            return await read_rows(query, params)
-
-        try:
+        async with two_stores(postgres_url) as (writer, reader):
             for caller in profiled:
                 await writer.put_caller_profile(caller, {"user_id": caller, "greeting": caller})
             await reader.check()
             await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
             # Not yet among the profiled callers of the reader: a read each, as a newcomer.
             reader.copies.profiled.clear()
-            monkeypatch.setattr(reader, "_read_rows", counted)
+            statements = count_reads(reader, monkeypatch)
             answers = await asyncio.gather(*(reader.get_caller_profile(c) for c in callers))
             assert [(a or {}).get("greeting") for a in answers] == [
                 caller if caller in profiled else None for caller in callers
@@ -430,9 +440,6 @@ def test_callers_asked_together_are_read_in_one_statement(
             again = await asyncio.gather(*(reader.get_caller_profile(c) for c in profiled))
             assert [(a or {})["greeting"] for a in again] == profiled
             assert statements == []
-        finally:
-            await writer.close()
-            await reader.close()
 
     run(scenario())
 
@@ -447,15 +454,7 @@ def test_searches_asked_together_read_their_index_states_in_one_statement(
     called = callers[::3]
 
     async def scenario() -> None:
-        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
-        statements: list[str] = []
-        read_rows = reader._read_rows
-
-        async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
-            statements.append(query)
-            return await read_rows(query, params)
-
-        try:
+        async with two_stores(postgres_url) as (writer, reader):
             for number, caller in enumerate(called):
                 for call in range(number + 1):
                     await add_payload(
@@ -463,7 +462,7 @@ def test_searches_asked_together_read_their_index_states_in_one_statement(
                     )
             await CallerIndexes(writer).save(called[1])  # one saved index among them
             alone = [await reader.index_state(caller) for caller in callers]
-            monkeypatch.setattr(reader, "_read_rows", counted)
+            statements = count_reads(reader, monkeypatch)
             together = await asyncio.gather(*(reader.index_state(c) for c in callers))
             assert together == alone
             assert len(statements) == 1
@@ -473,9 +472,6 @@ def test_searches_asked_together_read_their_index_states_in_one_statement(
             assert [state.saved is not None for state in together] == [
                 caller == called[1] for caller in callers
             ]
-        finally:
-            await writer.close()
-            await reader.close()
 
     run(scenario())
 
