@@ -107,3 +107,18 @@ def test_callers_of_a_read_cancelled_at_shutdown_are_not_left_waiting() -> None:
             await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())
+
+
+def test_a_read_cancelled_before_it_started_does_not_stop_the_next() -> None:
+    async def scenario() -> None:
+        store = Store()
+        reads = BatchedReads(store.read)
+        first = asyncio.ensure_future(reads.get("caller-0"))
+        await asyncio.sleep(0)  # `first` asked: its read is scheduled, not started
+        for read in list(reads._reads):
+            read.cancel()
+        first.cancel()
+        assert await reads.get("caller-2") == "profile-2"
+        assert store.reads == [["caller-0", "caller-2"]]  # the key left behind is read too
+
+    asyncio.run(scenario())

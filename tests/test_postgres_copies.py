@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from test_postgres_store import MARIA, add_payload
 
+from elaoms.crypto import EncryptionConfigError
 from elaoms.memory import postgres
 from elaoms.memory.base import MemoryVersion
 from elaoms.memory.postgres import PostgresStore
@@ -440,6 +441,39 @@ def test_callers_asked_together_are_read_in_one_statement(
             again = await asyncio.gather(*(reader.get_caller_profile(c) for c in profiled))
             assert [(a or {})["greeting"] for a in again] == profiled
             assert statements == []
+
+    run(scenario())
+
+
+def test_a_profile_that_cannot_be_opened_fails_only_its_own_caller(
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers read together share a statement, not a failure: a profile sealed with a
+    key this replica lacks fails its caller's read, and the caller asked with it is
+    answered."""
+    monkeypatch.setattr(postgres, "WARM_COPIES", 0)
+    broken, fine = "+14155557001", "+14155557002"
+
+    async def scenario() -> None:
+        async with two_stores(postgres_url) as (writer, reader):
+            for caller in (broken, fine):
+                await writer.put_caller_profile(caller, {"user_id": caller, "greeting": "Hi"})
+            with psycopg.connect(postgres_url, autocommit=True) as connection:
+                connection.execute(
+                    "UPDATE caller_profiles SET profile = %s WHERE user_id = %s",
+                    (b"gAAAAA-sealed-with-another-key", broken),
+                )
+            await reader.check()
+            await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
+            statements = count_reads(reader, monkeypatch)
+            answers = await asyncio.gather(
+                reader.get_caller_profile(broken),
+                reader.get_caller_profile(fine),
+                return_exceptions=True,
+            )
+            assert isinstance(answers[0], EncryptionConfigError)
+            assert answers[1] == {"user_id": fine, "greeting": "Hi"}
+            assert len(statements) == 1
 
     run(scenario())
 

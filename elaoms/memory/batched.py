@@ -36,21 +36,21 @@ class BatchedReads(Generic[K, V]):
         self._limit = limit
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._reads: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
-        self._gathering = False
+        self._next: asyncio.Task[None] | None = None  # the read keys asked now will join
 
     async def get(self, key: K) -> V | None:
         answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(answer)
-        if not self._gathering:
-            # Started on the loop's next turn: every key asked meanwhile joins this read.
-            self._gathering = True
-            read = asyncio.ensure_future(self._run())
-            self._reads.add(read)
-            read.add_done_callback(self._reads.discard)
+        # A read starts on the loop's next turn: every key asked meanwhile joins it. One
+        # cancelled before it started will never read: the next one takes its keys.
+        if self._next is None or self._next.done() or self._next.cancelling():
+            self._next = asyncio.ensure_future(self._run())
+            self._reads.add(self._next)
+            self._next.add_done_callback(self._reads.discard)
         return await answer
 
     async def _run(self) -> None:
-        self._gathering = False
+        self._next = None  # keys asked from now on wait for the next read
         waiting, self._waiting = self._waiting, {}
         keys = list(waiting)
         try:

@@ -1180,18 +1180,20 @@ class PostgresStore(MemoryStore):
         if not isinstance(copy, Absent):
             return decode(copy) if copy is not None else None
         token = self.copies.token()  # before the read: a change meanwhile is not kept
-        plain = await self._profile_reads.get(key)
+        sealed = await self._profile_reads.get(key)
+        # Opened here, not in the shared read: a row that fails to open fails its caller.
+        plain = self.cipher.decrypt(sealed) if sealed is not None else None
         self.copies.keep_profile(key, token, plain)
         return decode(plain) if plain is not None else None
 
     async def _read_profiles(self, keys: list[str]) -> dict[str, bytes]:
-        """The stored profiles of these callers (keys), in one statement. In a task of
-        its own (`BatchedReads`): no caller's deadline cancels it."""
+        """The stored (sealed) profiles of these callers (keys), in one statement. In a
+        task of its own (`BatchedReads`): no caller's deadline cancels it."""
         rows = await self._read_rows(
             "SELECT user_id, profile FROM caller_profiles WHERE user_id = ANY(%b::text[])",
             (keys,),
         )
-        return {key: self.cipher.decrypt(bytes(blob)) for key, blob in rows}
+        return {key: bytes(blob) for key, blob in rows}
 
     async def _warm_copies(self) -> None:
         """Copy the profiles of the callers who called last (`WARM_COPIES`), then note
