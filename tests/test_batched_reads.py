@@ -122,3 +122,28 @@ def test_a_read_cancelled_before_it_started_does_not_stop_the_next() -> None:
         assert store.reads == [["caller-0", "caller-2"]]  # the key left behind is read too
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("when", ["before the read starts", "during the read"])
+def test_a_close_cancelled_leaves_the_reads_to_their_callers(when: str) -> None:
+    # A shutdown under a deadline may cancel `close()`: the read it waits for must not be
+    # cancelled with it (its callers would wait for ever, or fail without their deadline).
+    async def scenario() -> None:
+        store = Store(held=True)
+        reads = BatchedReads(store.read)
+        caller = asyncio.ensure_future(reads.get("caller-2"))
+        await asyncio.sleep(0)  # asked: the read is scheduled
+        if when == "during the read":
+            for _ in range(1000):
+                if store.reads:
+                    break
+                await asyncio.sleep(0)
+            assert store.reads
+        closing = asyncio.ensure_future(reads.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        store.release.set()
+        assert await asyncio.wait_for(caller, 5) == "profile-2"
+        assert store.finished == 1
+
+    asyncio.run(scenario())

@@ -76,6 +76,9 @@ class BatchedReads(Generic[K, V]):
                         answer.cancel()
 
     async def close(self) -> None:
-        """Wait for the reads under way (their connections go back to the pool)."""
+        """Wait for the reads under way (their connections go back to the pool). A close
+        that is itself cancelled leaves them running: `wait`, unlike `gather`, does not
+        cancel what it waits for (a read cut short would cancel the query on the server,
+        and fail callers whose own deadline had not come)."""
         if self._reads:
-            await asyncio.gather(*self._reads, return_exceptions=True)
+            await asyncio.wait(set(self._reads))

@@ -95,6 +95,9 @@ CALLER_COPIES = 8192
 # answers them without a read (about 3.5 MB).
 WARM_COPIES = 1024
 PROFILED_BATCH = 10_000
+# Search index states in one read at most: each carries a saved index (about 14 kB for
+# ten calls), and every caller of a read waits for all of it.
+INDEX_STATES_PER_READ = 32
 # Set while a one-statement read draws its connection: the pool's liveness round trip is
 # skipped (the read is asked again on a checked connection if the first one was broken).
 UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
@@ -197,7 +200,7 @@ class PostgresStore(MemoryStore):
         # asked together.
         self._profile_reads: BatchedReads[str, bytes] = BatchedReads(self._read_profiles)
         self._index_reads: BatchedReads[str, tuple[Any, ...]] = BatchedReads(
-            self._read_index_states
+            self._read_index_states, limit=INDEX_STATES_PER_READ
         )
         # Copies are trusted only while listening for other replicas' changes. A one-shot
         # command reads instead: listening would also read every profiled caller for it.
