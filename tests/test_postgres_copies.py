@@ -144,6 +144,24 @@ def test_copies_are_bounded() -> None:
     assert copies.profile("ana") == stored("ana")
 
 
+def test_copies_filled_at_start_go_first_and_never_push_a_copy_out() -> None:
+    """Filling the copies (oldest callers last) keeps what requests read meanwhile, and
+    where the requests left it: the callers filled in are the first to go."""
+    copies = listening_copies(size=3)
+    token = copies.token()
+    copies.keep_profile("ana", copies.token(), stored("read by a request"))
+    assert copies.keep_older_profile("ana", token, stored("older read"))
+    copies.changed("james")  # changed after the fill's read began: its row is stale
+    for caller in ("maria", "james", "lee"):  # newest first
+        assert copies.keep_older_profile(caller, token, stored(caller))
+    assert not copies.keep_older_profile("chen", token, stored("chen"))  # full
+    assert copies.profile("ana") == stored("read by a request")
+    assert copies.profile("james") is ABSENT and copies.profile("chen") is ABSENT
+    copies.keep_profile("tom", copies.token(), stored("tom"))  # one more: the oldest goes
+    assert copies.profile("lee") is ABSENT
+    assert copies.profile("maria") == stored("maria")
+
+
 def profiled(*callers: str) -> ProfiledRead:
     read = ProfiledRead()
     for caller in callers:
@@ -288,13 +306,15 @@ def test_no_copy_is_served_while_not_listening(
 def test_a_replica_that_starts_listening_copies_the_callers_who_called_last(
     postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker just started (a deploy) answers the callers of the last hours without a
-    read: their profiles are copied as soon as it listens, newest callers first."""
-    monkeypatch.setattr(postgres, "WARM_COPIES", 2)
-    callers = ["+14155550181", "+14155550182", "+14155550183"]  # the last called last
+    """A worker just started (a deploy) answers the callers of the last days without a
+    read: as soon as it listens, its copies are filled with their profiles, newest callers
+    first, a page at a time, and the oldest of them are the first to go."""
+    monkeypatch.setattr(postgres, "WARM_PAGE", 2)
+    callers = [f"+1415555018{number}" for number in range(5)]  # the last called last
 
     async def scenario() -> None:
-        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
+        writer = PostgresStore(postgres_url)
+        reader = PostgresStore(postgres_url, caller_copies=3)
         try:
             for number, caller in enumerate(callers):
                 await writer.put_caller_profile(
@@ -311,9 +331,15 @@ def test_a_replica_that_starts_listening_copies_the_callers_who_called_last(
             def copied(caller: str) -> bool:
                 return isinstance(reader.copies.profile(reader._key(caller)), bytes)
 
-            await until(lambda: copied(callers[2]) and copied(callers[1]), "the newest copied")
-            assert reader.copies.profile(reader._key(callers[0])) is ABSENT  # bounded
-            assert (await reader.get_caller_profile(callers[2]) or {})["greeting"] == "Hello 2"
+            await until(lambda: all(map(copied, callers[2:])), "the three newest copied")
+            assert not copied(callers[1]) and not copied(callers[0])  # bounded
+            reads = count_reads(reader, monkeypatch)
+            assert (await reader.get_caller_profile(callers[4]) or {})["greeting"] == "Hello 4"
+            assert reads == []
+            assert (await reader.get_caller_profile(callers[0]) or {})["greeting"] == "Hello 0"
+            assert len(reads) == 1
+            assert not copied(callers[2])  # the oldest copy made room
+            assert copied(callers[3]) and copied(callers[4]) and copied(callers[0])
         finally:
             await writer.close()
             await reader.close()
@@ -359,6 +385,15 @@ async def two_stores(url: str) -> AsyncIterator[tuple[PostgresStore, PostgresSto
         await second.close()
 
 
+def no_warming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores that start listening copy no profile before one is asked for."""
+
+    async def nothing(store: PostgresStore) -> None:
+        pass
+
+    monkeypatch.setattr(PostgresStore, "_copy_newest_callers", nothing)
+
+
 def count_reads(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The statements the store's reads send from now on (each passes `_read_rows`)."""
     statements: list[str] = []
@@ -378,7 +413,7 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
     """Most numbers that ring have never called: once a replica knows every caller with a
     profile, a stranger costs no read, and a newcomer's profile stored by another replica
     is found within a notification."""
-    monkeypatch.setattr(postgres, "WARM_COPIES", 0)  # every profile is then a read
+    no_warming(monkeypatch)  # every profile is then a read
     known, newcomer = "+14155550191", "+14155550192"
 
     async def scenario() -> None:
@@ -419,7 +454,7 @@ def test_callers_asked_together_are_read_in_one_statement(
     """A burst of client-data requests for callers this worker has no copy of (each asked
     for the first time here) takes one pooled connection, not one each: ten a worker
     queued under load. Each caller still gets their own profile, or none."""
-    monkeypatch.setattr(postgres, "WARM_COPIES", 0)  # every profile is then a read
+    no_warming(monkeypatch)  # every profile is then a read
     callers = [f"+1415555{number:04d}" for number in range(40)]
     profiled = callers[::2]
 
@@ -451,7 +486,7 @@ def test_a_profile_that_cannot_be_opened_fails_only_its_own_caller(
     """Callers read together share a statement, not a failure: a profile sealed with a
     key this replica lacks fails its caller's read, and the caller asked with it is
     answered."""
-    monkeypatch.setattr(postgres, "WARM_COPIES", 0)
+    no_warming(monkeypatch)
     broken, fine = "+14155557001", "+14155557002"
 
     async def scenario() -> None:

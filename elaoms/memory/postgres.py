@@ -87,13 +87,14 @@ NEWEST_FIRST = "ORDER BY started_at DESC NULLS LAST, conversation_id DESC"
 CALLER_LOCK = 1  # one caller's memories: their sequence numbers commit in order
 PROTECT_LOCK = 2  # the start-up encryption of rows left in clear
 FORGET_LOCK = 3  # forget requests commit in the order of their numbers
-# Callers whose profile and memory version each process keeps (about 4 kB each): the
-# callers of the last hours of a busy line.
-CALLER_COPIES = 8192
-# Profiles each process copies as soon as it listens, newest callers first: those who
-# called last are the likeliest to call again, and a worker just started (a deploy) then
-# answers them without a read (about 3.5 MB).
-WARM_COPIES = 1024
+# Callers whose profile and memory version each process keeps (about 3.5 kB each; the
+# setting DATABASE_CALLER_COPIES): the callers of the last days of a busy line.
+CALLER_COPIES = 16_384
+# As soon as it listens, a process fills its copies with the profiles of the callers who
+# called last, newest first, this many to a read: those who called last are the likeliest
+# to call again, and a worker just started (a deploy) answers them without a read. Between
+# two reads the event loop serves (opening 256 profiles takes about a millisecond).
+WARM_PAGE = 256
 PROFILED_BATCH = 10_000
 # Search index states in one read at most: each carries a saved index (about 14 kB for
 # ten calls), and every caller of a read waits for all of it.
@@ -216,6 +217,7 @@ class PostgresStore(MemoryStore):
             pool_min_size=settings.database_pool_min_size,
             pool_max_size=settings.database_pool_max_size,
             timeout=settings.database_timeout_seconds,
+            caller_copies=settings.database_caller_copies,
             listen=listen,
         )
 
@@ -1199,7 +1201,7 @@ class PostgresStore(MemoryStore):
         return {key: bytes(blob) for key, blob in rows}
 
     async def _warm_copies(self) -> None:
-        """Copy the profiles of the callers who called last (`WARM_COPIES`), then note
+        """Fill the copies with the profiles of the callers who called last, then note
         every caller who has a profile (`ProfiledCallers`). A failure of one does not stop
         the other: reads make up for either."""
         for warm in (self._copy_newest_callers, self._note_profiled_callers):
@@ -1214,14 +1216,31 @@ class PostgresStore(MemoryStore):
 
     async def _copy_newest_callers(self) -> None:
         token = self.copies.token()
-        rows = await self._fetch_all(
-            "SELECT d.user_id, p.profile FROM caller_directory d"
-            " JOIN caller_profiles p ON p.user_id = d.user_id"
-            " ORDER BY d.last_started_at DESC NULLS LAST, d.user_id DESC LIMIT %s",
-            (min(WARM_COPIES, self.copies.size),),
+        began, copied = time.monotonic(), 0
+        async with (
+            self._transaction() as connection,
+            # Read WARM_PAGE rows at a time: the copies' worth never held twice.
+            connection.cursor(name="elaoms_newest_callers") as cursor,
+        ):
+            await cursor.execute(
+                "SELECT d.user_id, p.profile FROM caller_directory d"
+                " JOIN caller_profiles p ON p.user_id = d.user_id"
+                " ORDER BY d.last_started_at DESC NULLS LAST, d.user_id DESC LIMIT %s",
+                (self.copies.size,),
+            )
+            full = False
+            while not full and (rows := await cursor.fetchmany(WARM_PAGE)):
+                for key, blob in rows:
+                    profile = self.cipher.decrypt(bytes(blob))
+                    if not self.copies.keep_older_profile(key, token, profile):
+                        full = True  # callers read meanwhile filled the rest
+                        break
+                    copied += 1
+        logger.info(
+            "caller copies: the profiles of the %d callers who called last copied in %.1f s",
+            copied,
+            time.monotonic() - began,
         )
-        for key, blob in reversed(rows):  # the newest caller kept last: dropped last
-            self.copies.keep_profile(key, token, self.cipher.decrypt(bytes(blob)))
 
     async def _note_profiled_callers(self) -> None:
         token = self.copies.token()

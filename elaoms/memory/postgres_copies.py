@@ -194,6 +194,19 @@ class CallerCopies:
         if self._unchanged_since(key, token):
             self._keep(self._profiles, key, profile)
 
+    def keep_older_profile(self, caller_key: str, token: CopyToken, profile: bytes | None) -> bool:
+        """Keep a profile read to fill the copies, of a caller who called before every
+        caller kept: the first to go, and never in place of another. False once the
+        copies are full."""
+        if len(self._profiles) >= self.size:
+            return False
+        key = copy_key(caller_key)
+        # A copy kept meanwhile came from a later read: kept as it is, and where it is.
+        if key not in self._profiles and self._unchanged_since(key, token):
+            self._profiles[key] = profile
+            self._profiles.move_to_end(key, last=False)
+        return True
+
     async def keep_profiled(self, token: CopyToken, read: ProfiledRead) -> None:
         """Every caller with a profile, as a read that began at `token` found them: merged
         a bucket at a time (the event loop serves between two), then trusted."""
