@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -40,7 +41,7 @@ from elaoms.memory.postgres_copies import (
 from elaoms.payloads import decode, encode
 from elaoms.search.indexes import CallerIndexes
 
-from conftest import WAIT_BOUND, transcription
+from conftest import WAIT_BOUND, make_settings, transcription
 from openmemory_standin import Run, run  # noqa: F401 - fixture by name
 
 WAIT = WAIT_BOUND  # what a condition may take on a loaded machine (met in milliseconds)
@@ -160,6 +161,13 @@ def test_copies_filled_at_start_go_first_and_never_push_a_copy_out() -> None:
     copies.keep_profile("tom", copies.token(), stored("tom"))  # one more: the oldest goes
     assert copies.profile("lee") is ABSENT
     assert copies.profile("maria") == stored("maria")
+
+
+def test_the_copies_hold_as_many_callers_as_the_setting_says(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, database_url="postgresql://elaoms@db.internal/elaoms", database_caller_copies=5
+    )
+    assert PostgresStore.from_settings(settings).copies.size == 5
 
 
 def profiled(*callers: str) -> ProfiledRead:
@@ -399,9 +407,9 @@ def count_reads(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[s
     statements: list[str] = []
     read_rows = store._read_rows
 
-    async def counted(query: str, params: Any) -> list[tuple[Any, ...]]:
+    async def counted(query: str, params: Any, **options: Any) -> list[tuple[Any, ...]]:
         statements.append(query)
-        return await read_rows(query, params)
+        return await read_rows(query, params, **options)
 
     monkeypatch.setattr(store, "_read_rows", counted)
     return statements
