@@ -72,7 +72,8 @@ class Services:
             operation_timeout=settings.redis_timeout_ms / 1000,
         )
         # Callers' search indexes: one cache per process, whichever backend holds them.
-        indexes = CallerIndexes(store)
+        vectors = embeddings.vector_cache(settings)
+        indexes = CallerIndexes(store, vectors=vectors)
         ingest = IngestService(
             settings, store, storage, alerts=alerts, receipts=cache, indexes=indexes
         )
@@ -99,8 +100,8 @@ class Services:
         )
         ingest.hooks.append(personalization.on_call_stored)
         ingest.history_read = personalization.history_to_read
-        if settings.search_embeddings != "off" and embeddings.default_cache() is not None:
-            ingest.hooks.append(embeddings.warm_after_call)
+        if vectors is not None:
+            ingest.hooks.append(embeddings.warm_after_call(vectors))
         search = SearchService(
             indexes,
             context_max_chars=settings.search_context_max_chars,

@@ -231,19 +231,43 @@ def test_real_model_when_the_extra_is_installed() -> None:
 
 
 @pytest.mark.parametrize("setting", ["off", "auto"])
-def test_services_built_with_embeddings_off_queue_no_turns(
+def test_services_rank_and_embed_as_their_own_settings_say(
     setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The process's vector cache follows the environment's settings; services built with
-    # other settings (bench/ingest.py, a test) must not embed each call's turns anyway.
-    monkeypatch.setattr(embeddings, "default_cache", lambda: object())
+    """The environment says the opposite of the settings the services are built with
+    (bench/ingest.py, a test, an embedding app): their settings decide whether each call's
+    turns are embedded and whether searches rank with vectors."""
+    environment = "auto" if setting == "off" else "off"
+    monkeypatch.setattr(
+        "elaoms.config.get_settings",
+        lambda: SimpleNamespace(search_embeddings=environment, search_embeddings_cache_size=10),
+    )
+    monkeypatch.setattr(embeddings, "MiniLMEmbedder", ConceptEmbedder)
+    embeddings.reset_default()
+    caller = "+14155550123"
 
-    async def hooks() -> list[object]:
+    async def built() -> tuple[VectorCache | None, int, CallerIndex | None]:
         services = Services.build(make_settings(tmp_path, search_embeddings=setting))
         try:
-            return list(services.ingest.hooks)
+            await services.store.add_memory(caller, "We got a puppy last week.")
+            await services.indexes.search(caller, "dog")
+            version = await services.store.memory_version(caller)
+            held = services.indexes.held.get(caller, version)
+            return services.indexes.vectors, len(services.ingest.hooks), held
         finally:
             await services.close()
 
-    queued = embeddings.warm_after_call in asyncio.run(hooks())
-    assert queued is (setting == "auto")
+    try:
+        plain = Services.build(make_settings(tmp_path / "plain", search_embeddings="off"))
+        plain_hooks = len(plain.ingest.hooks)
+        asyncio.run(plain.close())
+        vectors, hooks, held = asyncio.run(built())
+    finally:
+        embeddings.reset_default()
+    assert held is not None
+    if setting == "off":
+        assert vectors is None and held.vector_cache is None
+        assert hooks == plain_hooks  # no call's turns queued for embedding
+    else:
+        assert isinstance(vectors, VectorCache) and held.vector_cache is vectors
+        assert hooks == plain_hooks + 1  # each call's turns queued

@@ -12,8 +12,8 @@ without the extra.
 
 Costs (2-core machine): ~4 ms per query embedding, ~5 ms per turn at indexing. Turn
 vectors are kept in a process-wide cache keyed by the text, so rebuilding a caller's index
-after a new call embeds only that call's turns; `warm(memories)` fills the cache ahead of
-the first search (e.g. right after a post-call webhook is stored).
+after a new call embeds only that call's turns; `warm_after_call(cache)` is the post-call
+hook that fills the cache ahead of the caller's next search.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +36,8 @@ from elaoms.operations.metrics import EMBEDDING_BACKLOG
 if TYPE_CHECKING:  # numpy is only there with the extra
     import numpy as np
 
-    from elaoms.memory.base import CallReceipt, Memory
+    from elaoms.config import Settings
+    from elaoms.memory.base import CallReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -278,25 +279,32 @@ _default_resolved = False
 _default_lock = threading.Lock()
 
 
-def default_cache() -> VectorCache | None:
-    """The process's vector cache over the packaged model, or None when embeddings are off
-    (`SEARCH_EMBEDDINGS=off`) or the extra is not installed."""
+def vector_cache(settings: Settings) -> VectorCache | None:
+    """The vector cache `settings` ask for: None when embeddings are off
+    (`SEARCH_EMBEDDINGS=off`) or the extra is not installed, else the process's one cache
+    over the packaged model (loaded once, by the first caller that wants it)."""
     global _default, _default_resolved
+    if settings.search_embeddings == "off":
+        return None
     if _default_resolved:
         return _default
     with _default_lock:
         if not _default_resolved:
-            _default = _load_default()
+            _default = _load_default(settings.search_embeddings_cache_size)
             _default_resolved = True
     return _default
 
 
-def _load_default() -> VectorCache | None:
+def default_cache() -> VectorCache | None:
+    """`vector_cache` as the environment's settings ask: for an index made outside the
+    service (`CallerIndex(vectors=DEFAULT)`: benchmarks, tests). The service hands the
+    cache of its own settings to `CallerIndexes` instead."""
     from elaoms.config import get_settings
 
-    settings = get_settings()
-    if settings.search_embeddings == "off":
-        return None
+    return vector_cache(get_settings())
+
+
+def _load_default(max_entries: int) -> VectorCache | None:
     try:
         embedder = MiniLMEmbedder()
     except ImportError:
@@ -306,7 +314,7 @@ def _load_default() -> VectorCache | None:
         logger.exception("search embeddings: model failed to load; BM25 only")
         return None
     logger.info("search embeddings: %s", embedder.model_id)
-    return VectorCache(embedder, max_entries=settings.search_embeddings_cache_size)
+    return VectorCache(embedder, max_entries=max_entries)
 
 
 def reset_default() -> None:
@@ -316,24 +324,22 @@ def reset_default() -> None:
         _default, _default_resolved = None, False
 
 
-def warm(memories: Iterable[Memory], *, wait: bool = False) -> None:
-    """Embed memories ahead of the first search that needs them (no-op when off); in the
-    background unless `wait`."""
-    cache = default_cache()
-    if cache is not None:
-        texts = [memory.content for memory in memories if memory.metadata.get("kind") != "summary"]
-        if not texts:
-            return
-        if wait:
-            cache.vectors(texts)
-        else:
+def warm_after_call(
+    cache: VectorCache,
+) -> Callable[[str, dict[str, Any], CallReceipt], Awaitable[None]]:
+    """A post-call hook that queues each new call's turns for embedding in `cache`, in the
+    background, so that the caller's next search already has their vectors."""
+
+    async def warm(user_id: str, payload: dict[str, Any], receipt: CallReceipt) -> None:
+        texts = [
+            memory.content
+            for memory in call_memories(user_id, payload)
+            if memory.metadata.get("kind") != "summary"
+        ]
+        if texts:
             cache.fill_in_background(texts)
 
-
-async def warm_after_call(user_id: str, payload: dict[str, Any], receipt: CallReceipt) -> None:
-    """Post-call hook: queue the new call's turns for embedding, so the caller's next
-    search already has their vectors (in this process)."""
-    warm(call_memories(user_id, payload))
+    return warm
 
 
 def _keys(texts: Sequence[str]) -> list[bytes]:

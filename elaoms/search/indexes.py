@@ -21,6 +21,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from elaoms.memory.base import IndexState, Memory, MemoryStore, MemoryVersion, SavedIndex
 from elaoms.search.ranking import DEFAULT, CallerIndex
@@ -94,9 +95,12 @@ def load_index(
 class CallerIndexes:
     """The search side of every store: ranks a caller's memories through their index."""
 
-    def __init__(self, store: MemoryStore, size: int = 128) -> None:
+    def __init__(self, store: MemoryStore, size: int = 128, *, vectors: Any = DEFAULT) -> None:
+        """`vectors`: the `VectorCache` indexes rank with (None: BM25 alone), as the
+        service's settings ask (`embeddings.vector_cache`); by default the environment's."""
         self.store = store
         self.held = HeldIndexes(size)
+        self.vectors = vectors
 
     async def search(
         self, user_id: str, query: str, limit: int = 5, *, max_chars: int | None = None
@@ -115,7 +119,7 @@ class CallerIndexes:
             return []  # a caller we know nothing about
         index = self.held.get(user_id, state.version)
         if index is None and (index := load_index(state.saved, state.version)) is not None:
-            index.attach_vectors(DEFAULT)
+            index.attach_vectors(self.vectors)
             self.held.put(user_id, state.version, index)
         if index is None:
             index = await self._build(user_id, state)
@@ -133,7 +137,7 @@ class CallerIndexes:
     async def _build(self, user_id: str, state: IndexState) -> CallerIndex:
         """The index of the caller's memories now, held, and marked for saving."""
         version, index = await self._current(user_id, state)
-        await asyncio.to_thread(index.attach_vectors, DEFAULT)
+        await asyncio.to_thread(index.attach_vectors, self.vectors)
         self.held.put(user_id, version, index)
         # The upkeep saves it, off the search's path and once for several searches.
         self.held.mark_unsaved(user_id)
