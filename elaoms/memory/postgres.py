@@ -93,7 +93,7 @@ CALLER_COPIES = 16_384
 # As soon as it listens, a process fills its copies with the profiles of the callers who
 # called last, newest first, this many to a read: those who called last are the likeliest
 # to call again, and a worker just started (a deploy) answers them without a read. Between
-# two reads the event loop serves (opening 256 profiles takes about a millisecond).
+# two reads the event loop serves (opening and keeping 256 profiles: a few milliseconds).
 WARM_PAGE = 256
 PROFILED_BATCH = 10_000
 # Search index states in one read at most: each carries a saved index (about 14 kB for
