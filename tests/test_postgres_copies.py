@@ -425,8 +425,7 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
     known, newcomer = "+14155550191", "+14155550192"
 
     async def scenario() -> None:
-        writer, reader = PostgresStore(postgres_url), PostgresStore(postgres_url)
-        try:
+        async with two_stores(postgres_url) as (writer, reader):
             await writer.put_caller_profile(known, {"user_id": known, "greeting": "Hi"})
             await reader.check()  # opens the pool, which starts listening
             await until(lambda: reader.copies.profiled.complete, "the profiled callers read")
@@ -449,9 +448,6 @@ def test_a_replica_answers_strangers_without_a_read_and_hears_of_newcomers(
             assert await reader.get_caller_profile("+14155550199") is None
             assert reads == []
             assert (await reader.get_caller_profile(newcomer) or {})["greeting"] == "Yo"
-        finally:
-            await writer.close()
-            await reader.close()
 
     run(scenario())
 

@@ -1224,7 +1224,7 @@ class PostgresStore(MemoryStore):
 
     async def _copy_newest_callers(self) -> None:
         token = self.copies.token()
-        began, copied = time.monotonic(), 0
+        began, read = time.monotonic(), 0
         async with (
             self._transaction() as connection,
             # Read WARM_PAGE rows at a time: the copies' worth never held twice.
@@ -1243,10 +1243,11 @@ class PostgresStore(MemoryStore):
                     if not self.copies.keep_older_profile(key, token, profile):
                         full = True  # callers read meanwhile filled the rest
                         break
-                    copied += 1
+                    read += 1
+        # Read, not all copied: a caller a request copied meanwhile keeps that copy.
         logger.info(
-            "caller copies: the profiles of the %d callers who called last copied in %.1f s",
-            copied,
+            "caller copies: filled from the %d callers who called last in %.1f s",
+            read,
             time.monotonic() - began,
         )
 
