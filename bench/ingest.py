@@ -128,8 +128,9 @@ def main() -> None:
                             *("--backend", backend, "--callers", str(args.callers)),
                         ],
                         cwd=app,
-                        # Embeddings off, as in bench/load.py's figures: the vector cache
-                        # reads the environment's settings, not those built below.
+                        # Embeddings off, as in bench/load.py's figures. The settings built
+                        # in `measure` say so too; a checkout from before the vector cache
+                        # followed the service's settings (a `--app-dir`) read this.
                         env={**os.environ, "PYTHONPATH": str(app), "SEARCH_EMBEDDINGS": "off"},
                         capture_output=True,
                         text=True,

@@ -24,11 +24,12 @@ from elaoms.crypto import PayloadCipher, generate_key
 from elaoms.memory import migrations
 from elaoms.memory.base import MemoryVersion, SavedIndex, StoreUnavailableError
 from elaoms.memory.postgres import PostgresStore, redacted
+from elaoms.memory.postgres_copies import CHANNEL, copy_key
 from elaoms.memory.records import CallRecord
 from elaoms.memory.units import call_memories
 from elaoms.search.indexes import CallerIndexes
 
-from conftest import REPO_ROOT, free_port, transcription
+from conftest import REPO_ROOT, free_port, transcription, wait_until
 from openmemory_standin import Run, run  # noqa: F401 - fixture by name
 from postgres_server import PostgresServer
 
@@ -45,6 +46,7 @@ TABLES = {
     "agent_profiles",
     "caller_directory",
     "forget_requests",
+    "memory_versions",
 }
 
 
@@ -382,6 +384,101 @@ def test_saved_indexes_follow_the_caller_s_memory_version(
         run(store.close())
 
 
+def kept_versions(url: str) -> dict[str, tuple[int, int]]:
+    """The memory versions the database keeps, by caller key."""
+    with psycopg.connect(url) as connection:
+        rows = connection.execute("SELECT user_id, memories, last_seq FROM memory_versions")
+        return {user_id: (count, last) for user_id, count, last in rows.fetchall()}
+
+
+def counted_versions(url: str) -> dict[str, tuple[int, int]]:
+    """The versions as the memories themselves say: their count and greatest seq."""
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT user_id, count(*), max(seq) FROM memories GROUP BY user_id"
+        )
+        return {user_id: (count, last) for user_id, count, last in rows.fetchall()}
+
+
+def test_the_database_keeps_each_caller_s_memory_version_through_every_change(
+    store: PostgresStore, postgres_url: str, run: Run[Any]
+) -> None:
+    """Versions come from a row triggers keep, not from counting every memory of the
+    caller: whatever changes the memories (a call, a note, a delete by hand, a forget),
+    the row changes in the same transaction, and a version never comes back."""
+    add(run, store, "conv_1")
+    add(run, store, "conv_james", caller=JAMES)
+    # Calls of one caller stored at once by two replicas: counts are not lost.
+    other = PostgresStore(postgres_url)
+
+    async def at_once() -> None:
+        replicas = [store, other] * 3
+        await asyncio.gather(
+            *(
+                add_payload(replica, transcription(f"conv_{n}", caller=MARIA))
+                for n, replica in enumerate(replicas, start=2)
+            )
+        )
+
+    try:
+        run(at_once())
+    finally:
+        run(other.close())
+    run(store.add_memory(MARIA, "Prefers mornings."))
+    assert kept_versions(postgres_url) == counted_versions(postgres_url)
+    seen = [run(store.index_state(MARIA)).version]
+    assert seen[0] == MemoryVersion(*counted_versions(postgres_url)[MARIA])
+    held = CallerIndexes(store)
+    assert [m.content for m in run(held.search(MARIA, "mornings"))][:1] == ["Prefers mornings."]
+
+    # The newest memory deleted (by hand: no code path deletes one memory), telling the
+    # processes as every writer of a caller does: the count goes down, the greatest seq
+    # reached stays, and the held index is not used again.
+    with psycopg.connect(postgres_url) as connection:
+        connection.execute("DELETE FROM memories WHERE content = %s", (b"Prefers mornings.",))
+        connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, copy_key(MARIA)))
+    now = wait_until(lambda: (v := run(store.memory_version(MARIA))) != seen[0] and v)
+    assert now == MemoryVersion(seen[0].count - 1, seen[0].last_seq)
+    assert run(store.memories_after(MARIA, 0))[0] == now
+    assert "Prefers mornings." not in [m.content for m in run(held.search(MARIA, "mornings"))]
+    seen.append(now)
+    run(store.add_memory(MARIA, "Prefers evenings."))
+    seen.append(run(store.index_state(MARIA)).version)
+    assert len(set(seen)) == 3 and seen[2].count == seen[0].count
+
+    run(store.delete_user(MARIA))
+    assert list(kept_versions(postgres_url)) == [JAMES]
+    assert run(store.index_state(MARIA)).version == MemoryVersion(0, 0)
+    assert kept_versions(postgres_url) == counted_versions(postgres_url)
+
+
+def test_upgrading_a_database_counts_the_memories_it_already_holds(
+    postgres_url: str, run: Run[Any]
+) -> None:
+    migrations.upgrade(postgres_url, "0003")
+    with psycopg.connect(postgres_url) as connection:
+        for number, caller in enumerate([MARIA, MARIA, JAMES, MARIA]):
+            connection.execute(
+                "INSERT INTO memories (id, user_id, kind, content, metadata, created_at)"
+                " VALUES (%s, %s, 'note', %s, %s, 1.0)",
+                (f"mem_{number}", caller, b"content", b"{}"),
+            )
+    migrations.upgrade(postgres_url)
+    assert kept_versions(postgres_url) == counted_versions(postgres_url)
+    assert {caller: count for caller, (count, _) in kept_versions(postgres_url).items()} == {
+        MARIA: 3,
+        JAMES: 1,
+    }
+    store = PostgresStore(postgres_url)
+    try:
+        run(store.add_memory(JAMES, "Calls on Fridays."))
+        assert run(store.memory_version(JAMES)) == MemoryVersion(
+            *counted_versions(postgres_url)[JAMES]
+        )
+    finally:
+        run(store.close())
+
+
 def test_search_ranks_the_caller_s_memories(store: PostgresStore, run: Run[Any]) -> None:
     run(store.add_memory(MARIA, "Her daughter Sofia needs a filling next month."))
     run(store.add_memory(JAMES, "His daughter needs a filling."))
@@ -476,6 +573,10 @@ def test_turning_encryption_on_seals_what_was_kept_in_clear(
         assert run(sealed.get_caller_profile(MARIA)) == {"name": "Maria Lopez", "call_count": 1}
         assert [c.user_id for c in run(sealed.list_callers(name="maria")).callers] == [MARIA]
         assert run(CallerIndexes(sealed).search(MARIA, "molar"))
+        # The callers' memory versions moved to their keyed hashes with their memories.
+        assert kept_versions(postgres_url) == counted_versions(postgres_url)
+        assert not any(key.startswith("+") for key in kept_versions(postgres_url))
+        assert run(sealed.memory_version(MARIA)).count == len(run(sealed.list_memories(MARIA)))
     finally:
         run(sealed.close())
 

@@ -143,7 +143,9 @@ class MemoryVersion:
     """Which of a caller's memories an index describes; changes with every insert or delete."""
 
     count: int  # how many memories the caller has (agent profiles are not memories)
-    last_seq: int  # the greatest sequence number among them, 0 when none
+    # The greatest sequence number among them, 0 when none; a store may keep the greatest
+    # they have reached after the newest is deleted (the count still tells the change).
+    last_seq: int
 
 
 NO_MEMORIES = MemoryVersion(0, 0)

@@ -34,6 +34,7 @@ from elaoms.crypto import (
     new_hash_key,
 )
 from elaoms.memory.base import (
+    NO_MEMORIES,
     CallDigest,
     CallerPage,
     CallerSummary,
@@ -99,6 +100,9 @@ PROFILED_BATCH = 10_000
 # Search index states in one read at most: each carries a saved index (about 14 kB for
 # ten calls), and every caller of a read waits for all of it.
 INDEX_STATES_PER_READ = 32
+# A caller's memory version: a row the database keeps with their memories (migration
+# 0004), not an aggregate over all of them.
+VERSION = "SELECT memories, last_seq FROM memory_versions WHERE user_id = %s"
 # Set while a one-statement read draws its connection: the pool's liveness round trip is
 # skipped (the read is asked again on a checked connection if the first one was broken).
 UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
@@ -983,10 +987,9 @@ class PostgresStore(MemoryStore):
         """Each caller's memory version and saved index, in one statement (one snapshot
         for both). In a task of its own (`BatchedReads`): no caller's deadline cancels it."""
         rows = await self._read_rows(
-            "SELECT k.user_id, m.count, m.last, i.memories, i.last_seq, i.data"
-            " FROM unnest(%b::text[]) AS k (user_id)"
-            " CROSS JOIN LATERAL (SELECT count(*) AS count, coalesce(max(seq), 0) AS last"
-            "  FROM memories WHERE memories.user_id = k.user_id) AS m"
+            "SELECT k.user_id, coalesce(v.memories, 0), coalesce(v.last_seq, 0),"
+            " i.memories, i.last_seq, i.data FROM unnest(%b::text[]) AS k (user_id)"
+            " LEFT JOIN memory_versions AS v ON v.user_id = k.user_id"
             " LEFT JOIN caller_indexes AS i ON i.user_id = k.user_id",
             (keys,),
             binary=True,
@@ -1003,11 +1006,8 @@ class PostgresStore(MemoryStore):
         if (copy := self.copies.version(key)) is not None:
             return copy
         token = self.copies.token()
-        row = await self._fetch_one(
-            "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s", (key,)
-        )
-        assert row is not None
-        version = MemoryVersion(count=row[0], last_seq=row[1])
+        row = await self._fetch_one(VERSION, (key,))
+        version = MemoryVersion(*row) if row else NO_MEMORIES
         self.copies.keep_version(key, token, version)
         return version
 
@@ -1017,14 +1017,9 @@ class PostgresStore(MemoryStore):
         key = await self._caller_key(user_id)
         token = self.copies.token()
         async with self._transaction(snapshot=True) as connection:
-            found = await connection.execute(
-                "SELECT count(*), coalesce(max(seq), 0) FROM memories WHERE user_id = %s",
-                (key,),
-            )
-            row = await found.fetchone()
-            assert row is not None
+            row = await (await connection.execute(VERSION, (key,))).fetchone()
             memories = await self._memories(connection, user_id, after_seq=after_seq)
-        version = MemoryVersion(count=row[0], last_seq=row[1])
+        version = MemoryVersion(*row) if row else NO_MEMORIES
         self.copies.keep_version(key, token, version)
         return version, memories
 
@@ -1039,9 +1034,8 @@ class PostgresStore(MemoryStore):
             saved = await connection.execute(
                 "INSERT INTO caller_indexes (user_id, memories, last_seq, data)"
                 " SELECT %(key)s, %(count)s, %(last)s, %(data)s"
-                " WHERE (SELECT count(*) FROM memories WHERE user_id = %(key)s) = %(count)s"
-                " AND (SELECT coalesce(max(seq), 0) FROM memories WHERE user_id = %(key)s)"
-                " = %(last)s"
+                " WHERE EXISTS (SELECT 1 FROM memory_versions WHERE user_id = %(key)s"
+                " AND memories = %(count)s AND last_seq = %(last)s)"
                 " ON CONFLICT (user_id) DO UPDATE SET memories = excluded.memories,"
                 " last_seq = excluded.last_seq, data = excluded.data RETURNING 1",
                 {

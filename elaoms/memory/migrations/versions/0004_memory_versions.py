@@ -1,0 +1,99 @@
+"""Each caller's memory version, kept in a row by the database itself.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-01
+
+A search of a caller this process does not hold, and the upkeep's check before saving an
+index, asked for the caller's version as `count(*)` and `max(seq)` over all their
+memories: about 300 index entries a caller at 100,000 stored calls, two thirds of the
+statement that reads 25 callers' saved indexes (3.3 ms against 1.1 without it), and
+growing with every call a caller makes. The row here answers in one index lookup.
+
+Triggers keep it, in the transaction that changes the memories, for every statement that
+inserts, deletes or moves them (a call stored, a forget, retention, keys turned into keyed
+hashes), so no path of the code can leave it behind. `last_seq` is the greatest sequence
+number the caller's memories have reached: a delete lowers the count and leaves it (it is
+the greatest of those left only until then). The pair still names one set of memories:
+seqs grow, so every memory at or below `last_seq` was stored by the time of either of two
+equal versions, and the ones still there at the later are all there at the earlier; the
+same count makes them the same. The row goes with the caller's last memory.
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+# Counts move by increments and decrements of the caller's row, which a concurrent writer
+# of the same caller waits for (a count taken from the statement's snapshot could miss
+# that writer's rows). An update is counted as its rows going and coming back: a key
+# turned into a keyed hash moves them to another row; any other update leaves the count.
+COUNT_ADDED = """
+CREATE FUNCTION count_added_memories() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO memory_versions AS v (user_id, memories, last_seq)
+    SELECT user_id, count(*), max(seq) FROM added GROUP BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET memories = v.memories + excluded.memories,
+        last_seq = greatest(v.last_seq, excluded.last_seq);
+    RETURN NULL;
+END
+$$
+"""
+COUNT_REMOVED = """
+CREATE FUNCTION count_removed_memories() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE memory_versions AS v SET memories = v.memories - gone.n
+    FROM (SELECT user_id, count(*) AS n FROM removed GROUP BY user_id) AS gone
+    WHERE v.user_id = gone.user_id;
+    DELETE FROM memory_versions
+    WHERE memories <= 0 AND user_id IN (SELECT user_id FROM removed);
+    RETURN NULL;
+END
+$$
+"""
+# (name, event, transition table, function): a trigger with a transition table has one
+# event, so an update has one of each.
+TRIGGERS = (
+    ("memories_added", "INSERT", "NEW TABLE AS added", "count_added_memories"),
+    ("memories_moved_in", "UPDATE", "NEW TABLE AS added", "count_added_memories"),
+    ("memories_removed", "DELETE", "OLD TABLE AS removed", "count_removed_memories"),
+    ("memories_moved_out", "UPDATE", "OLD TABLE AS removed", "count_removed_memories"),
+)
+
+
+def upgrade() -> None:
+    op.execute(
+        """
+        CREATE TABLE memory_versions (
+            user_id text COLLATE "C" PRIMARY KEY,  -- as memories.user_id
+            memories bigint NOT NULL,  -- how many the caller has
+            last_seq bigint NOT NULL  -- the greatest seq they have reached
+        )
+        """
+    )
+    op.execute(COUNT_ADDED)
+    op.execute(COUNT_REMOVED)
+    for name, event, table, function in TRIGGERS:
+        op.execute(
+            f"CREATE TRIGGER {name} AFTER {event} ON memories REFERENCING {table}"
+            f" FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        )
+    # In the transaction that made the triggers (which waits for writers of memories and
+    # holds them off until it commits): no memory is counted twice or missed.
+    op.execute(
+        "INSERT INTO memory_versions (user_id, memories, last_seq)"
+        " SELECT user_id, count(*), max(seq) FROM memories GROUP BY user_id"
+    )
+
+
+def downgrade() -> None:
+    for name, *_ in TRIGGERS:
+        op.execute(f"DROP TRIGGER IF EXISTS {name} ON memories")
+    op.execute("DROP FUNCTION IF EXISTS count_added_memories()")
+    op.execute("DROP FUNCTION IF EXISTS count_removed_memories()")
+    op.execute("DROP TABLE IF EXISTS memory_versions")
