@@ -1256,7 +1256,13 @@ def run_backend(
         database_url = host.copy(template, f"run_{callers}x{calls}")
         backend_env["DATABASE_URL"] = database_url
         probe = StoreProbe(database_url=database_url)
-    how = "" if replicas == 1 else ", each request to one replica in turn, connections split evenly"
+    per_replica = max(1, args.workers // replicas) if args.split_workers else args.workers
+    how = ""
+    if replicas > 1:
+        how = (
+            f", {per_replica} worker{'s' * (per_replica > 1)} each,"
+            " each request to one replica in turn, connections split evenly"
+        )
     print(f"\n  -- {label} ({replicas} service replica{'s' * (replicas > 1)}{how})", flush=True)
     with ExitStack() as stack:
         servers = []
@@ -1269,7 +1275,7 @@ def run_backend(
                 **dict(args.env),
             }
             url, workers = stack.enter_context(
-                gunicorn("main:app", directory, env, directory / "service.log", args.workers)
+                gunicorn("main:app", directory, env, directory / "service.log", per_replica)
             )
             servers.append(Replica(url, workers, directory))
         driver = Driver(args, servers, host if backend == "postgres" else None)
@@ -1575,6 +1581,13 @@ def main() -> None:
         default=1,
         help="gunicorn workers of each service replica (and of the floor); their CPU is"
         " added up, their memory is the largest one's",
+    )
+    parser.add_argument(
+        "--split-workers",
+        action="store_true",
+        help="several replicas share --workers (each gets workers / replicas, at least 1):"
+        " on one machine, as many worker processes as the one replica and SQLite have, as"
+        " replicas on machines of their own would each have their own cores",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per endpoint")
     parser.add_argument(

@@ -89,6 +89,8 @@ def upgrade() -> None:
         "INSERT INTO memory_versions (user_id, memories, last_seq)"
         " SELECT user_id, count(*), max(seq) FROM memories GROUP BY user_id"
     )
+    # The planner's statistics now, not from autovacuum's first pass under load.
+    op.execute("ANALYZE memory_versions")
 
 
 def downgrade() -> None:
