@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from elaoms.crypto import PayloadCipher, generate_key
-from elaoms.memory import migrations
+from elaoms.memory import migrations, postgres
 from elaoms.memory.base import MemoryVersion, SavedIndex, StoreUnavailableError
 from elaoms.memory.postgres import PostgresStore, redacted
 from elaoms.memory.postgres_copies import CHANNEL, copy_key
@@ -452,6 +452,58 @@ def test_the_database_keeps_each_caller_s_memory_version_through_every_change(
     assert kept_versions(postgres_url) == counted_versions(postgres_url)
 
 
+def test_an_index_saved_while_its_caller_is_forgotten_is_not_kept(
+    store: PostgresStore, postgres_url: str, run: Run[Any]
+) -> None:
+    """A save that checked the version before a forget committed must not leave the
+    forgotten caller's index behind: it waits for the forget, then finds no version."""
+    add(run, store, "conv_forgotten")
+    version = run(store.memory_version(MARIA))
+    assert run(store.save_index(MARIA, SavedIndex(version, b"index of old memories")))
+    forgetting = psycopg.connect(postgres_url)
+    try:
+        for table in ("caller_indexes", "memories"):  # as delete_user, not yet committed
+            forgetting.execute(f"DELETE FROM {table} WHERE user_id = %s", (MARIA,))
+        saved: list[bool] = []
+        saver = threading.Thread(
+            target=lambda: saved.append(
+                asyncio.run(save_once(postgres_url, SavedIndex(version, b"forgotten")))
+            )
+        )
+        saver.start()
+        with psycopg.connect(postgres_url, autocommit=True) as watcher:
+            wait_until(
+                lambda: watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'INSERT INTO caller_indexes%%'"
+                ).fetchone()
+            )
+        forgetting.commit()
+        saver.join(60)
+    finally:
+        forgetting.close()
+    assert saved == [False]
+    with psycopg.connect(postgres_url) as connection:
+        assert connection.execute("SELECT count(*) FROM caller_indexes").fetchone() == (0,)
+
+
+async def save_once(url: str, index: SavedIndex) -> bool:
+    store = PostgresStore(url, listen=False)
+    try:
+        return await store.save_index(MARIA, index)
+    finally:
+        await store.close()
+
+
+def test_emptying_the_memories_table_empties_the_versions(
+    store: PostgresStore, postgres_url: str, run: Run[Any]
+) -> None:
+    add(run, store, "conv_1")
+    with psycopg.connect(postgres_url) as connection:
+        connection.execute("TRUNCATE memories")
+    assert kept_versions(postgres_url) == {}
+
+
 def test_upgrading_a_database_counts_the_memories_it_already_holds(
     postgres_url: str, run: Run[Any]
 ) -> None:
@@ -550,8 +602,9 @@ def test_a_replica_whose_cursor_is_past_every_forget_reads_them_all(
 
 
 def test_turning_encryption_on_seals_what_was_kept_in_clear(
-    postgres_url: str, run: Run[Any]
+    postgres_url: str, run: Run[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(postgres, "REKEY_BATCH", 7)  # memories re-keyed over several batches
     plain = PostgresStore(postgres_url)
     payload = transcription("conv_clear", caller=MARIA, turns=[("user", "My molar aches.")])
     run(add_payload(plain, payload))

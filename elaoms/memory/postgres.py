@@ -103,6 +103,8 @@ INDEX_STATES_PER_READ = 32
 # A caller's memory version: a row the database keeps with their memories (migration
 # 0004), not an aggregate over all of them.
 VERSION = "SELECT memories, last_seq FROM memory_versions WHERE user_id = %s"
+# Memories re-keyed (encryption turned on) in one statement.
+REKEY_BATCH = 1_000
 # Set while a one-statement read draws its connection: the pool's liveness round trip is
 # skipped (the read is asked again on a checked connection if the first one was broken).
 UNCHECKED: ContextVar[bool] = ContextVar("elaoms_postgres_unchecked", default=False)
@@ -458,15 +460,22 @@ class PostgresStore(MemoryStore):
             rows = await connection.execute(
                 f"SELECT seq, user_id, content, metadata FROM memories WHERE user_id {plain}"
             )
-            for seq, user_id, content, metadata in await rows.fetchall():
+            found = await rows.fetchall()
+            # A statement per batch, not per row: each statement runs the memory-version
+            # triggers, and a row's updates in one transaction pile up (quadratic).
+            for start in range(0, len(found), REKEY_BATCH):
+                batch = found[start : start + REKEY_BATCH]
                 await connection.execute(
-                    "UPDATE memories SET user_id = %s, content = %s, metadata = %s WHERE seq = %s",
-                    (
-                        self._key(user_id),
-                        seal(self.cipher.decrypt(bytes(content))),
-                        seal(self.cipher.decrypt(bytes(metadata))),
-                        seq,
-                    ),
+                    "UPDATE memories SET user_id = row.user_id, content = row.content,"
+                    " metadata = row.metadata FROM unnest(%b::bigint[], %b::text[],"
+                    " %b::bytea[], %b::bytea[]) AS row (seq, user_id, content, metadata)"
+                    " WHERE memories.seq = row.seq",
+                    [
+                        [seq for seq, *_ in batch],
+                        [self._key(user_id) for _, user_id, *_ in batch],
+                        [seal(self.cipher.decrypt(bytes(content))) for *_, content, _ in batch],
+                        [seal(self.cipher.decrypt(bytes(metadata))) for *_, metadata in batch],
+                    ],
                 )
             await connection.execute(f"DELETE FROM caller_indexes WHERE user_id {plain}")
             await connection.execute(f"DELETE FROM caller_directory WHERE user_id {plain}")
@@ -1029,13 +1038,14 @@ class PostgresStore(MemoryStore):
         key = await self._caller_key(user_id)
         data = self.cipher.encrypt(index.data)
         async with self._transaction() as connection:
-            # Compare and set in one statement (one snapshot): kept only if no memory came
-            # or went since the index was built.
+            # Compare and set in one statement: kept only if no memory came or went since
+            # the index was built. The version row is locked against its deletion (a forget
+            # committing meanwhile is waited for, then seen), not against a new call.
             saved = await connection.execute(
                 "INSERT INTO caller_indexes (user_id, memories, last_seq, data)"
                 " SELECT %(key)s, %(count)s, %(last)s, %(data)s"
                 " WHERE EXISTS (SELECT 1 FROM memory_versions WHERE user_id = %(key)s"
-                " AND memories = %(count)s AND last_seq = %(last)s)"
+                " AND memories = %(count)s AND last_seq = %(last)s FOR KEY SHARE)"
                 " ON CONFLICT (user_id) DO UPDATE SET memories = excluded.memories,"
                 " last_seq = excluded.last_seq, data = excluded.data RETURNING 1",
                 {
