@@ -1039,8 +1039,9 @@ class PostgresStore(MemoryStore):
         data = self.cipher.encrypt(index.data)
         async with self._transaction() as connection:
             # Compare and set in one statement: kept only if no memory came or went since
-            # the index was built. The version row is locked against its deletion (a forget
-            # committing meanwhile is waited for, then seen), not against a new call.
+            # the index was built. The version row is locked against its deletion: a
+            # forget committing meanwhile is waited for, then seen (a snapshot's count
+            # alone let the forgotten caller's index be written back).
             saved = await connection.execute(
                 "INSERT INTO caller_indexes (user_id, memories, last_seq, data)"
                 " SELECT %(key)s, %(count)s, %(last)s, %(data)s"
