@@ -386,18 +386,18 @@ def test_saved_indexes_follow_the_caller_s_memory_version(
 
 def kept_versions(url: str) -> dict[str, tuple[int, int]]:
     """The memory versions the database keeps, by caller key."""
-    with psycopg.connect(url) as connection:
-        rows = connection.execute("SELECT user_id, memories, last_seq FROM memory_versions")
-        return {user_id: (count, last) for user_id, count, last in rows.fetchall()}
+    return caller_pairs(url, "SELECT user_id, memories, last_seq FROM memory_versions")
 
 
 def counted_versions(url: str) -> dict[str, tuple[int, int]]:
     """The versions as the memories themselves say: their count and greatest seq."""
+    return caller_pairs(url, "SELECT user_id, count(*), max(seq) FROM memories GROUP BY user_id")
+
+
+def caller_pairs(url: str, query: str) -> dict[str, tuple[int, int]]:
     with psycopg.connect(url) as connection:
-        rows = connection.execute(
-            "SELECT user_id, count(*), max(seq) FROM memories GROUP BY user_id"
-        )
-        return {user_id: (count, last) for user_id, count, last in rows.fetchall()}
+        rows = connection.execute(query).fetchall()
+    return {user_id: (count, last) for user_id, count, last in rows}
 
 
 def test_the_database_keeps_each_caller_s_memory_version_through_every_change(

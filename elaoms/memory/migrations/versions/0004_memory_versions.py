@@ -115,6 +115,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name, *_ in TRIGGERS:
         op.execute(f"DROP TRIGGER IF EXISTS {name} ON memories")
-    for function in ("count_added_memories", "count_removed_memories", "count_no_memories"):
+    for function in dict.fromkeys(function for *_, function in TRIGGERS):
         op.execute(f"DROP FUNCTION IF EXISTS {function}()")
     op.execute("DROP TABLE IF EXISTS memory_versions")
